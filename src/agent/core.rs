@@ -1,0 +1,558 @@
+//! The agent's machinery: registry, pending calls, dispatch of requests to
+//! handlers, the rank-0 gatherings behind barrier and graceful shutdown, and
+//! the shutdown sequence. It knows nothing of sockets: frames go out through
+//! a [`Transport`] and come in through [`Dispatch`].
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::config::{Config, check_name};
+use crate::error::{Result, RpcError, Status};
+use crate::future::{RpcFuture, Slot};
+use crate::log::log_at;
+use crate::pool::Pool;
+use crate::transport::{Dispatch, InRequest, OutRequest, Outcome, Transport};
+
+use super::handler::{Handler, Reply, ReplyRoute, Request};
+use super::pending::{Pending, PendingCall};
+use super::stats::{Stats, StatsSnapshot};
+
+const RUNNING: u8 = 0;
+const DRAINING: u8 = 1;
+const CLOSED: u8 = 2;
+
+/// The agent's own functions, served by rank 0 (flagged internal on the wire).
+pub(crate) const BARRIER: &str = "barrier";
+pub(crate) const SHUTDOWN: &str = "shutdown";
+
+/// How long a pool may be fully busy before the log says so.
+const POOL_STALL_WARNING: Duration = Duration::from_secs(5);
+
+thread_local! {
+    /// Set while this thread runs a handler: its calls are part of serving
+    /// somebody else's call and stay allowed while the agent drains.
+    static IN_HANDLER: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Rank 0's record of who has arrived at each barrier and at shutdown.
+#[derive(Default)]
+struct Gatherings {
+    barriers: HashMap<u64, HashMap<usize, ReplyRoute>>,
+    shutdown: HashMap<usize, ReplyRoute>,
+}
+
+pub(crate) struct Core {
+    pub(crate) rank: usize,
+    pub(crate) world_size: usize,
+    pub(crate) names: Vec<String>,
+    pub(crate) config: Config,
+    me: Weak<Core>,
+    registry: RwLock<HashMap<String, Arc<Handler>>>,
+    pending: Arc<Pending>,
+    next_id: AtomicU64,
+    state: AtomicU8,
+    /// Requests that arrived before `start`; `None` once started.
+    early: Mutex<Option<Vec<InRequest>>>,
+    pool: Pool,
+    deadline_thread: Mutex<Option<JoinHandle<()>>>,
+    transport: OnceLock<Arc<dyn Transport>>,
+    pub(crate) stats: Arc<Stats>,
+    gatherings: Mutex<Gatherings>,
+    barrier_generation: AtomicU64,
+    stall_reported: Mutex<bool>,
+}
+
+fn remaining(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+}
+
+impl Core {
+    /// A core for one rank; the transport is attached with [`Core::attach`].
+    pub(crate) fn new(config: Config, names: Vec<String>) -> Result<Arc<Core>> {
+        let pool = Pool::new(config.worker_threads, &format!("rpcagent-w{}", config.rank))
+            .map_err(|e| RpcError::Io(format!("cannot start worker threads: {e}")))?;
+        let core = Arc::new_cyclic(|me| Core {
+            rank: config.rank,
+            world_size: config.world_size,
+            names,
+            me: me.clone(),
+            registry: RwLock::new(HashMap::new()),
+            pending: Arc::new(Pending::default()),
+            next_id: AtomicU64::new(1),
+            state: AtomicU8::new(RUNNING),
+            early: Mutex::new(Some(Vec::new())),
+            pool,
+            deadline_thread: Mutex::new(None),
+            transport: OnceLock::new(),
+            stats: Arc::new(Stats::default()),
+            gatherings: Mutex::new(Gatherings::default()),
+            barrier_generation: AtomicU64::new(0),
+            stall_reported: Mutex::new(false),
+            config,
+        });
+        let expired = Arc::downgrade(&core);
+        let ticked = Arc::downgrade(&core);
+        let thread = core
+            .pending
+            .spawn_deadline_thread(
+                format!("rpcagent-t{}", core.rank),
+                Duration::from_millis(500),
+                move |call| {
+                    if let Some(core) = expired.upgrade() {
+                        core.expire(call);
+                    }
+                },
+                move || {
+                    if let Some(core) = ticked.upgrade() {
+                        core.check_pool_stall();
+                    }
+                },
+            )
+            .map_err(|e| RpcError::Io(format!("cannot start the deadline thread: {e}")))?;
+        *core.deadline_thread.lock() = Some(thread);
+        Ok(core)
+    }
+
+    pub(crate) fn attach(&self, transport: Arc<dyn Transport>) {
+        let _ = self.transport.set(transport);
+    }
+
+    fn transport(&self) -> &Arc<dyn Transport> {
+        self.transport
+            .get()
+            .expect("the transport is attached before the agent is handed out")
+    }
+
+    pub(crate) fn listen_addr(&self) -> String {
+        self.transport().listen_addr()
+    }
+
+    // ---- registry ----
+
+    pub(crate) fn register(&self, name: &str, handler: Handler) -> Result<()> {
+        check_name(name).map_err(|why| RpcError::InvalidArgument(format!("function name {why}")))?;
+        let mut registry = self.registry.write();
+        if registry.contains_key(name) {
+            return Err(RpcError::Exists(name.to_string()));
+        }
+        registry.insert(name.to_string(), Arc::new(handler));
+        Ok(())
+    }
+
+    pub(crate) fn unregister(&self, name: &str) -> Result<()> {
+        match self.registry.write().remove(name) {
+            Some(_) => Ok(()),
+            None => Err(RpcError::NotFound {
+                rank: self.rank,
+                function: name.to_string(),
+            }),
+        }
+    }
+
+    /// Opens for business: requests that arrived early are served now.
+    pub(crate) fn start(&self) -> Result<()> {
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return Err(RpcError::Shutdown("the agent is shut down".into()));
+        }
+        let early = self.early.lock().take();
+        for request in early.into_iter().flatten() {
+            self.dispatch(request);
+        }
+        Ok(())
+    }
+
+    // ---- calling ----
+
+    /// Starts a call. `timeout`: `None` means no deadline.
+    pub(crate) fn call(
+        &self,
+        dst: usize,
+        function: &str,
+        args: &[u8],
+        timeout: Option<Duration>,
+        internal: bool,
+    ) -> RpcFuture {
+        if let Err(e) = self.check_call(dst, function, args, internal) {
+            if !internal {
+                self.stats.calls_started.fetch_add(1, Ordering::Relaxed);
+                self.stats.calls_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            return RpcFuture::failed(e);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot::new();
+        let started = Instant::now();
+        self.pending.insert(
+            id,
+            PendingCall {
+                dst,
+                function: function.into(),
+                internal,
+                started,
+                deadline: timeout.map(|t| started + t),
+                slot: slot.clone(),
+            },
+        );
+        if !internal {
+            self.stats.calls_started.fetch_add(1, Ordering::Relaxed);
+            self.stats.bytes_sent.fetch_add(args.len() as u64, Ordering::Relaxed);
+        }
+        let request = OutRequest {
+            id,
+            function,
+            internal,
+            timeout,
+            args,
+        };
+        if let Err(e) = self.transport().send_request(dst, &request) {
+            self.finish(id, Err(e));
+        }
+        RpcFuture::new(slot)
+    }
+
+    fn check_call(&self, dst: usize, function: &str, args: &[u8], internal: bool) -> Result<()> {
+        let state = self.state.load(Ordering::Acquire);
+        if state == CLOSED || (state == DRAINING && !internal && IN_HANDLER.get() == 0) {
+            return Err(RpcError::Shutdown(format!("rank {} is shutting down", self.rank)));
+        }
+        if dst >= self.world_size {
+            return Err(RpcError::InvalidArgument(format!(
+                "rank {dst} is out of range for a world of {}",
+                self.world_size
+            )));
+        }
+        check_name(function).map_err(|why| RpcError::InvalidArgument(format!("function name {why}")))?;
+        let max = self.config.max_message_bytes;
+        if args.len() as u64 > max {
+            return Err(RpcError::TooLarge(format!(
+                "arguments of {} bytes exceed the maximum message size of {max} bytes",
+                args.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Completes call `id` if it is still in flight.
+    fn finish(&self, id: u64, outcome: Result<Vec<u8>>) {
+        if let Some(call) = self.pending.remove(id) {
+            self.complete(call, outcome);
+        }
+    }
+
+    fn complete(&self, call: PendingCall, outcome: Result<Vec<u8>>) {
+        if !call.internal {
+            let counter = match &outcome {
+                Ok(data) => {
+                    self.stats
+                        .bytes_received
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    &self.stats.calls_ok
+                }
+                Err(RpcError::Timeout(_)) => &self.stats.calls_timed_out,
+                Err(_) => &self.stats.calls_failed,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        call.slot.complete(outcome);
+    }
+
+    fn expire(&self, call: PendingCall) {
+        let waited = call.deadline.map_or(Duration::ZERO, |d| d - call.started);
+        let error = RpcError::Timeout(format!(
+            "call to '{}' on rank {} timed out after {} ms",
+            call.function,
+            call.dst,
+            waited.as_millis()
+        ));
+        self.complete(call, Err(error));
+    }
+
+    pub(crate) fn calls_in_flight(&self) -> usize {
+        self.pending.user_calls()
+    }
+
+    pub(crate) fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot(self.calls_in_flight() as u64)
+    }
+
+    // ---- serving ----
+
+    fn route(&self, request: &InRequest) -> ReplyRoute {
+        ReplyRoute {
+            sink: request.reply_to.clone(),
+            id: request.id,
+            max_message_bytes: self.config.max_message_bytes,
+            // The agent's own traffic is not counted as served requests.
+            stats: (!request.internal).then(|| self.stats.clone()),
+        }
+    }
+
+    fn dispatch(&self, request: InRequest) {
+        let handler = self.registry.read().get(&request.function).cloned();
+        let Some(handler) = handler else {
+            let message = format!("rank {} has no function named '{}'", self.rank, request.function);
+            return self.route(&request).send(Err((Status::NotFound, message)));
+        };
+        if handler.options.inline {
+            return self.run_handler(&handler, request);
+        }
+        let label: Arc<str> = request.function.as_str().into();
+        let me = self.me.clone();
+        let job = Box::new(move || {
+            if let Some(core) = me.upgrade() {
+                core.run_handler(&handler, request);
+            }
+        });
+        // A pool that has stopped belongs to a closing agent, whose
+        // connections are closing too: the request is dropped with them.
+        let _ = self.pool.submit(label, job);
+    }
+
+    fn run_handler(&self, handler: &Handler, request: InRequest) {
+        if request.deadline.is_some_and(|d| Instant::now() >= d) {
+            log_at!(
+                Debug,
+                Some(self.rank),
+                "dropped a call to '{}' from rank {}: its deadline passed before it ran",
+                request.function,
+                request.src
+            );
+            return;
+        }
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return self
+                .route(&request)
+                .send(Err((Status::Shutdown, format!("rank {} is shut down", self.rank))));
+        }
+        let mut reply = Reply::new(self.route(&request));
+        let view = Request {
+            src_rank: request.src,
+            function: &request.function,
+            args: &request.args,
+        };
+        IN_HANDLER.set(IN_HANDLER.get() + 1);
+        let result = catch_unwind(AssertUnwindSafe(|| (handler.func)(&view, &mut reply)));
+        IN_HANDLER.set(IN_HANDLER.get() - 1);
+        let result = result.unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(format!("the handler panicked: {what}"))
+        });
+        reply.finish(result);
+    }
+
+    /// The agent's own functions; only rank 0 serves them.
+    fn serve_internal(&self, request: InRequest) {
+        let route = self.route(&request);
+        let mut g = self.gatherings.lock();
+        let complete = match (self.rank, request.function.as_str()) {
+            (0, BARRIER) if request.args.len() == 8 => {
+                let generation = u64::from_le_bytes(request.args[..8].try_into().expect("8 bytes"));
+                let arrived = g.barriers.entry(generation).or_default();
+                arrived.insert(request.src, route);
+                if arrived.len() == self.world_size {
+                    g.barriers.remove(&generation)
+                } else {
+                    None
+                }
+            }
+            (0, SHUTDOWN) => {
+                g.shutdown.insert(request.src, route);
+                if g.shutdown.len() == self.world_size {
+                    Some(std::mem::take(&mut g.shutdown))
+                } else {
+                    None
+                }
+            }
+            _ => {
+                drop(g);
+                let message = format!("rank {} has no internal function '{}'", self.rank, request.function);
+                return route.send(Err((Status::NotFound, message)));
+            }
+        };
+        drop(g);
+        for (_, route) in complete.into_iter().flatten() {
+            route.send(Ok(Vec::new()));
+        }
+    }
+
+    /// Logs once when every worker has been busy for longer than
+    /// [`POOL_STALL_WARNING`], naming what they run.
+    fn check_pool_stall(&self) {
+        let busy = self.pool.busy();
+        let stalled =
+            busy.busy == busy.workers && busy.all_busy_since.is_some_and(|t| t.elapsed() >= POOL_STALL_WARNING);
+        let mut reported = self.stall_reported.lock();
+        if stalled && !*reported {
+            let mut counts: Vec<(Arc<str>, usize)> = Vec::new();
+            for label in busy.labels {
+                match counts.iter_mut().find(|(l, _)| *l == label) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((label, 1)),
+                }
+            }
+            let held: Vec<String> = counts.iter().map(|(l, n)| format!("'{l}' x{n}")).collect();
+            log_at!(
+                Warn,
+                Some(self.rank),
+                "all {} worker threads have been busy for over {} s, held by {}; requests are queueing \
+                 (nested calls can deadlock a pool this way: raise worker_threads or defer replies)",
+                busy.workers,
+                POOL_STALL_WARNING.as_secs(),
+                held.join(", ")
+            );
+        }
+        *reported = stalled;
+    }
+
+    // ---- lifecycle ----
+
+    pub(crate) fn barrier(&self, timeout: Option<Duration>) -> Result<()> {
+        let generation = self.barrier_generation.fetch_add(1, Ordering::Relaxed);
+        self.call(0, BARRIER, &generation.to_le_bytes(), timeout, true)
+            .wait()
+            .map(drop)
+            .map_err(|e| match e {
+                RpcError::Timeout(_) => RpcError::Timeout(format!(
+                    "barrier {generation} timed out after {} ms waiting for the other ranks",
+                    timeout.unwrap_or_default().as_millis()
+                )),
+                other => other,
+            })
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.load(Ordering::Acquire) == CLOSED
+    }
+
+    /// Graceful: stop new calls, finish ours, meet every rank at rank 0, then
+    /// close. Otherwise: fail everything in flight and close at once. The
+    /// agent is closed locally when this returns, whatever it returns.
+    pub(crate) fn shutdown(&self, graceful: bool, timeout: Option<Duration>) -> Result<()> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return Ok(());
+        }
+        let mut result = Ok(());
+        if graceful {
+            self.state.store(DRAINING, Ordering::Release);
+            if !self.pending.wait_drained(deadline) {
+                result = Err(RpcError::Timeout(format!(
+                    "graceful shutdown timed out with {} calls of rank {} still in flight",
+                    self.calls_in_flight(),
+                    self.rank
+                )));
+            } else if let Err(e) = self.call(0, SHUTDOWN, &[], remaining(deadline), true).wait() {
+                result = Err(match e {
+                    RpcError::Timeout(_) => RpcError::Timeout(format!(
+                        "graceful shutdown timed out waiting for every rank to reach shutdown ({} ms)",
+                        timeout.unwrap_or_default().as_millis()
+                    )),
+                    other => other,
+                });
+            }
+        }
+        self.close(graceful && result.is_ok(), deadline);
+        log_at!(
+            Info,
+            Some(self.rank),
+            "shut down ({})",
+            if graceful { "graceful" } else { "immediate" }
+        );
+        result
+    }
+
+    fn close(&self, graceful: bool, deadline: Option<Instant>) {
+        if self.state.swap(CLOSED, Ordering::AcqRel) == CLOSED {
+            return;
+        }
+        for call in self.pending.remove_where(|_| true) {
+            let error = RpcError::Shutdown(format!("rank {} shut down before the call completed", self.rank));
+            self.complete(call, Err(error));
+        }
+        for request in self.early.lock().take().into_iter().flatten() {
+            self.route(&request)
+                .send(Err((Status::Shutdown, format!("rank {} shut down", self.rank))));
+        }
+        // Flushing the last replies is bounded even when the caller's is not.
+        let flush_until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(10));
+        if let Some(t) = self.transport.get() {
+            t.close(graceful, flush_until);
+        }
+        self.pending.stop();
+        if let Some(t) = self.deadline_thread.lock().take()
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
+        }
+        self.pool.stop(deadline);
+        // Handlers may hold agent handles; dropping them breaks those cycles.
+        let handlers = std::mem::take(&mut *self.registry.write());
+        drop(handlers);
+        self.gatherings.lock().barriers.clear();
+    }
+
+    /// Final teardown when the last handle goes: waits for running handlers.
+    pub(crate) fn close_and_join(&self) {
+        self.close(false, Some(Instant::now()));
+        self.pool.stop(None);
+    }
+}
+
+impl Dispatch for Core {
+    fn on_request(&self, request: InRequest) {
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return self
+                .route(&request)
+                .send(Err((Status::Shutdown, format!("rank {} is shut down", self.rank))));
+        }
+        // The agent's own functions (barrier, shutdown) do not wait for start.
+        if request.internal {
+            return self.serve_internal(request);
+        }
+        self.stats
+            .bytes_received
+            .fetch_add(request.args.len() as u64, Ordering::Relaxed);
+        {
+            let mut early = self.early.lock();
+            if let Some(queue) = early.as_mut() {
+                queue.push(request);
+                return;
+            }
+        }
+        self.dispatch(request);
+    }
+
+    fn on_response(&self, from: usize, id: u64, outcome: Outcome) {
+        let Some(call) = self.pending.remove_if(id, |c| c.dst == from) else {
+            // Abandoned, timed out, or not this peer's to answer.
+            return;
+        };
+        let outcome = outcome.map_err(|(status, message)| RpcError::from_remote(status, from, &call.function, message));
+        self.complete(call, outcome);
+    }
+
+    fn on_peer_lost(&self, rank: usize, error: RpcError) {
+        for call in self.pending.remove_where(|c| c.dst == rank) {
+            self.complete(call, Err(error.clone()));
+        }
+    }
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn max_message_bytes(&self) -> u64 {
+        self.config.max_message_bytes
+    }
+}

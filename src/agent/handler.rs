@@ -1,0 +1,164 @@
+//! What a handler sees and answers with: the request, the reply it fills,
+//! and the deferred reply it can finish later from any thread.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::error::Status;
+use crate::transport::{Outcome, ReplySink};
+
+use super::stats::Stats;
+
+/// One incoming call, as a handler sees it. Valid during the handler call.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The rank that made the call.
+    pub src_rank: usize,
+    /// The function that was called.
+    pub function: &'a str,
+    /// The call's arguments.
+    pub args: &'a [u8],
+}
+
+/// How a handler is run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HandlerOptions {
+    /// Run on the I/O thread that read the request instead of the worker
+    /// pool: no hand-off, but the handler must be tiny and never block.
+    pub inline: bool,
+}
+
+/// The type of a full handler: it fills `reply` (or defers it) and returns
+/// `Err(message)` to fail the call.
+pub type HandlerFn = dyn Fn(&Request<'_>, &mut Reply) -> Result<(), String> + Send + Sync;
+
+pub(crate) struct Handler {
+    pub options: HandlerOptions,
+    pub func: Box<HandlerFn>,
+}
+
+/// Where and how one response goes back; used exactly once.
+pub(crate) struct ReplyRoute {
+    pub sink: Arc<dyn ReplySink>,
+    pub id: u64,
+    pub max_message_bytes: u64,
+    pub stats: Option<Arc<Stats>>,
+}
+
+impl ReplyRoute {
+    /// Sends the response; a reply above the maximum becomes a TOO_LARGE
+    /// error for the caller.
+    pub(crate) fn send(self, outcome: Outcome) {
+        let outcome = match outcome {
+            Ok(data) if data.len() as u64 > self.max_message_bytes => Err((
+                Status::TooLarge,
+                format!(
+                    "the reply of {} bytes exceeds the maximum message size of {} bytes",
+                    data.len(),
+                    self.max_message_bytes
+                ),
+            )),
+            other => other,
+        };
+        if let Some(stats) = &self.stats {
+            stats.requests_served.fetch_add(1, Ordering::Relaxed);
+            if let Ok(data) = &outcome {
+                stats.bytes_sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        self.sink.send_reply(self.id, outcome);
+    }
+}
+
+/// The reply a handler fills. What it holds when the handler returns `Ok` is
+/// sent, unless the handler deferred it.
+pub struct Reply {
+    route: Option<ReplyRoute>,
+    data: Vec<u8>,
+    error: Option<String>,
+}
+
+impl Reply {
+    pub(crate) fn new(route: ReplyRoute) -> Reply {
+        Reply {
+            route: Some(route),
+            data: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// Sets the reply bytes (taking ownership: no copy).
+    pub fn set(&mut self, data: Vec<u8>) {
+        self.data = data;
+    }
+
+    /// A zeroed reply buffer of `len` bytes for the handler to fill in place.
+    pub fn alloc(&mut self, len: usize) -> &mut [u8] {
+        self.data = vec![0; len];
+        &mut self.data
+    }
+
+    /// Fails the call with `message` (the caller gets a handler error).
+    pub fn error(&mut self, message: impl Into<String>) {
+        self.error = Some(message.into());
+    }
+
+    /// Takes the reply out of the handler: the handler returns at once and
+    /// the returned handle answers later, from any thread, exactly once.
+    /// `None` if it was deferred already.
+    pub fn defer(&mut self) -> Option<Deferred> {
+        self.route.take().map(|route| Deferred { route: Some(route) })
+    }
+
+    /// Sends what the handler produced (nothing if it deferred).
+    pub(crate) fn finish(mut self, result: Result<(), String>) {
+        let Some(route) = self.route.take() else {
+            return;
+        };
+        let outcome = match (result, self.error.take()) {
+            (Err(message), _) | (Ok(()), Some(message)) => Err((Status::Handler, message)),
+            (Ok(()), None) => Ok(std::mem::take(&mut self.data)),
+        };
+        route.send(outcome);
+    }
+}
+
+/// A reply that the handler deferred. Finish it with [`Deferred::complete`]
+/// or [`Deferred::fail`]; dropping it unfinished fails the call, so no caller
+/// waits for an answer that will never come.
+pub struct Deferred {
+    route: Option<ReplyRoute>,
+}
+
+impl Deferred {
+    /// Answers the call with `data`.
+    pub fn complete(mut self, data: Vec<u8>) {
+        if let Some(route) = self.route.take() {
+            route.send(Ok(data));
+        }
+    }
+
+    /// Fails the call; the caller gets a handler error with `message`.
+    pub fn fail(mut self, message: impl Into<String>) {
+        if let Some(route) = self.route.take() {
+            route.send(Err((Status::Handler, message.into())));
+        }
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        if let Some(route) = self.route.take() {
+            route.send(Err((
+                Status::Handler,
+                "the deferred reply was dropped without an answer".into(),
+            )));
+        }
+    }
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deferred").finish_non_exhaustive()
+    }
+}

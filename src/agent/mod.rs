@@ -1,0 +1,247 @@
+//! [`RpcAgent`]: one rank of a world. Registers named functions, serves
+//! them, calls other ranks' functions, and leaves the world.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::error::{Result, RpcError};
+use crate::future::RpcFuture;
+use crate::log::log_at;
+use crate::transport::{local, tcp};
+
+mod core;
+mod handler;
+mod pending;
+mod stats;
+
+pub use handler::{Deferred, HandlerFn, HandlerOptions, Reply, Request};
+pub use stats::StatsSnapshot;
+
+use self::core::Core;
+use handler::Handler;
+
+/// One rank of a world. Cheap to clone (the clones share the agent), `Send`
+/// and `Sync`, so a handler can capture a clone to make nested calls.
+///
+/// The agent shuts down (immediately) when its last handle is dropped. A
+/// handler that captures a clone keeps the agent alive until
+/// [`RpcAgent::shutdown`] is called, which releases the handlers.
+#[derive(Clone)]
+pub struct RpcAgent {
+    handle: Arc<Handle>,
+}
+
+struct Handle {
+    core: Arc<Core>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.core.close_and_join();
+    }
+}
+
+impl std::fmt::Debug for RpcAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcAgent")
+            .field("rank", &self.rank())
+            .field("world_size", &self.world_size())
+            .finish()
+    }
+}
+
+impl RpcAgent {
+    fn wrap(core: Arc<Core>) -> RpcAgent {
+        RpcAgent {
+            handle: Arc::new(Handle { core }),
+        }
+    }
+
+    fn core(&self) -> &Core {
+        &self.handle.core
+    }
+
+    /// Joins a world over TCP: rank 0 hosts the rendezvous at the master
+    /// address; blocks until every rank has joined or the init timeout passes.
+    pub fn init(config: Config) -> Result<RpcAgent> {
+        config.validate()?;
+        let joined = tcp::join_world(&config)?;
+        let core = Core::new(config, joined.names())?;
+        let transport = tcp::TcpTransport::start(&core, joined)?;
+        core.attach(transport);
+        log_at!(
+            Info,
+            Some(core.rank),
+            "joined a world of {} ranks as '{}', listening on {}",
+            core.world_size,
+            core.names[core.rank],
+            core.listen_addr()
+        );
+        Ok(RpcAgent::wrap(core))
+    }
+
+    /// A world of `world_size` ranks inside this process (no sockets), with
+    /// default settings.
+    pub fn local_world(world_size: usize) -> Result<Vec<RpcAgent>> {
+        RpcAgent::local_world_with(world_size, Config::new(0, world_size))
+    }
+
+    /// A world inside this process; every rank uses `config` (its rank,
+    /// world size and network settings are ignored).
+    pub fn local_world_with(world_size: usize, config: Config) -> Result<Vec<RpcAgent>> {
+        if world_size == 0 {
+            return Err(RpcError::InvalidArgument("world size must be at least 1".into()));
+        }
+        let configs: Vec<Config> = (0..world_size)
+            .map(|rank| {
+                let mut c = config.clone();
+                c.rank = rank;
+                c.world_size = world_size;
+                if c.name.is_some() && world_size > 1 {
+                    c.name = None; // one name cannot name every rank
+                }
+                c.validate().map(|_| c)
+            })
+            .collect::<Result<_>>()?;
+        let names: Vec<String> = configs.iter().map(|c| c.worker_name()).collect();
+        let cores: Vec<Arc<Core>> = configs
+            .into_iter()
+            .map(|c| Core::new(c, names.clone()))
+            .collect::<Result<_>>()?;
+        let dispatchers = cores
+            .iter()
+            .map(|c| Arc::downgrade(c) as std::sync::Weak<dyn crate::transport::Dispatch>)
+            .collect();
+        for (core, transport) in cores.iter().zip(local::world(dispatchers)) {
+            core.attach(transport);
+        }
+        Ok(cores.into_iter().map(RpcAgent::wrap).collect())
+    }
+
+    /// Registers `function` under `name`: it gets the arguments and returns
+    /// the reply, or an error message. Runs on the worker pool.
+    pub fn register<F>(&self, name: &str, function: F) -> Result<()>
+    where
+        F: Fn(&[u8]) -> std::result::Result<Vec<u8>, String> + Send + Sync + 'static,
+    {
+        self.register_with(name, HandlerOptions::default(), move |request, reply| {
+            reply.set(function(request.args)?);
+            Ok(())
+        })
+    }
+
+    /// Registers a full handler: it sees the caller's rank, fills the reply
+    /// in place or defers it, and may run inline on the I/O thread.
+    pub fn register_with<F>(&self, name: &str, options: HandlerOptions, handler: F) -> Result<()>
+    where
+        F: Fn(&Request<'_>, &mut Reply) -> std::result::Result<(), String> + Send + Sync + 'static,
+    {
+        self.core().register(
+            name,
+            Handler {
+                options,
+                func: Box::new(handler),
+            },
+        )
+    }
+
+    /// Removes a function; later calls to it get a not-found error.
+    pub fn unregister(&self, name: &str) -> Result<()> {
+        self.core().unregister(name)
+    }
+
+    /// Starts serving. Requests that arrived earlier waited and run now.
+    pub fn start(&self) -> Result<()> {
+        self.core().start()
+    }
+
+    /// The configured default call deadline (`None`: no deadline).
+    pub fn default_timeout(&self) -> Option<Duration> {
+        let t = self.core().config.call_timeout;
+        (!t.is_zero()).then_some(t)
+    }
+
+    /// Calls `function` on rank `dst` and waits for the reply, within the
+    /// default call deadline.
+    pub fn rpc_sync(&self, dst: usize, function: &str, args: &[u8]) -> Result<Vec<u8>> {
+        self.rpc_async(dst, function, args).wait()
+    }
+
+    /// Like [`RpcAgent::rpc_sync`] with this call's own deadline (`None`: none).
+    pub fn rpc_sync_timeout(
+        &self,
+        dst: usize,
+        function: &str,
+        args: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>> {
+        self.rpc_async_timeout(dst, function, args, timeout).wait()
+    }
+
+    /// Starts a call and returns at once; `args` can be reused right away.
+    pub fn rpc_async(&self, dst: usize, function: &str, args: &[u8]) -> RpcFuture {
+        self.rpc_async_timeout(dst, function, args, self.default_timeout())
+    }
+
+    /// Like [`RpcAgent::rpc_async`] with this call's own deadline (`None`: none).
+    pub fn rpc_async_timeout(&self, dst: usize, function: &str, args: &[u8], timeout: Option<Duration>) -> RpcFuture {
+        self.core().call(dst, function, args, timeout, false)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.core().rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.core().world_size
+    }
+
+    /// The worker name of `rank`.
+    pub fn worker_name(&self, rank: usize) -> Option<&str> {
+        self.core().names.get(rank).map(String::as_str)
+    }
+
+    /// The rank whose worker name is `name`.
+    pub fn rank_of(&self, name: &str) -> Option<usize> {
+        self.core().names.iter().position(|n| n == name)
+    }
+
+    /// Returns when every rank has entered the barrier, or fails at `timeout`.
+    pub fn barrier(&self, timeout: Duration) -> Result<()> {
+        self.core().barrier(Some(timeout))
+    }
+
+    /// Like [`RpcAgent::barrier`]; `None` waits without bound.
+    pub fn barrier_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        self.core().barrier(timeout)
+    }
+
+    /// Leaves the world. Graceful (every rank calls it): new calls fail with
+    /// a shutdown error, this rank's calls in flight finish, and it keeps
+    /// serving until every rank has reached shutdown. Immediate: calls in
+    /// flight fail at once and connections close. Either way the agent is
+    /// shut down locally when this returns.
+    pub fn shutdown(&self, graceful: bool, timeout: Duration) -> Result<()> {
+        self.core().shutdown(graceful, Some(timeout))
+    }
+
+    /// Like [`RpcAgent::shutdown`]; `None` waits without bound.
+    pub fn shutdown_timeout(&self, graceful: bool, timeout: Option<Duration>) -> Result<()> {
+        self.core().shutdown(graceful, timeout)
+    }
+
+    /// True once the agent has shut down.
+    pub fn is_shut_down(&self) -> bool {
+        self.core().is_closed()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.core().stats()
+    }
+
+    /// Where other ranks reach this one (`ip:port`, or `local` in-process).
+    pub fn listen_addr(&self) -> String {
+        self.core().listen_addr()
+    }
+}

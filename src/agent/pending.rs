@@ -1,0 +1,172 @@
+//! The table of calls in flight, keyed by request id, with their deadlines
+//! in order; and the one thread that fails calls whose deadline passed, so a
+//! call ends at its deadline whether or not anybody waits on it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::future::Slot;
+
+/// A call this rank made that has not completed.
+pub(crate) struct PendingCall {
+    pub dst: usize,
+    pub function: Box<str>,
+    pub internal: bool,
+    pub started: Instant,
+    pub deadline: Option<Instant>,
+    pub slot: Arc<Slot>,
+}
+
+#[derive(Default)]
+struct Table {
+    calls: HashMap<u64, PendingCall>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    user_calls: usize,
+    stopped: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct Pending {
+    table: Mutex<Table>,
+    /// Wakes the deadline thread (earlier deadline, or stop).
+    wake: Condvar,
+    /// Wakes those waiting for the user calls to drain.
+    drained: Condvar,
+}
+
+impl Pending {
+    pub(crate) fn insert(&self, id: u64, call: PendingCall) {
+        let mut t = self.table.lock();
+        if let Some(d) = call.deadline {
+            let earliest = t.deadlines.first().is_none_or(|(first, _)| d < *first);
+            t.deadlines.insert((d, id));
+            if earliest {
+                self.wake.notify_one();
+            }
+        }
+        t.user_calls += !call.internal as usize;
+        t.calls.insert(id, call);
+    }
+
+    pub(crate) fn remove(&self, id: u64) -> Option<PendingCall> {
+        self.remove_if(id, |_| true)
+    }
+
+    /// Removes call `id` if `pred` holds for it.
+    pub(crate) fn remove_if(&self, id: u64, pred: impl FnOnce(&PendingCall) -> bool) -> Option<PendingCall> {
+        let mut t = self.table.lock();
+        if !pred(t.calls.get(&id)?) {
+            return None;
+        }
+        let call = t.calls.remove(&id)?;
+        Self::forget(&mut t, id, &call);
+        if t.user_calls == 0 {
+            self.drained.notify_all();
+        }
+        Some(call)
+    }
+
+    fn forget(t: &mut Table, id: u64, call: &PendingCall) {
+        if let Some(d) = call.deadline {
+            t.deadlines.remove(&(d, id));
+        }
+        t.user_calls -= !call.internal as usize;
+    }
+
+    /// Removes every call matching `pred`.
+    pub(crate) fn remove_where(&self, pred: impl Fn(&PendingCall) -> bool) -> Vec<PendingCall> {
+        let mut t = self.table.lock();
+        let ids: Vec<u64> = t.calls.iter().filter(|(_, c)| pred(c)).map(|(id, _)| *id).collect();
+        let removed = ids
+            .into_iter()
+            .filter_map(|id| {
+                let call = t.calls.remove(&id)?;
+                Self::forget(&mut t, id, &call);
+                Some(call)
+            })
+            .collect();
+        if t.user_calls == 0 {
+            self.drained.notify_all();
+        }
+        removed
+    }
+
+    /// Calls in flight that the user made (not the agent's own).
+    pub(crate) fn user_calls(&self) -> usize {
+        self.table.lock().user_calls
+    }
+
+    /// Waits until no user call is in flight; false if `deadline` passed first.
+    pub(crate) fn wait_drained(&self, deadline: Option<Instant>) -> bool {
+        let mut t = self.table.lock();
+        while t.user_calls > 0 {
+            match deadline {
+                None => self.drained.wait(&mut t),
+                Some(d) => {
+                    if self.drained.wait_until(&mut t, d).timed_out() {
+                        return t.user_calls == 0;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Runs the deadline thread: `expired` gets each call whose deadline
+    /// passed (already removed from the table), `tick` runs at least every
+    /// `tick_every`. Returns when [`Pending::stop`] is called.
+    pub(crate) fn spawn_deadline_thread(
+        self: &Arc<Self>,
+        name: String,
+        tick_every: Duration,
+        expired: impl Fn(PendingCall) + Send + 'static,
+        tick: impl Fn() + Send + 'static,
+    ) -> std::io::Result<JoinHandle<()>> {
+        let me = self.clone();
+        std::thread::Builder::new().name(name).spawn(move || {
+            let mut next_tick = Instant::now() + tick_every;
+            let mut due = Vec::new();
+            let mut t = me.table.lock();
+            while !t.stopped {
+                let now = Instant::now();
+                while let Some(&(when, id)) = t.deadlines.first() {
+                    if when > now {
+                        break;
+                    }
+                    t.deadlines.pop_first();
+                    if let Some(call) = t.calls.remove(&id) {
+                        t.user_calls -= !call.internal as usize;
+                        due.push(call);
+                    }
+                }
+                if t.user_calls == 0 {
+                    me.drained.notify_all();
+                }
+                if !due.is_empty() || now >= next_tick {
+                    drop(t);
+                    due.drain(..).for_each(&expired);
+                    if now >= next_tick {
+                        tick();
+                        next_tick = now + tick_every;
+                    }
+                    t = me.table.lock();
+                    continue;
+                }
+                let until = t
+                    .deadlines
+                    .first()
+                    .map_or(next_tick, |(when, _)| (*when).min(next_tick));
+                me.wake.wait_until(&mut t, until);
+            }
+        })
+    }
+
+    pub(crate) fn stop(&self) {
+        self.table.lock().stopped = true;
+        self.wake.notify_one();
+    }
+}

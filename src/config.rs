@@ -1,0 +1,369 @@
+//! How an agent is configured: a builder, and the launcher environment
+//! variables (torchrun, Open MPI, MPICH/Hydra, Slurm) that fill it.
+
+use std::time::Duration;
+
+use crate::error::{Result, RpcError};
+
+/// Default master port, as torch uses.
+pub const DEFAULT_MASTER_PORT: u16 = 29500;
+/// Default call deadline.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time allowed for the whole world to join.
+pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default size of the handler worker pool.
+pub const DEFAULT_WORKER_THREADS: usize = 16;
+/// Default largest message (arguments or reply), 1 GiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 1 << 30;
+/// Longest function or worker name, in bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// Settings of one rank. Built with [`Config::new`] and the builder methods,
+/// or read from the launcher's environment with [`Config::from_env`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Config {
+    pub(crate) rank: usize,
+    pub(crate) world_size: usize,
+    pub(crate) name: Option<String>,
+    pub(crate) master_host: String,
+    pub(crate) master_port: u16,
+    pub(crate) bind: Option<String>,
+    /// `Duration::ZERO` means calls have no deadline by default.
+    pub(crate) call_timeout: Duration,
+    pub(crate) init_timeout: Duration,
+    pub(crate) worker_threads: usize,
+    pub(crate) max_message_bytes: u64,
+    pub(crate) secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Config {
+    // Hand-written so the secret never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("name", &self.worker_name())
+            .field("master", &format_args!("{}:{}", self.master_host, self.master_port))
+            .field("bind", &self.bind)
+            .field("call_timeout", &self.call_timeout)
+            .field("init_timeout", &self.init_timeout)
+            .field("worker_threads", &self.worker_threads)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("secret", &self.secret.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::new(0, 1)
+    }
+}
+
+impl Config {
+    /// A configuration for `rank` of a world of `world_size` ranks, with every
+    /// other setting at its default.
+    pub fn new(rank: usize, world_size: usize) -> Config {
+        Config {
+            rank,
+            world_size,
+            name: None,
+            master_host: "127.0.0.1".to_string(),
+            master_port: DEFAULT_MASTER_PORT,
+            bind: None,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            init_timeout: DEFAULT_INIT_TIMEOUT,
+            worker_threads: DEFAULT_WORKER_THREADS,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            secret: None,
+        }
+    }
+
+    /// Reads the launcher's environment (see the C API page for the list of
+    /// variables, first found wins). A malformed value is an
+    /// [`RpcError::InvalidArgument`] naming the variable.
+    pub fn from_env() -> Result<Config> {
+        Config::from_lookup(|key| std::env::var_os(key).map(|v| v.to_string_lossy().into_owned()))
+    }
+
+    /// Like [`Config::from_env`], over any source of variables.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let mut cfg = Config::new(0, 1);
+        cfg.apply_lookup(lookup)?;
+        Ok(cfg)
+    }
+
+    /// Overwrites the settings whose variables are present; keeps the others.
+    pub(crate) fn apply_lookup(&mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<()> {
+        let first = |keys: &[&'static str]| -> Option<(&'static str, String)> {
+            keys.iter().find_map(|k| lookup(k).map(|v| (*k, v.trim().to_string())))
+        };
+        if let Some((key, v)) = first(&[
+            "RPCAGENT_RANK",
+            "RANK",
+            "OMPI_COMM_WORLD_RANK",
+            "PMI_RANK",
+            "SLURM_PROCID",
+        ]) {
+            self.rank = parse_number(key, &v)?;
+        }
+        if let Some((key, v)) = first(&[
+            "RPCAGENT_WORLD_SIZE",
+            "WORLD_SIZE",
+            "OMPI_COMM_WORLD_SIZE",
+            "PMI_SIZE",
+            "SLURM_NTASKS",
+        ]) {
+            self.world_size = parse_number(key, &v)?;
+            if self.world_size == 0 {
+                return Err(bad_var(key, &v, "must be at least 1"));
+            }
+        }
+        if let Some((key, v)) = first(&["RPCAGENT_MASTER_ADDR", "MASTER_ADDR"]) {
+            if v.is_empty() {
+                return Err(bad_var(key, &v, "is empty"));
+            }
+            self.master_host = v;
+        }
+        if let Some((key, v)) = first(&["RPCAGENT_MASTER_PORT", "MASTER_PORT"]) {
+            self.master_port = parse_number(key, &v)?;
+        }
+        if let Some((key, v)) = first(&["RPCAGENT_NAME"]) {
+            check_name(&v).map_err(|why| bad_var(key, &v, &why))?;
+            self.name = Some(v);
+        }
+        if let Some((_, v)) = first(&["RPCAGENT_SECRET"]) {
+            self.secret = (!v.is_empty()).then(|| v.into_bytes());
+        }
+        if let Some((key, v)) = first(&["RPCAGENT_CALL_TIMEOUT_MS"]) {
+            self.call_timeout = Duration::from_millis(parse_number(key, &v)?);
+        }
+        if let Some((key, v)) = first(&["RPCAGENT_INIT_TIMEOUT_MS"]) {
+            self.init_timeout = Duration::from_millis(parse_number(key, &v)?);
+        }
+        if let Some((key, v)) = first(&["RPCAGENT_WORKER_THREADS"]) {
+            self.worker_threads = parse_number(key, &v)?;
+            if self.worker_threads == 0 {
+                return Err(bad_var(key, &v, "must be at least 1"));
+            }
+        }
+        if let Some((key, v)) = first(&["RPCAGENT_MAX_MESSAGE_BYTES"]) {
+            self.max_message_bytes = parse_number(key, &v)?;
+            if self.max_message_bytes == 0 {
+                return Err(bad_var(key, &v, "must be at least 1"));
+            }
+        }
+        if let Some((key, v)) = first(&["RPCAGENT_BIND"]) {
+            if v.is_empty() {
+                return Err(bad_var(key, &v, "is empty"));
+            }
+            self.bind = Some(v);
+        }
+        Ok(())
+    }
+
+    /// This rank's worker name: the one set, or `worker<rank>`.
+    pub fn worker_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| format!("worker{}", self.rank))
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    pub fn set_rank(&mut self, rank: usize) {
+        self.rank = rank;
+    }
+
+    pub fn set_world_size(&mut self, world_size: usize) {
+        self.world_size = world_size;
+    }
+
+    /// The worker name other ranks can look up with `rank_of`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Where rank 0 hosts the rendezvous.
+    pub fn master(mut self, host: impl Into<String>, port: u16) -> Self {
+        self.master_host = host.into();
+        self.master_port = port;
+        self
+    }
+
+    /// The local address to listen on (default: the one that reaches the master).
+    pub fn bind(mut self, host: impl Into<String>) -> Self {
+        self.bind = Some(host.into());
+        self
+    }
+
+    /// The default deadline of a call; `Duration::ZERO` means none.
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// How long `init` waits for the whole world to join.
+    pub fn init_timeout(mut self, timeout: Duration) -> Self {
+        self.init_timeout = timeout;
+        self
+    }
+
+    /// Size of the bounded pool that runs handlers.
+    pub fn worker_threads(mut self, n: usize) -> Self {
+        self.worker_threads = n;
+        self
+    }
+
+    /// Largest arguments or reply, in bytes; a world-wide setting.
+    pub fn max_message_bytes(mut self, n: u64) -> Self {
+        self.max_message_bytes = n;
+        self
+    }
+
+    /// The job's shared secret; every connection must prove it knows it.
+    pub fn secret(mut self, key: &[u8]) -> Self {
+        self.secret = (!key.is_empty()).then(|| key.to_vec());
+        self
+    }
+
+    /// Checks the settings that do not depend on the network.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(RpcError::InvalidArgument(m));
+        if self.world_size == 0 {
+            return bad("world size must be at least 1".into());
+        }
+        if self.rank >= self.world_size {
+            return bad(format!(
+                "rank {} is out of range for a world of {}",
+                self.rank, self.world_size
+            ));
+        }
+        if self.worker_threads == 0 {
+            return bad("worker threads must be at least 1".into());
+        }
+        if self.max_message_bytes == 0 {
+            return bad("max message bytes must be at least 1".into());
+        }
+        if self.master_host.is_empty() {
+            return bad("master host is empty".into());
+        }
+        check_name(&self.worker_name()).map_err(|why| RpcError::InvalidArgument(format!("worker name {why}")))?;
+        Ok(())
+    }
+}
+
+/// Names (of functions and workers) are 1 to 255 bytes; Rust strings are UTF-8 already.
+pub(crate) fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        Err("is empty".into())
+    } else if name.len() > MAX_NAME_BYTES {
+        Err(format!("is {} bytes long, more than {MAX_NAME_BYTES}", name.len()))
+    } else {
+        Ok(())
+    }
+}
+
+fn parse_number<T: std::str::FromStr>(key: &str, value: &str) -> Result<T> {
+    value.parse().map_err(|_| bad_var(key, value, "is not a valid number"))
+}
+
+fn bad_var(key: &str, value: &str, why: &str) -> RpcError {
+    RpcError::InvalidArgument(format!("environment variable {key}={value:?} {why}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(vars: &[(&str, &str)]) -> Result<Config> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_without_variables() {
+        let cfg = from(&[]).unwrap();
+        assert_eq!(cfg, Config::new(0, 1));
+        assert_eq!(cfg.master_port, 29500);
+        assert_eq!(cfg.call_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.init_timeout, Duration::from_secs(300));
+        assert_eq!(cfg.worker_threads, 16);
+        assert_eq!(cfg.max_message_bytes, 1 << 30);
+        assert_eq!(cfg.worker_name(), "worker0");
+    }
+
+    #[test]
+    fn launcher_variables_in_priority_order() {
+        let cfg = from(&[("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_SIZE", "8")]).unwrap();
+        assert_eq!((cfg.rank, cfg.world_size), (3, 8));
+        let cfg = from(&[
+            ("SLURM_PROCID", "2"),
+            ("SLURM_NTASKS", "4"),
+            ("PMI_RANK", "1"),
+            ("PMI_SIZE", "5"),
+        ])
+        .unwrap();
+        assert_eq!((cfg.rank, cfg.world_size), (1, 5));
+        let cfg = from(&[("RANK", "1"), ("RPCAGENT_RANK", "0"), ("WORLD_SIZE", "2")]).unwrap();
+        assert_eq!((cfg.rank, cfg.world_size), (0, 2));
+        let cfg = from(&[("MASTER_ADDR", "10.1.2.3"), ("MASTER_PORT", "1234")]).unwrap();
+        assert_eq!((cfg.master_host.as_str(), cfg.master_port), ("10.1.2.3", 1234));
+        let cfg = from(&[("MASTER_ADDR", "a"), ("RPCAGENT_MASTER_ADDR", "b")]).unwrap();
+        assert_eq!(cfg.master_host, "b");
+    }
+
+    #[test]
+    fn rpcagent_variables() {
+        let cfg = from(&[
+            ("RPCAGENT_NAME", "ps"),
+            ("RPCAGENT_SECRET", "s3cret"),
+            ("RPCAGENT_CALL_TIMEOUT_MS", "1500"),
+            ("RPCAGENT_INIT_TIMEOUT_MS", "2500"),
+            ("RPCAGENT_WORKER_THREADS", "3"),
+            ("RPCAGENT_MAX_MESSAGE_BYTES", "4096"),
+            ("RPCAGENT_BIND", "127.0.0.2"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.worker_name(), "ps");
+        assert_eq!(cfg.secret.as_deref(), Some(&b"s3cret"[..]));
+        assert_eq!(cfg.call_timeout, Duration::from_millis(1500));
+        assert_eq!(cfg.init_timeout, Duration::from_millis(2500));
+        assert_eq!(cfg.worker_threads, 3);
+        assert_eq!(cfg.max_message_bytes, 4096);
+        assert_eq!(cfg.bind.as_deref(), Some("127.0.0.2"));
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn malformed_values_name_the_variable() {
+        for (key, value) in [
+            ("RANK", "x"),
+            ("WORLD_SIZE", "0"),
+            ("MASTER_PORT", "70000"),
+            ("RPCAGENT_CALL_TIMEOUT_MS", "-5"),
+            ("RPCAGENT_WORKER_THREADS", "0"),
+            ("RPCAGENT_MAX_MESSAGE_BYTES", "lots"),
+            ("RPCAGENT_NAME", ""),
+        ] {
+            let err = from(&[(key, value)]).unwrap_err();
+            assert_eq!(err.status(), crate::Status::InvalidArgument);
+            assert!(err.to_string().contains(key), "{err} should name {key}");
+        }
+    }
+
+    #[test]
+    fn validate_rejects_bad_settings() {
+        assert!(Config::new(2, 2).validate().is_err());
+        assert!(Config::new(0, 0).validate().is_err());
+        assert!(Config::new(0, 1).worker_threads(0).validate().is_err());
+        assert!(Config::new(0, 1).name("x".repeat(256)).validate().is_err());
+        assert!(Config::new(1, 2).validate().is_ok());
+    }
+}

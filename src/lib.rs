@@ -1,0 +1,34 @@
+//! rpcagent: the ranks of a distributed training job register named
+//! functions and call each other with byte payloads, synchronously or
+//! asynchronously, over TCP between processes or inside one process.
+//!
+//! ```no_run
+//! use rpcagent::{Config, RpcAgent};
+//! let agent = RpcAgent::init(Config::from_env()?)?;
+//! agent.register("echo", |args: &[u8]| Ok(args.to_vec()))?;
+//! agent.start()?;
+//! let peer = (agent.rank() + 1) % agent.world_size();
+//! let reply = agent.rpc_sync(peer, "echo", b"hi")?;
+//! assert_eq!(reply, b"hi");
+//! agent.shutdown(true, std::time::Duration::from_secs(30))?;
+//! # Ok::<(), rpcagent::RpcError>(())
+//! ```
+
+mod agent;
+mod config;
+mod error;
+mod future;
+pub mod log;
+mod net;
+mod pool;
+mod rendezvous;
+mod transport;
+pub mod wire;
+
+pub use agent::{Deferred, HandlerFn, HandlerOptions, Reply, Request, RpcAgent, StatsSnapshot};
+pub use config::{
+    Config, DEFAULT_CALL_TIMEOUT, DEFAULT_INIT_TIMEOUT, DEFAULT_MASTER_PORT, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_WORKER_THREADS, MAX_NAME_BYTES,
+};
+pub use error::{Result, RpcError, Status};
+pub use future::RpcFuture;

@@ -1,0 +1,315 @@
+//! Turning a byte stream into frames: an incremental reader for
+//! non-blocking sockets (small frames are parsed out of one buffer, large
+//! payloads are read straight into the buffer handed to the user), and
+//! blocking helpers for handshakes.
+
+use std::io::{self, IoSlice, Read, Write};
+
+use crate::error::{Result, RpcError};
+use crate::wire::{self, HEADER_LEN, Header};
+
+/// A whole frame.
+pub(crate) struct Frame {
+    pub header: Header,
+    pub name: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub(crate) fn name_str(&self) -> Result<&str> {
+        std::str::from_utf8(&self.name).map_err(|_| RpcError::Protocol("function name is not UTF-8".into()))
+    }
+}
+
+/// Frames whose payload is at most this go through the scratch buffer.
+const SCRATCH: usize = 64 * 1024;
+
+/// A payload being read straight into its own buffer.
+struct Large {
+    header: Header,
+    name: Vec<u8>,
+    payload: Vec<u8>,
+    filled: usize,
+}
+
+/// How a read pass ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ReadEnd {
+    /// Nothing more to read for now.
+    WouldBlock,
+    /// The peer closed the connection cleanly between frames.
+    Eof,
+}
+
+pub(crate) struct FrameReader {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    large: Option<Large>,
+    /// Largest payload accepted; lowered before a handshake completes.
+    pub max_payload: u64,
+}
+
+fn truncated() -> RpcError {
+    RpcError::Protocol("the connection closed in the middle of a frame".into())
+}
+
+impl FrameReader {
+    pub(crate) fn new(max_payload: u64) -> FrameReader {
+        FrameReader {
+            buf: vec![0; SCRATCH].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            large: None,
+            max_payload,
+        }
+    }
+
+    /// Reads what `src` has, handing every complete frame to `on_frame`
+    /// (an error from it stops the pass), until the socket would block or
+    /// closes. Errors: bad bytes, a truncated frame, or an I/O error.
+    pub(crate) fn read_from(
+        &mut self,
+        src: &mut impl Read,
+        on_frame: &mut dyn FnMut(Frame, &mut FrameReader) -> Result<()>,
+    ) -> Result<ReadEnd> {
+        loop {
+            if let Some(large) = &mut self.large {
+                match src.read(&mut large.payload[large.filled..]) {
+                    Ok(0) => return Err(truncated()),
+                    Ok(n) => {
+                        large.filled += n;
+                        if large.filled == large.payload.len() {
+                            let large = self.large.take().expect("checked above");
+                            on_frame(
+                                Frame {
+                                    header: large.header,
+                                    name: large.name,
+                                    payload: large.payload,
+                                },
+                                self,
+                            )?;
+                        }
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadEnd::WouldBlock),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            while let Some(frame) = self.parse_one()? {
+                on_frame(frame, self)?;
+            }
+            if self.large.is_some() {
+                continue;
+            }
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            } else if self.end == self.buf.len() {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            match src.read(&mut self.buf[self.end..]) {
+                Ok(0) if self.start == self.end => return Ok(ReadEnd::Eof),
+                Ok(0) => return Err(truncated()),
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadEnd::WouldBlock),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Takes one complete frame out of the buffer, or starts a large one.
+    fn parse_one(&mut self) -> Result<Option<Frame>> {
+        let have = &self.buf[self.start..self.end];
+        if have.len() < HEADER_LEN {
+            if !have.is_empty() {
+                wire::check_prefix(&have[..have.len().min(5)])?;
+            }
+            return Ok(None);
+        }
+        let header = wire::decode_header(have[..HEADER_LEN].try_into().expect("header length"), self.max_payload)?;
+        let name_len = header.name_len as usize;
+        let total = HEADER_LEN as u64 + header.body_len();
+        if total <= have.len() as u64 {
+            let body = &have[HEADER_LEN..total as usize];
+            let frame = Frame {
+                header,
+                name: body[..name_len].to_vec(),
+                payload: body[name_len..].to_vec(),
+            };
+            self.start += total as usize;
+            return Ok(Some(frame));
+        }
+        if total > self.buf.len() as u64 && have.len() >= HEADER_LEN + name_len {
+            // Too big for the scratch buffer: give the payload its own
+            // buffer now and read the rest straight into it.
+            let name = have[HEADER_LEN..HEADER_LEN + name_len].to_vec();
+            let got = &have[HEADER_LEN + name_len..];
+            let mut payload = vec![0u8; header.payload_len as usize];
+            payload[..got.len()].copy_from_slice(got);
+            self.large = Some(Large {
+                header,
+                name,
+                payload,
+                filled: got.len(),
+            });
+            self.start = self.end;
+            return Ok(None);
+        }
+        if self.buf.len() - self.start < total.min(self.buf.len() as u64) as usize {
+            // Make room for the rest of this frame.
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        Ok(None)
+    }
+}
+
+/// Reads one frame from a blocking stream (its read timeout bounds it).
+pub(crate) fn read_frame_blocking(src: &mut impl Read, max_payload: u64) -> Result<Frame> {
+    let mut h = [0u8; HEADER_LEN];
+    src.read_exact(&mut h).map_err(blocking_error)?;
+    let header = wire::decode_header(&h, max_payload)?;
+    let mut name = vec![0u8; header.name_len as usize];
+    src.read_exact(&mut name).map_err(blocking_error)?;
+    let mut payload = vec![0u8; header.payload_len as usize];
+    src.read_exact(&mut payload).map_err(blocking_error)?;
+    Ok(Frame { header, name, payload })
+}
+
+/// Writes one frame to a blocking stream.
+pub(crate) fn write_frame_blocking(dst: &mut impl Write, header: Header, name: &[u8], payload: &[u8]) -> Result<()> {
+    dst.write_all(&wire::encode_frame(header, name, payload))
+        .map_err(blocking_error)
+}
+
+fn blocking_error(e: io::Error) -> RpcError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => RpcError::Timeout("timed out on a handshake".into()),
+        io::ErrorKind::UnexpectedEof => RpcError::Protocol("the peer closed the connection during a handshake".into()),
+        _ => RpcError::Io(e.to_string()),
+    }
+}
+
+/// The slices of `parts` from byte `skip` on.
+pub(crate) fn slices_from<'a>(parts: &[&'a [u8]], mut skip: usize) -> Vec<IoSlice<'a>> {
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        out.push(IoSlice::new(&p[skip..]));
+        skip = 0;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Header, Kind};
+
+    /// A reader that hands out its bytes in fixed-size pieces, then blocks.
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        step: usize,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            if self.pos == self.data.len() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = out.len().min(self.step).min(self.data.len() - self.pos);
+            out[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    fn frame(id: u64, name: &str, payload_len: usize) -> Vec<u8> {
+        let mut h = Header::new(Kind::Request);
+        h.request_id = id;
+        let payload: Vec<u8> = (0..payload_len).map(|i| (i * 7 + id as usize) as u8).collect();
+        wire::encode_frame(h, name.as_bytes(), &payload)
+    }
+
+    #[test]
+    fn frames_of_every_size_survive_any_split() {
+        let sizes = [0usize, 1, 40, 1000, SCRATCH - 300, SCRATCH, 3 * SCRATCH + 17];
+        let mut data = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            data.extend(frame(i as u64, "fn", *n));
+        }
+        for step in [1usize, 7, 4096, 1 << 20] {
+            let mut src = Trickle {
+                data: data.clone(),
+                pos: 0,
+                step,
+            };
+            let mut reader = FrameReader::new(u64::MAX);
+            let mut got = Vec::new();
+            while src.pos < src.data.len() {
+                let end = reader
+                    .read_from(&mut src, &mut |f, _| {
+                        got.push(f);
+                        Ok(())
+                    })
+                    .unwrap();
+                assert_eq!(end, ReadEnd::WouldBlock);
+            }
+            assert_eq!(got.len(), sizes.len(), "step {step}");
+            for (i, f) in got.iter().enumerate() {
+                assert_eq!(f.header.request_id, i as u64);
+                assert_eq!(f.name, b"fn");
+                let want: Vec<u8> = (0..sizes[i]).map(|j| (j * 7 + i) as u8).collect();
+                assert_eq!(f.payload, want, "frame {i} step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_is_refused_before_a_whole_header_arrives() {
+        let mut src = Trickle {
+            data: b"GET / HTTP/1.1\r\n".to_vec(),
+            pos: 0,
+            step: 3,
+        };
+        let mut reader = FrameReader::new(1024);
+        let err = reader.read_from(&mut src, &mut |_, _| Ok(())).err().unwrap();
+        assert_eq!(err.status(), crate::Status::Protocol);
+    }
+
+    #[test]
+    fn oversized_and_truncated_frames_are_errors() {
+        let mut reader = FrameReader::new(100);
+        let mut src = Trickle {
+            data: frame(1, "f", 101),
+            pos: 0,
+            step: 1000,
+        };
+        let err = reader.read_from(&mut src, &mut |_, _| Ok(())).err().unwrap();
+        assert_eq!(err.status(), crate::Status::TooLarge);
+
+        let mut data = frame(1, "f", 10);
+        data.truncate(45);
+        let mut reader = FrameReader::new(100);
+        let err = reader
+            .read_from(&mut io::Cursor::new(data), &mut |_, _| Ok(()))
+            .err()
+            .unwrap();
+        assert_eq!(err.status(), crate::Status::Protocol);
+        let mut reader = FrameReader::new(100);
+        let end = reader
+            .read_from(&mut io::Cursor::new(frame(1, "f", 10)), &mut |_, _| Ok(()))
+            .unwrap();
+        assert_eq!(end, ReadEnd::Eof);
+    }
+}

@@ -1,0 +1,108 @@
+//! The few system calls std does not offer: epoll, and vectored sends that
+//! cannot raise SIGPIPE (a C host program may not ignore it).
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+pub(crate) const READABLE: u32 = libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32;
+pub(crate) const WRITABLE: u32 = libc::EPOLLOUT as u32;
+
+/// An epoll instance.
+pub(crate) struct Epoll {
+    fd: OwnedFd,
+}
+
+/// One readiness event: the registration token and the event bits.
+#[derive(Clone, Copy)]
+pub(crate) struct Event {
+    pub token: u64,
+    pub events: u32,
+}
+
+impl Event {
+    pub(crate) fn readable(&self) -> bool {
+        self.events & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
+    }
+    pub(crate) fn writable(&self) -> bool {
+        self.events & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
+    }
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+impl Epoll {
+    pub(crate) fn new() -> io::Result<Epoll> {
+        // SAFETY: epoll_create1 takes no pointers; a non-negative return is a
+        // new descriptor that nothing else owns.
+        let fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        Ok(Epoll {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: `ev` is a valid epoll_event that outlives the call; the
+        // kernel copies it. Both descriptors are open (callers own `fd`).
+        check(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) }).map(drop)
+    }
+
+    pub(crate) fn add(&self, fd: &impl AsRawFd, token: u64, events: u32) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), token, events)
+    }
+
+    pub(crate) fn modify(&self, fd: &impl AsRawFd, token: u64, events: u32) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd.as_raw_fd(), token, events)
+    }
+
+    pub(crate) fn delete(&self, fd: &impl AsRawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd.as_raw_fd(), 0, 0)
+    }
+
+    /// Waits up to `timeout_ms` (-1: forever) and fills `out` with events.
+    pub(crate) fn wait(&self, out: &mut Vec<Event>, timeout_ms: i32) -> io::Result<()> {
+        const MAX: usize = 128;
+        let mut raw = [libc::epoll_event { events: 0, u64: 0 }; MAX];
+        // SAFETY: `raw` has room for MAX events and lives across the call;
+        // the kernel writes at most MAX entries.
+        let n = match check(unsafe { libc::epoll_wait(self.fd.as_raw_fd(), raw.as_mut_ptr(), MAX as i32, timeout_ms) })
+        {
+            Ok(n) => n as usize,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(e),
+        };
+        out.clear();
+        out.extend(raw[..n].iter().map(|e| Event {
+            token: e.u64,
+            events: e.events,
+        }));
+        Ok(())
+    }
+}
+
+/// `sendmsg` of several buffers with MSG_NOSIGNAL: a peer that went away
+/// gives EPIPE instead of killing the process.
+pub(crate) fn send_vectored(fd: &impl AsRawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    const MAX_IOV: usize = 64;
+    let bufs = &bufs[..bufs.len().min(MAX_IOV)];
+    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is guaranteed ABI-compatible with iovec on Unix.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    // SAFETY: `msg` points at `bufs`, which are valid for reads for the
+    // duration of the call; the kernel only reads them.
+    let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}

@@ -1,0 +1,68 @@
+//! How frames move between ranks. The agent talks only to [`Transport`] (out)
+//! and is called back through [`Dispatch`] (in); `local` carries frames
+//! between agents of one process, `tcp` between processes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Result, Status};
+
+pub(crate) mod local;
+pub(crate) mod tcp;
+
+/// A request on its way out.
+pub(crate) struct OutRequest<'a> {
+    pub id: u64,
+    pub function: &'a str,
+    pub internal: bool,
+    /// Time left to the caller's deadline (`None`: no deadline).
+    pub timeout: Option<Duration>,
+    pub args: &'a [u8],
+}
+
+/// A request that arrived.
+pub(crate) struct InRequest {
+    pub src: usize,
+    pub id: u64,
+    pub function: String,
+    pub internal: bool,
+    /// The caller's deadline on this rank's clock.
+    pub deadline: Option<Instant>,
+    pub args: Vec<u8>,
+    pub reply_to: Arc<dyn ReplySink>,
+}
+
+/// The outcome a destination sends back: the reply bytes, or a status and
+/// message.
+pub(crate) type Outcome = std::result::Result<Vec<u8>, (Status, String)>;
+
+/// Where the response to one request goes.
+pub(crate) trait ReplySink: Send + Sync {
+    /// Sends the response to request `id`; a reply that can no longer be
+    /// delivered (the caller is gone) is dropped.
+    fn send_reply(&self, id: u64, outcome: Outcome);
+}
+
+/// Carries requests out of one agent.
+pub(crate) trait Transport: Send + Sync {
+    /// Sends a request to `dst`; responses come back through
+    /// [`Dispatch::on_response`]. An error means the request did not leave.
+    fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()>;
+
+    /// Closes every connection. `graceful`: queued frames are flushed first
+    /// (until `deadline`) and peers are told it is on purpose.
+    fn close(&self, graceful: bool, deadline: Instant);
+
+    /// The address other ranks reach this one at (for logs).
+    fn listen_addr(&self) -> String;
+}
+
+/// What a transport delivers into its agent.
+pub(crate) trait Dispatch: Send + Sync {
+    fn on_request(&self, request: InRequest);
+    fn on_response(&self, from: usize, id: u64, outcome: Outcome);
+    /// The connection to `rank` failed; every call in flight to it fails.
+    fn on_peer_lost(&self, rank: usize, error: crate::RpcError);
+    fn rank(&self) -> usize;
+    fn max_message_bytes(&self) -> u64;
+}

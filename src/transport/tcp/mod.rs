@@ -1,0 +1,583 @@
+//! The TCP transport: one listening socket per rank, one connection per
+//! direction per pair of ranks (a rank's calls go out on the connection it
+//! opened and the replies come back on it), opened lazily on first use. One
+//! I/O thread runs an epoll loop over the listener and every connection, so
+//! the number of threads does not depend on the number of peers or calls.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::config::Config;
+use crate::error::{Result, RpcError};
+use crate::log::log_at;
+use crate::rendezvous;
+use crate::wire::{self, FLAG_INTERNAL, Header, Hello, Kind, MAX_HANDSHAKE_PAYLOAD, Table};
+
+use super::{Dispatch, InRequest, OutRequest, Transport};
+
+mod conn;
+
+use crate::net::framing::{Frame, FrameReader, ReadEnd, read_frame_blocking, write_frame_blocking};
+use crate::net::sys::{Epoll, Event, READABLE};
+
+use conn::Conn;
+
+/// A connection that has not finished its handshake by then is closed.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on opening a connection when the call has no deadline.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const LISTENER: u64 = 0;
+const WAKER: u64 = 1;
+
+/// What a rank knows after the rendezvous: its listener and the world.
+pub(crate) struct JoinedWorld {
+    listener: TcpListener,
+    listen_addr: SocketAddr,
+    table: Table,
+}
+
+impl JoinedWorld {
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.table.ranks.iter().map(|(name, _)| name.clone()).collect()
+    }
+}
+
+/// Resolves `host:port`, preferring IPv4.
+pub(crate) fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| RpcError::Init(format!("cannot resolve '{host}': {e}")))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| RpcError::Init(format!("'{host}' has no address")))
+}
+
+/// The local address this host uses to reach `master` (no packet is sent).
+fn local_ip_towards(master: SocketAddr) -> Result<IpAddr> {
+    if master.ip().is_loopback() {
+        return Ok(master.ip());
+    }
+    let unspecified: SocketAddr = if master.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        "[::]:0".parse().expect("valid address")
+    };
+    let probe = UdpSocket::bind(unspecified).and_then(|s| {
+        s.connect(master)?;
+        s.local_addr()
+    });
+    probe
+        .map(|a| a.ip())
+        .map_err(|e| RpcError::Init(format!("no route to the master {master}: {e}")))
+}
+
+/// Opens this rank's listener and meets the others at the rendezvous.
+pub(crate) fn join_world(config: &Config) -> Result<JoinedWorld> {
+    let master = resolve(&config.master_host, config.master_port)?;
+    let ip = match &config.bind {
+        Some(host) => resolve(host, 0)?.ip(),
+        None => local_ip_towards(master)?,
+    };
+    let listener = TcpListener::bind((ip, 0)).map_err(|e| RpcError::Init(format!("cannot listen on {ip}: {e}")))?;
+    let listen_addr = listener.local_addr()?;
+    let join = wire::Join {
+        rank: config.rank as u32,
+        world_size: config.world_size as u32,
+        name: config.worker_name(),
+        addr: listen_addr.to_string(),
+    };
+    let table = rendezvous::rendezvous(config, master, join)?;
+    Ok(JoinedWorld {
+        listener,
+        listen_addr,
+        table,
+    })
+}
+
+enum PeerState {
+    Idle,
+    Connecting,
+    Ready(Arc<Conn>),
+    /// Worlds have a fixed membership: a rank whose connection failed stays lost.
+    Lost(RpcError),
+}
+
+struct Peer {
+    addr: SocketAddr,
+    state: Mutex<PeerState>,
+    changed: Condvar,
+}
+
+struct Shared {
+    me: usize,
+    world_size: usize,
+    token: [u8; 16],
+    max_payload: u64,
+    dispatch: Weak<dyn Dispatch>,
+    epoll: Arc<Epoll>,
+    listener: TcpListener,
+    listen_addr: SocketAddr,
+    waker: UnixStream,
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_token: AtomicU64,
+    peers: Vec<Peer>,
+    stopping: AtomicBool,
+}
+
+pub(crate) struct TcpTransport {
+    shared: Arc<Shared>,
+    wake: UnixStream,
+    io_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl TcpTransport {
+    /// Starts the I/O thread over the joined world.
+    pub(crate) fn start<D: Dispatch + 'static>(dispatch: &Arc<D>, world: JoinedWorld) -> Result<Arc<dyn Transport>> {
+        let peers = world
+            .table
+            .ranks
+            .iter()
+            .map(|(_, addr)| {
+                let addr = addr
+                    .parse()
+                    .map_err(|_| RpcError::Init(format!("the rendezvous sent a bad address '{addr}'")))?;
+                Ok(Peer {
+                    addr,
+                    state: Mutex::new(PeerState::Idle),
+                    changed: Condvar::new(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let epoll = Arc::new(Epoll::new()?);
+        let (wake, waker) = UnixStream::pair()?;
+        waker.set_nonblocking(true)?;
+        world.listener.set_nonblocking(true)?;
+        epoll.add(&world.listener, LISTENER, READABLE)?;
+        epoll.add(&waker, WAKER, READABLE)?;
+        let weak: Weak<dyn Dispatch> = Arc::downgrade(dispatch) as Weak<dyn Dispatch>;
+        let shared = Arc::new(Shared {
+            me: dispatch.rank(),
+            world_size: peers.len(),
+            token: world.table.token,
+            max_payload: dispatch.max_message_bytes(),
+            dispatch: weak,
+            epoll,
+            listener: world.listener,
+            listen_addr: world.listen_addr,
+            waker,
+            conns: Mutex::new(HashMap::new()),
+            next_token: AtomicU64::new(2),
+            peers,
+            stopping: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let io_thread = std::thread::Builder::new()
+            .name(format!("rpcagent-io{}", shared.me))
+            .spawn(move || s.run())?;
+        Ok(Arc::new(TcpTransport {
+            shared,
+            wake,
+            io_thread: Mutex::new(Some(io_thread)),
+        }))
+    }
+}
+
+impl Transport for TcpTransport {
+    fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
+        let deadline = request.timeout.map(|t| Instant::now() + t);
+        let conn = self.shared.conn_to(dst, deadline)?;
+        let mut header = Header::new(Kind::Request);
+        header.request_id = request.id;
+        header.flags = if request.internal { FLAG_INTERNAL } else { 0 };
+        // 0 means "no deadline" on the wire, so a deadline due now is 1 µs.
+        header.timeout_us = request.timeout.map_or(0, |t| (t.as_micros() as u64).max(1));
+        conn.send(header, request.function.as_bytes(), request.args)
+            .map_err(|e| self.shared.conn_failed(&conn, format!("sending failed: {e}")))
+    }
+
+    fn close(&self, graceful: bool, deadline: Instant) {
+        let shared = &self.shared;
+        if shared.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let conns: Vec<Arc<Conn>> = shared.conns.lock().values().cloned().collect();
+        if graceful {
+            for c in conns.iter().filter(|c| c.peer().is_some()) {
+                let _ = c.send(Header::new(Kind::Goodbye), &[], &[]);
+            }
+            while Instant::now() < deadline && !conns.iter().all(|c| c.flushed()) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let _ = io::Write::write(&mut &self.wake, &[1]);
+        if let Some(t) = self.io_thread.lock().take()
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
+        }
+        for c in shared.conns.lock().drain().map(|(_, c)| c) {
+            c.close();
+        }
+        for p in &shared.peers {
+            let mut st = p.state.lock();
+            if !matches!(*st, PeerState::Lost(_)) {
+                *st = PeerState::Lost(RpcError::Shutdown(format!("rank {} is shut down", shared.me)));
+            }
+            p.changed.notify_all();
+        }
+    }
+
+    fn listen_addr(&self) -> String {
+        self.shared.listen_addr.to_string()
+    }
+}
+
+fn remaining(deadline: Option<Instant>) -> Duration {
+    deadline.map_or(CONNECT_TIMEOUT, |d| {
+        d.saturating_duration_since(Instant::now()).min(CONNECT_TIMEOUT)
+    })
+}
+
+impl Shared {
+    fn dispatch(&self) -> Option<Arc<dyn Dispatch>> {
+        self.dispatch.upgrade()
+    }
+
+    /// The connection this rank's calls to `dst` go out on, opened on first use.
+    fn conn_to(&self, dst: usize, deadline: Option<Instant>) -> Result<Arc<Conn>> {
+        let peer = &self.peers[dst];
+        let mut st = peer.state.lock();
+        loop {
+            match &*st {
+                PeerState::Ready(c) => return Ok(c.clone()),
+                PeerState::Lost(e) => return Err(e.clone()),
+                PeerState::Connecting => {
+                    let timed_out = match deadline {
+                        Some(d) => peer.changed.wait_until(&mut st, d).timed_out(),
+                        None => {
+                            peer.changed.wait(&mut st);
+                            false
+                        }
+                    };
+                    if timed_out && matches!(*st, PeerState::Connecting) {
+                        return Err(RpcError::Timeout(format!("timed out connecting to rank {dst}")));
+                    }
+                }
+                PeerState::Idle => {
+                    *st = PeerState::Connecting;
+                    drop(st);
+                    let result = self.connect(dst, deadline);
+                    st = peer.state.lock();
+                    *st = match &result {
+                        _ if self.stopping.load(Ordering::Acquire) => {
+                            PeerState::Lost(RpcError::Shutdown(format!("rank {} is shut down", self.me)))
+                        }
+                        Ok(c) => PeerState::Ready(c.clone()),
+                        // A slow network is not a dead peer: the next call tries again.
+                        Err(RpcError::Timeout(_)) => PeerState::Idle,
+                        Err(e) => PeerState::Lost(e.clone()),
+                    };
+                    peer.changed.notify_all();
+                    if let (Ok(c), PeerState::Lost(e)) = (&result, &*st) {
+                        c.close();
+                        return Err(e.clone());
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+
+    /// Opens and greets a connection to `dst` (on the calling thread).
+    fn connect(&self, dst: usize, deadline: Option<Instant>) -> Result<Arc<Conn>> {
+        let addr = self.peers[dst].addr;
+        let lost = |why: String| RpcError::PeerLost { rank: dst, reason: why };
+        let mut stream = TcpStream::connect_timeout(&addr, remaining(deadline).max(Duration::from_millis(1))).map_err(
+            |e| match e.kind() {
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+                    RpcError::Timeout(format!("timed out connecting to rank {dst} at {addr}"))
+                }
+                _ => lost(format!("cannot connect to {addr}: {e}")),
+            },
+        )?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(remaining(deadline).max(Duration::from_millis(1))))?;
+        let hello = Hello {
+            rank: self.me as u32,
+            world_size: self.world_size as u32,
+            token: self.token,
+        };
+        let mut greet = || -> Result<Hello> {
+            write_frame_blocking(&mut stream, Header::new(Kind::Hello), &[], &hello.encode())?;
+            let frame = read_frame_blocking(&mut stream, MAX_HANDSHAKE_PAYLOAD)?;
+            if frame.header.kind != Kind::HelloAck {
+                return Err(RpcError::Protocol(format!(
+                    "expected a greeting, got {:?}",
+                    frame.header.kind
+                )));
+            }
+            Ok(Hello::decode(&frame.payload)?)
+        };
+        let ack = greet().map_err(|e| match e {
+            RpcError::Timeout(_) => RpcError::Timeout(format!("timed out greeting rank {dst} at {addr}")),
+            other => lost(format!("handshake with {addr} failed: {other}")),
+        })?;
+        if ack.rank as usize != dst || ack.token != self.token {
+            return Err(lost(format!(
+                "{addr} is not rank {dst} of this world (it answered as rank {})",
+                ack.rank
+            )));
+        }
+        stream.set_read_timeout(None)?;
+        stream.set_nonblocking(true)?;
+        let conn = Arc::new(Conn::new(
+            stream,
+            self.next_token.fetch_add(1, Ordering::Relaxed),
+            true,
+            Some(dst),
+            self.max_payload,
+            self.epoll.clone(),
+        ));
+        self.conns.lock().insert(conn.token, conn.clone());
+        self.epoll.add(&conn.stream, conn.token, READABLE)?;
+        Ok(conn)
+    }
+
+    /// The I/O loop.
+    fn run(self: Arc<Self>) {
+        let mut events = Vec::with_capacity(128);
+        let mut last_sweep = Instant::now();
+        while !self.stopping.load(Ordering::Acquire) {
+            if let Err(e) = self.epoll.wait(&mut events, 250) {
+                log_at!(Error, Some(self.me), "epoll_wait failed: {e}; the I/O thread stops");
+                break;
+            }
+            for ev in &events {
+                match ev.token {
+                    LISTENER => self.accept_all(),
+                    WAKER => {
+                        let mut drain = [0u8; 64];
+                        let _ = io::Read::read(&mut &self.waker, &mut drain);
+                    }
+                    token => {
+                        let conn = self.conns.lock().get(&token).cloned();
+                        if let Some(conn) = conn {
+                            self.on_event(&conn, *ev);
+                        }
+                    }
+                }
+            }
+            if last_sweep.elapsed() >= Duration::from_millis(250) {
+                last_sweep = Instant::now();
+                self.close_stale_handshakes();
+            }
+        }
+    }
+
+    fn accept_all(&self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, from)) => {
+                    if let Err(e) = self.adopt(stream) {
+                        log_at!(Warn, Some(self.me), "could not take a connection from {from}: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log_at!(Warn, Some(self.me), "accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn adopt(&self, stream: TcpStream) -> io::Result<()> {
+        stream.set_nonblocking(true)?;
+        stream.set_nodelay(true)?;
+        let conn = Arc::new(Conn::new(
+            stream,
+            self.next_token.fetch_add(1, Ordering::Relaxed),
+            false,
+            None,
+            MAX_HANDSHAKE_PAYLOAD,
+            self.epoll.clone(),
+        ));
+        self.conns.lock().insert(conn.token, conn.clone());
+        self.epoll.add(&conn.stream, conn.token, READABLE)
+    }
+
+    fn on_event(&self, conn: &Arc<Conn>, ev: Event) {
+        if ev.writable()
+            && let Err(e) = conn.flush()
+        {
+            return self.drop_conn(conn, Some(RpcError::Io(format!("sending failed: {e}"))));
+        }
+        if !ev.readable() {
+            return;
+        }
+        let mut reader = conn.reader.lock();
+        let mut stream = &conn.stream;
+        let result = reader.read_from(&mut stream, &mut |frame, reader| self.on_frame(conn, frame, reader));
+        drop(reader);
+        match result {
+            Ok(ReadEnd::WouldBlock) => {}
+            Ok(ReadEnd::Eof) => self.drop_conn(conn, None),
+            Err(e) => self.drop_conn(conn, Some(e)),
+        }
+    }
+
+    fn on_frame(&self, conn: &Arc<Conn>, frame: Frame, reader: &mut FrameReader) -> Result<()> {
+        let Some(peer) = conn.peer() else {
+            return self.greet(conn, frame, reader);
+        };
+        let dispatch = self
+            .dispatch()
+            .ok_or_else(|| RpcError::Shutdown("the agent is gone".into()))?;
+        let h = frame.header;
+        match (h.kind, conn.outbound) {
+            (Kind::Request, false) => {
+                let function = frame.name_str()?.to_string();
+                dispatch.on_request(InRequest {
+                    src: peer,
+                    id: h.request_id,
+                    function,
+                    internal: h.flags & FLAG_INTERNAL != 0,
+                    deadline: (h.timeout_us > 0).then(|| Instant::now() + Duration::from_micros(h.timeout_us)),
+                    args: frame.payload,
+                    reply_to: conn.clone(),
+                });
+            }
+            (Kind::Response, true) => {
+                let status = wire::response_status(&h)?;
+                let outcome = if status == crate::Status::Ok {
+                    Ok(frame.payload)
+                } else {
+                    Err((status, String::from_utf8_lossy(&frame.payload).into_owned()))
+                };
+                dispatch.on_response(peer, h.request_id, outcome);
+            }
+            (Kind::Goodbye, _) => conn.goodbye.store(true, Ordering::Release),
+            (kind, _) => {
+                return Err(RpcError::Protocol(format!(
+                    "unexpected {kind:?} frame on an {} connection",
+                    if conn.outbound { "outgoing" } else { "incoming" }
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first frame on an accepted connection must be a greeting from a
+    /// rank of this world.
+    fn greet(&self, conn: &Arc<Conn>, frame: Frame, reader: &mut FrameReader) -> Result<()> {
+        if frame.header.kind != Kind::Hello {
+            return Err(RpcError::Protocol(format!(
+                "expected a greeting, got a {:?} frame",
+                frame.header.kind
+            )));
+        }
+        let hello = Hello::decode(&frame.payload)?;
+        if hello.token != self.token {
+            return Err(RpcError::Auth("the greeting carries another world's token".into()));
+        }
+        if hello.world_size as usize != self.world_size || hello.rank as usize >= self.world_size {
+            return Err(RpcError::Protocol(format!(
+                "greeting from rank {} of a world of {}; this world has {} ranks",
+                hello.rank, hello.world_size, self.world_size
+            )));
+        }
+        let ack = Hello {
+            rank: self.me as u32,
+            world_size: self.world_size as u32,
+            token: self.token,
+        };
+        conn.send(Header::new(Kind::HelloAck), &[], &ack.encode())?;
+        reader.max_payload = self.max_payload;
+        conn.set_peer(hello.rank as usize);
+        Ok(())
+    }
+
+    fn close_stale_handshakes(&self) {
+        let stale: Vec<Arc<Conn>> = self
+            .conns
+            .lock()
+            .values()
+            .filter(|c| c.peer().is_none() && c.opened.elapsed() >= HANDSHAKE_TIMEOUT)
+            .cloned()
+            .collect();
+        for c in stale {
+            self.drop_conn(
+                &c,
+                Some(RpcError::Protocol(format!(
+                    "no handshake within {} s",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ))),
+            );
+        }
+    }
+
+    /// A send on `conn` failed: the peer is lost.
+    fn conn_failed(&self, conn: &Arc<Conn>, why: String) -> RpcError {
+        let rank = conn.peer().unwrap_or(usize::MAX);
+        self.drop_conn(conn, Some(RpcError::Io(why.clone())));
+        RpcError::PeerLost { rank, reason: why }
+    }
+
+    /// Closes `conn` (`why`: the error, `None` for the peer closing it) and,
+    /// if it belonged to a rank, fails that rank for good.
+    fn drop_conn(&self, conn: &Arc<Conn>, why: Option<RpcError>) {
+        if self.conns.lock().remove(&conn.token).is_none() {
+            return;
+        }
+        conn.close();
+        let stopping = self.stopping.load(Ordering::Acquire);
+        let Some(rank) = conn.peer() else {
+            if !stopping {
+                let addr = conn.stream.peer_addr().map_or("?".into(), |a| a.to_string());
+                let why = why.map_or("closed before its handshake".into(), |e| e.to_string());
+                log_at!(Warn, Some(self.me), "closed a connection from {addr}: {why}");
+            }
+            return;
+        };
+        let said_goodbye = conn.goodbye.load(Ordering::Acquire);
+        let error = if said_goodbye && why.is_none() {
+            RpcError::Shutdown(format!("rank {rank} has shut down"))
+        } else {
+            let reason = why.map_or("the connection was closed".into(), |e| e.to_string());
+            if !stopping {
+                log_at!(Warn, Some(self.me), "lost rank {rank}: {reason}");
+            }
+            RpcError::PeerLost { rank, reason }
+        };
+        {
+            let peer = &self.peers[rank];
+            let mut st = peer.state.lock();
+            if !matches!(*st, PeerState::Lost(_)) {
+                // The outgoing connection goes too: the rank is lost either way.
+                if let PeerState::Ready(out) = std::mem::replace(&mut *st, PeerState::Lost(error.clone()))
+                    && !Arc::ptr_eq(&out, conn)
+                {
+                    self.conns.lock().remove(&out.token);
+                    out.close();
+                }
+                peer.changed.notify_all();
+            }
+        }
+        if let Some(d) = self.dispatch() {
+            d.on_peer_lost(rank, error);
+        }
+    }
+}

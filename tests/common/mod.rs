@@ -1,0 +1,105 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `n` bytes of a pattern that differs with `seed`, so a misrouted or
+/// shifted payload never compares equal.
+pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub const SIZES: [usize; 5] = [0, 1, 1024, 1 << 20, 64 << 20];
+
+/// The number of threads of this process.
+pub fn thread_count() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs `scenario` as a world of `n` separate processes: this test binary
+/// re-executed once per rank (running its ignored `rank_main` test), with
+/// the launcher variables torchrun would set. Fails unless every rank exits
+/// successfully within `limit`.
+pub fn run_world(scenario: &str, n: usize, limit: Duration, extra_env: &[(&str, &str)]) {
+    let port = free_port().to_string();
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<Child> = (0..n)
+        .map(|rank| {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["--exact", "rank_main", "--ignored", "--nocapture", "--test-threads=1"])
+                .env("RPCAGENT_TEST_SCENARIO", scenario)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", n.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            for (k, v) in extra_env {
+                cmd.env(k, v);
+            }
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    let started = Instant::now();
+    let mut running: Vec<Option<Child>> = children.into_iter().map(Some).collect();
+    let mut outcomes = Vec::new();
+    // Once a rank fails, the others get a short grace period, not the whole limit.
+    let mut give_up_at = started + limit;
+    while running.iter().any(Option::is_some) {
+        for (rank, slot) in running.iter_mut().enumerate() {
+            let Some(child) = slot.as_mut() else { continue };
+            let done = child.try_wait().unwrap();
+            if done.is_none() && Instant::now() < give_up_at {
+                continue;
+            }
+            let mut child = slot.take().unwrap();
+            if done.is_none() {
+                let _ = child.kill();
+            }
+            let out = child.wait_with_output().unwrap();
+            let ok = done.is_some_and(|s| s.success());
+            if !ok {
+                give_up_at = give_up_at.min(Instant::now() + Duration::from_secs(3));
+            }
+            outcomes.push((rank, ok, out));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    outcomes.sort_by_key(|o| o.0);
+    let mut failed = false;
+    for (rank, ok, out) in &outcomes {
+        if !ok {
+            failed = true;
+            eprintln!(
+                "---- rank {rank} of '{scenario}' failed ----\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    assert!(!failed, "scenario '{scenario}' failed (after {:?})", started.elapsed());
+}
+
+pub mod scenarios;

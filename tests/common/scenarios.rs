@@ -1,0 +1,307 @@
+//! What each rank does in the world tests. The same bodies run as separate
+//! processes over TCP (`tcp_world.rs`) and as threads of an in-process world
+//! (`local_world.rs`), so both transports are held to the same behaviour.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rpcagent::{HandlerOptions, RpcAgent, RpcFuture, Status};
+
+use super::{SIZES, pattern, thread_count};
+
+/// Deferred replies a handler holds back, with what they will answer.
+type Held<T> = Arc<Mutex<Vec<(T, rpcagent::Deferred)>>>;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Every scenario ends the same way: a graceful shutdown on every rank,
+/// after which calls fail with the shutdown error.
+fn leave(agent: &RpcAgent) {
+    agent.shutdown(true, LONG).expect("graceful shutdown");
+    assert!(agent.is_shut_down());
+    let err = agent.rpc_sync(0, "echo", b"late").unwrap_err();
+    assert_eq!(err.status(), Status::Shutdown, "{err}");
+}
+
+fn echo(agent: &RpcAgent) {
+    agent.register("echo", |args: &[u8]| Ok(args.to_vec())).unwrap();
+}
+
+/// Every rank calls every rank, itself included, with every payload size.
+pub fn mesh(agent: &RpcAgent) {
+    echo(agent);
+    agent.start().unwrap();
+    agent.barrier(LONG).unwrap();
+    let (me, n) = (agent.rank(), agent.world_size());
+    for dst in 0..n {
+        assert_eq!(agent.rank_of(agent.worker_name(dst).unwrap()), Some(dst));
+        for (i, size) in SIZES.iter().enumerate() {
+            let args = pattern(*size, (me * 100 + dst * 10 + i) as u64);
+            let reply = agent.rpc_sync(dst, "echo", &args).unwrap();
+            assert!(reply == args, "rank {me} -> {dst}: {size} bytes came back different");
+        }
+        // The same through futures, several in flight at once.
+        let futures: Vec<(Vec<u8>, RpcFuture)> = (0..8)
+            .map(|i| {
+                let args = pattern(1024 + i, (me * 1000 + dst * 10 + i) as u64);
+                let f = agent.rpc_async(dst, "echo", &args);
+                (args, f)
+            })
+            .collect();
+        for (args, f) in futures {
+            assert_eq!(f.wait().unwrap(), args);
+        }
+    }
+    let stats = agent.stats();
+    assert_eq!(stats.calls_ok, (n * (SIZES.len() + 8)) as u64, "{stats:?}");
+    assert_eq!(stats.calls_in_flight, 0);
+    agent.barrier(LONG).unwrap();
+    let stats = agent.stats();
+    assert_eq!(stats.requests_served, (n * (SIZES.len() + 8)) as u64, "{stats:?}");
+    leave(agent);
+}
+
+/// Rank 1 fails in every way a handler can; rank 0 checks what it is told.
+pub fn errors(agent: &RpcAgent) {
+    echo(agent);
+    agent
+        .register("fails", |_: &[u8]| Err("bad input: 42".to_string()))
+        .unwrap();
+    agent
+        .register("panics", |_: &[u8]| -> Result<Vec<u8>, String> { panic!("boom") })
+        .unwrap();
+    agent
+        .register("slow", |_: &[u8]| {
+            std::thread::sleep(Duration::from_secs(3));
+            Ok(vec![])
+        })
+        .unwrap();
+    assert_eq!(
+        agent.register("echo", |_: &[u8]| Ok(vec![])).unwrap_err().status(),
+        Status::Exists
+    );
+    assert_eq!(
+        agent.register("", |_: &[u8]| Ok(vec![])).unwrap_err().status(),
+        Status::InvalidArgument
+    );
+    let long_name = "x".repeat(300);
+    assert_eq!(
+        agent.register(&long_name, |_: &[u8]| Ok(vec![])).unwrap_err().status(),
+        Status::InvalidArgument
+    );
+    agent.start().unwrap();
+    agent.barrier(LONG).unwrap();
+    if agent.rank() == 0 {
+        let err = agent.rpc_sync(1, "nope", b"").unwrap_err();
+        assert_eq!(err.status(), Status::NotFound);
+        assert!(
+            err.to_string().contains("nope") && err.to_string().contains("rank 1"),
+            "{err}"
+        );
+
+        let err = agent.rpc_sync(1, "fails", b"").unwrap_err();
+        assert_eq!(err.status(), Status::Handler);
+        let text = err.to_string();
+        assert!(
+            text.contains("bad input: 42") && text.contains("fails") && text.contains("rank 1"),
+            "{text}"
+        );
+
+        let err = agent.rpc_sync(1, "panics", b"").unwrap_err();
+        assert_eq!(err.status(), Status::Handler);
+        assert!(err.to_string().contains("boom"), "{err}");
+
+        let started = Instant::now();
+        let err = agent
+            .rpc_sync_timeout(1, "slow", b"", Some(Duration::from_millis(300)))
+            .unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(err.status(), Status::Timeout, "{err}");
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_millis(400),
+            "a 300 ms deadline fired after {took:?}"
+        );
+
+        let err = agent.rpc_sync(5, "echo", b"").unwrap_err();
+        assert_eq!(err.status(), Status::InvalidArgument);
+        let err = agent.rpc_sync(1, "", b"").unwrap_err();
+        assert_eq!(err.status(), Status::InvalidArgument);
+
+        let stats = agent.stats();
+        assert_eq!(stats.calls_timed_out, 1, "{stats:?}");
+        assert_eq!(stats.calls_failed, 5, "{stats:?}");
+        assert_eq!(agent.rpc_sync(1, "echo", b"still fine").unwrap(), b"still fine");
+    }
+    agent.barrier(LONG).unwrap();
+    leave(agent);
+}
+
+/// Rank 0 has one worker thread and answers two concurrent callers together
+/// through deferred replies: impossible if deferring held the worker.
+pub fn deferred_pair(agent: &RpcAgent) {
+    let waiting: Held<u8> = Arc::default();
+    let w = waiting.clone();
+    agent
+        .register_with("pair", HandlerOptions::default(), move |req, reply| {
+            let d = reply.defer().expect("first defer");
+            let mut waiting = w.lock();
+            waiting.push((req.args[0], d));
+            if waiting.len() == 2 {
+                let sum: u8 = waiting.iter().map(|(v, _)| v).sum();
+                for (_, d) in waiting.drain(..) {
+                    d.complete(vec![sum]);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    agent.start().unwrap();
+    agent.barrier(LONG).unwrap();
+    if agent.rank() != 0 {
+        let reply = agent
+            .rpc_sync_timeout(0, "pair", &[agent.rank() as u8 * 10], Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(reply, vec![30]);
+    }
+    agent.barrier(LONG).unwrap();
+    leave(agent);
+}
+
+/// Rank 0 calls rank 1, whose handler calls rank 2.
+pub fn nested(agent: &RpcAgent) {
+    let a = agent.clone();
+    agent
+        .register("relay", move |args: &[u8]| {
+            let mut next = args.to_vec();
+            next.extend_from_slice(b"-relay");
+            a.rpc_sync(2, "leaf", &next).map_err(|e| e.to_string())
+        })
+        .unwrap();
+    agent
+        .register("leaf", |args: &[u8]| {
+            let mut out = args.to_vec();
+            out.extend_from_slice(b"-leaf");
+            Ok(out)
+        })
+        .unwrap();
+    agent.start().unwrap();
+    if agent.rank() == 0 {
+        assert_eq!(agent.rpc_sync(1, "relay", b"root").unwrap(), b"root-relay-leaf");
+    }
+    agent.barrier(LONG).unwrap();
+    leave(agent);
+}
+
+/// Rank 1 starts late; rank 0's call made before that waits and is served.
+pub fn early_call(agent: &RpcAgent) {
+    echo(agent);
+    if agent.rank() == 1 {
+        std::thread::sleep(Duration::from_millis(500));
+        agent.start().unwrap();
+    } else {
+        agent.start().unwrap();
+        let started = Instant::now();
+        assert_eq!(agent.rpc_sync(1, "echo", b"early").unwrap(), b"early");
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "the call was answered before rank 1 started ({:?})",
+            started.elapsed()
+        );
+    }
+    agent.barrier(LONG).unwrap();
+    leave(agent);
+}
+
+pub const IN_FLIGHT: usize = 10_000;
+
+/// Rank 1 holds every reply until all 10,000 calls have arrived, so rank 0
+/// has them all in flight at once; its thread count must not move.
+pub fn many_in_flight(agent: &RpcAgent) {
+    let held: Held<Vec<u8>> = Arc::default();
+    let h = held.clone();
+    agent
+        .register_with("gate", HandlerOptions::default(), move |req, reply| {
+            let d = reply.defer().unwrap();
+            let mut held = h.lock();
+            held.push((req.args.to_vec(), d));
+            if held.len() == IN_FLIGHT {
+                for (args, d) in held.drain(..) {
+                    d.complete(args);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    agent.start().unwrap();
+    agent.barrier(LONG).unwrap();
+    if agent.rank() == 0 {
+        let before = thread_count();
+        let futures: Vec<RpcFuture> = (0..IN_FLIGHT)
+            .map(|i| agent.rpc_async(1, "gate", &(i as u64).to_le_bytes()))
+            .collect();
+        let during = thread_count();
+        let in_flight = agent.stats().calls_in_flight;
+        assert!(in_flight > 0, "no call was in flight");
+        // Threads are counted per process; only a rank process has nothing
+        // else running in it (the test harness runs other tests in threads).
+        let own_process = std::env::var_os("RPCAGENT_TEST_SCENARIO").is_some();
+        if own_process {
+            assert_eq!(during, before, "threads grew with {in_flight} calls in flight");
+        }
+        for (i, f) in futures.into_iter().enumerate() {
+            assert_eq!(f.wait().unwrap(), (i as u64).to_le_bytes());
+        }
+        if own_process {
+            assert_eq!(thread_count(), before);
+        }
+    }
+    agent.barrier(LONG).unwrap();
+    leave(agent);
+}
+
+/// With one worker on rank 1, a call whose deadline passes while it waits in
+/// the queue is dropped there, never run.
+pub fn expired_work_dropped(agent: &RpcAgent) {
+    let marks = Arc::new(AtomicUsize::new(0));
+    agent
+        .register("block", |_: &[u8]| {
+            std::thread::sleep(Duration::from_millis(800));
+            Ok(vec![])
+        })
+        .unwrap();
+    let m = marks.clone();
+    agent
+        .register("mark", move |_: &[u8]| {
+            m.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![])
+        })
+        .unwrap();
+    let m = marks.clone();
+    agent
+        .register_with("marks", HandlerOptions { inline: true }, move |_, reply| {
+            reply.set((m.load(Ordering::SeqCst) as u64).to_le_bytes().to_vec());
+            Ok(())
+        })
+        .unwrap();
+    agent.start().unwrap();
+    agent.barrier(LONG).unwrap();
+    if agent.rank() == 0 {
+        let marks_on_1 = || u64::from_le_bytes(agent.rpc_sync(1, "marks", b"").unwrap().try_into().unwrap());
+        let blocker = agent.rpc_async(1, "block", b"");
+        std::thread::sleep(Duration::from_millis(100));
+        let err = agent
+            .rpc_sync_timeout(1, "mark", b"", Some(Duration::from_millis(200)))
+            .unwrap_err();
+        assert_eq!(err.status(), Status::Timeout);
+        blocker.wait().unwrap();
+        // "mark" was queued behind "block"; give the worker time to reach it.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(marks_on_1(), 0, "a call whose caller gave up still ran");
+        agent.rpc_sync(1, "mark", b"").unwrap();
+        assert_eq!(marks_on_1(), 1);
+    }
+    agent.barrier(LONG).unwrap();
+    leave(agent);
+}

@@ -1,0 +1,139 @@
+//! Worlds of separate OS processes over TCP: this test binary re-executes
+//! itself once per rank (see `common::run_world`), and each rank joins with
+//! nothing but the launcher variables torchrun sets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{run_world, scenarios};
+use rpcagent::{Config, RpcAgent, Status};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// The body of every rank process; does nothing unless started by `run_world`.
+#[test]
+#[ignore = "one rank of a multi-process test; started by the other tests"]
+fn rank_main() {
+    let Ok(scenario) = std::env::var("RPCAGENT_TEST_SCENARIO") else {
+        return;
+    };
+    let agent = RpcAgent::init(Config::from_env().unwrap()).unwrap();
+    let body = match scenario.as_str() {
+        "mesh" => scenarios::mesh,
+        "errors" => scenarios::errors,
+        "deferred_pair" => scenarios::deferred_pair,
+        "nested" => scenarios::nested,
+        "early_call" => scenarios::early_call,
+        "many_in_flight" => scenarios::many_in_flight,
+        "expired_work_dropped" => scenarios::expired_work_dropped,
+        other => panic!("unknown scenario {other}"),
+    };
+    body(&agent);
+}
+
+#[test]
+fn mesh_of_three_processes_with_every_payload_size() {
+    run_world("mesh", 3, LIMIT, &[]);
+}
+
+#[test]
+fn errors_carry_their_messages_and_deadlines_hold() {
+    run_world("errors", 2, LIMIT, &[]);
+}
+
+#[test]
+fn deferred_replies_release_the_only_worker() {
+    run_world("deferred_pair", 3, LIMIT, &[("RPCAGENT_WORKER_THREADS", "1")]);
+}
+
+#[test]
+fn nested_calls_across_three_processes() {
+    run_world("nested", 3, LIMIT, &[]);
+}
+
+#[test]
+fn requests_before_start_are_served_after_it() {
+    run_world("early_call", 2, LIMIT, &[]);
+}
+
+#[test]
+fn ten_thousand_calls_in_flight_without_new_threads() {
+    run_world("many_in_flight", 2, LIMIT, &[]);
+}
+
+#[test]
+fn expired_requests_are_dropped_not_run() {
+    run_world("expired_work_dropped", 2, LIMIT, &[("RPCAGENT_WORKER_THREADS", "1")]);
+}
+
+fn cfg(rank: usize, world: usize, port: u16) -> Config {
+    Config::new(rank, world)
+        .master("127.0.0.1", port)
+        .init_timeout(Duration::from_millis(1500))
+}
+
+/// Starts `configs` as ranks in threads of this process; returns each init outcome.
+fn join_all(configs: Vec<Config>) -> Vec<rpcagent::Result<RpcAgent>> {
+    let handles: Vec<_> = configs
+        .into_iter()
+        .map(|c| std::thread::spawn(move || RpcAgent::init(c)))
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn missing_ranks_are_named_when_init_times_out() {
+    let port = common::free_port();
+    let results = join_all(vec![cfg(0, 3, port), cfg(1, 3, port)]);
+    for r in &results {
+        let err = r.as_ref().unwrap_err();
+        assert_eq!(err.status(), Status::Init, "{err}");
+        assert!(err.to_string().contains("[2]"), "the message should name rank 2: {err}");
+    }
+}
+
+#[test]
+fn world_size_mismatch_is_refused() {
+    let port = common::free_port();
+    let results = join_all(vec![cfg(0, 2, port), cfg(1, 3, port)]);
+    let err = results[1].as_ref().unwrap_err();
+    assert_eq!(err.status(), Status::Init);
+    assert!(err.to_string().contains("world size mismatch"), "{err}");
+    assert_eq!(results[0].as_ref().unwrap_err().status(), Status::Init);
+}
+
+#[test]
+fn duplicate_ranks_are_refused() {
+    let port = common::free_port();
+    let first = std::thread::spawn(move || RpcAgent::init(cfg(0, 3, port)));
+    let second = std::thread::spawn(move || RpcAgent::init(cfg(1, 3, port)));
+    std::thread::sleep(Duration::from_millis(300));
+    let err = RpcAgent::init(cfg(1, 3, port)).unwrap_err();
+    assert_eq!(err.status(), Status::Init);
+    assert!(err.to_string().contains("duplicate rank"), "{err}");
+    assert_eq!(first.join().unwrap().unwrap_err().status(), Status::Init);
+    assert_eq!(second.join().unwrap().unwrap_err().status(), Status::Init);
+}
+
+#[test]
+fn unreachable_master_fails_init_at_its_timeout() {
+    let port = common::free_port();
+    let started = std::time::Instant::now();
+    let err = RpcAgent::init(cfg(1, 2, port)).unwrap_err();
+    assert_eq!(err.status(), Status::Init);
+    assert!(err.to_string().contains("unreachable"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_world_of_one_calls_itself_over_tcp() {
+    let port = common::free_port();
+    let agent = RpcAgent::init(cfg(0, 1, port).name("solo")).unwrap();
+    agent.register("echo", |a: &[u8]| Ok(a.to_vec())).unwrap();
+    agent.start().unwrap();
+    assert_eq!(agent.rank_of("solo"), Some(0));
+    assert_eq!(agent.rpc_sync(0, "echo", b"me").unwrap(), b"me");
+    assert!(agent.listen_addr().starts_with("127.0.0.1:"));
+    agent.shutdown(true, Duration::from_secs(10)).unwrap();
+}
