@@ -17,6 +17,7 @@
 mod agent;
 mod config;
 mod error;
+pub mod ffi;
 mod future;
 pub mod log;
 mod net;

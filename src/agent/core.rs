@@ -170,7 +170,9 @@ impl Core {
 
     // ---- calling ----
 
-    /// Starts a call. `timeout`: `None` means no deadline.
+    /// Starts a call. `timeout`: `None` means no deadline. `Err` when the
+    /// call cannot start (bad arguments, shutting down, too large); failures
+    /// after it left come through the future.
     pub(crate) fn call(
         &self,
         dst: usize,
@@ -178,13 +180,13 @@ impl Core {
         args: &[u8],
         timeout: Option<Duration>,
         internal: bool,
-    ) -> RpcFuture {
+    ) -> Result<RpcFuture> {
         if let Err(e) = self.check_call(dst, function, args, internal) {
             if !internal {
                 self.stats.calls_started.fetch_add(1, Ordering::Relaxed);
                 self.stats.calls_failed.fetch_add(1, Ordering::Relaxed);
             }
-            return RpcFuture::failed(e);
+            return Err(e);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let slot = Slot::new();
@@ -214,7 +216,7 @@ impl Core {
         if let Err(e) = self.transport().send_request(dst, &request) {
             self.finish(id, Err(e));
         }
-        RpcFuture::new(slot)
+        Ok(RpcFuture::new(slot))
     }
 
     fn check_call(&self, dst: usize, function: &str, args: &[u8], internal: bool) -> Result<()> {
@@ -419,7 +421,7 @@ impl Core {
 
     pub(crate) fn barrier(&self, timeout: Option<Duration>) -> Result<()> {
         let generation = self.barrier_generation.fetch_add(1, Ordering::Relaxed);
-        self.call(0, BARRIER, &generation.to_le_bytes(), timeout, true)
+        self.call(0, BARRIER, &generation.to_le_bytes(), timeout, true)?
             .wait()
             .map(drop)
             .map_err(|e| match e {
@@ -452,7 +454,10 @@ impl Core {
                     self.calls_in_flight(),
                     self.rank
                 )));
-            } else if let Err(e) = self.call(0, SHUTDOWN, &[], remaining(deadline), true).wait() {
+            } else if let Err(e) = self
+                .call(0, SHUTDOWN, &[], remaining(deadline), true)
+                .and_then(RpcFuture::wait)
+            {
                 result = Err(match e {
                     RpcError::Timeout(_) => RpcError::Timeout(format!(
                         "graceful shutdown timed out waiting for every rank to reach shutdown ({} ms)",

@@ -103,6 +103,16 @@ impl Reply {
         self.error = Some(message.into());
     }
 
+    /// True once the reply was deferred (it can no longer be set here).
+    pub fn is_deferred(&self) -> bool {
+        self.route.is_none()
+    }
+
+    /// Takes back the message given to [`Reply::error`], if any.
+    pub fn take_error(&mut self) -> Option<String> {
+        self.error.take()
+    }
+
     /// Takes the reply out of the handler: the handler returns at once and
     /// the returned handle answers later, from any thread, exactly once.
     /// `None` if it was deferred already.

@@ -186,6 +186,21 @@ impl RpcAgent {
 
     /// Like [`RpcAgent::rpc_async`] with this call's own deadline (`None`: none).
     pub fn rpc_async_timeout(&self, dst: usize, function: &str, args: &[u8], timeout: Option<Duration>) -> RpcFuture {
+        self.try_rpc_async(dst, function, args, timeout)
+            .unwrap_or_else(RpcFuture::failed)
+    }
+
+    /// Like [`RpcAgent::rpc_async_timeout`], but a call that cannot start
+    /// (bad rank or name, too large, shutting down) is an `Err` here instead
+    /// of a failed future. Failures after the call left still come through
+    /// the future.
+    pub fn try_rpc_async(
+        &self,
+        dst: usize,
+        function: &str,
+        args: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<RpcFuture> {
         self.core().call(dst, function, args, timeout, false)
     }
 
@@ -238,6 +253,13 @@ impl RpcAgent {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.core().stats()
+    }
+
+    /// Shuts down immediately if still running and waits for every library
+    /// thread of this agent, running handlers included, to finish. For the
+    /// C API's `rpcagent_free`, which must leave nothing running behind it.
+    pub(crate) fn close_and_join(&self) {
+        self.core().close_and_join();
     }
 
     /// Where other ranks reach this one (`ip:port`, or `local` in-process).
