@@ -79,6 +79,8 @@ int main(void) {
     CHECK_STATUS(rpcagent_config_set_master(cfg, NULL, 1), E);
     CHECK_STATUS(rpcagent_config_set_master(cfg, "host", 0), E);
     CHECK_STATUS(rpcagent_config_set_bind(cfg, ""), E);
+    CHECK_STATUS(rpcagent_config_set_peer_timeout_ms(cfg, 10), E);
+    CHECK_OK(rpcagent_config_set_peer_timeout_ms(cfg, 5000));
     CHECK_STATUS(rpcagent_config_set_secret(cfg, NULL, 5), E);
     CHECK_OK(rpcagent_config_set_secret(cfg, NULL, 0));
     CHECK_OK(rpcagent_config_set_world_size(cfg, 2));

@@ -574,6 +574,17 @@ rpcagent_status_t rpcagent_config_set_worker_threads(struct rpcagent_config_t *c
 rpcagent_status_t rpcagent_config_set_max_message_bytes(struct rpcagent_config_t *cfg, uint64_t n);
 
 /**
+ * How long a peer may stay silent (no TCP acknowledgement: host gone, link
+ * cut) before it counts as lost and its calls fail with
+ * `RPCAGENT_ERR_PEER_LOST` (at least 1000; applied in whole seconds, at
+ * least 3; default 20000). Also `RPCAGENT_PEER_TIMEOUT_MS`.
+ *
+ * # Safety
+ * `cfg` is NULL or a live config handle.
+ */
+rpcagent_status_t rpcagent_config_set_peer_timeout_ms(struct rpcagent_config_t *cfg, uint32_t ms);
+
+/**
  * The job's shared secret (`len` bytes at `key`; `len` 0 clears it). Every
  * connection must prove it knows the secret; it never crosses the wire.
  *

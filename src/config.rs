@@ -15,6 +15,8 @@ pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_WORKER_THREADS: usize = 16;
 /// Default largest message (arguments or reply), 1 GiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 1 << 30;
+/// Default time after which a silent peer (host gone, link cut) is lost.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest function or worker name, in bytes.
 pub const MAX_NAME_BYTES: usize = 255;
 
@@ -34,6 +36,7 @@ pub struct Config {
     pub(crate) worker_threads: usize,
     pub(crate) max_message_bytes: u64,
     pub(crate) secret: Option<Vec<u8>>,
+    pub(crate) peer_timeout: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -50,6 +53,7 @@ impl std::fmt::Debug for Config {
             .field("worker_threads", &self.worker_threads)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("secret", &self.secret.as_ref().map(|_| "<set>"))
+            .field("peer_timeout", &self.peer_timeout)
             .finish()
     }
 }
@@ -76,6 +80,7 @@ impl Config {
             worker_threads: DEFAULT_WORKER_THREADS,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             secret: None,
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
         }
     }
 
@@ -153,6 +158,12 @@ impl Config {
                 return Err(bad_var(key, &v, "must be at least 1"));
             }
         }
+        if let Some((key, v)) = first(&["RPCAGENT_PEER_TIMEOUT_MS"]) {
+            self.peer_timeout = Duration::from_millis(parse_number(key, &v)?);
+            if self.peer_timeout < Duration::from_secs(1) {
+                return Err(bad_var(key, &v, "must be at least 1000"));
+            }
+        }
         if let Some((key, v)) = first(&["RPCAGENT_BIND"]) {
             if v.is_empty() {
                 return Err(bad_var(key, &v, "is empty"));
@@ -226,6 +237,14 @@ impl Config {
         self
     }
 
+    /// How long a peer may stay silent (no TCP acknowledgement: host gone,
+    /// link cut) before it is lost and its calls fail; at least 1 s, applied
+    /// in whole seconds, at least 3.
+    pub fn peer_timeout(mut self, timeout: Duration) -> Self {
+        self.peer_timeout = timeout;
+        self
+    }
+
     /// The job's shared secret; every connection must prove it knows it.
     pub fn secret(mut self, key: &[u8]) -> Self {
         self.secret = (!key.is_empty()).then(|| key.to_vec());
@@ -249,6 +268,9 @@ impl Config {
         }
         if self.max_message_bytes == 0 {
             return bad("max message bytes must be at least 1".into());
+        }
+        if self.peer_timeout < Duration::from_secs(1) {
+            return bad("peer timeout must be at least 1 s".into());
         }
         if self.master_host.is_empty() {
             return bad("master host is empty".into());
@@ -329,6 +351,7 @@ mod tests {
             ("RPCAGENT_WORKER_THREADS", "3"),
             ("RPCAGENT_MAX_MESSAGE_BYTES", "4096"),
             ("RPCAGENT_BIND", "127.0.0.2"),
+            ("RPCAGENT_PEER_TIMEOUT_MS", "4000"),
         ])
         .unwrap();
         assert_eq!(cfg.worker_name(), "ps");
@@ -338,6 +361,7 @@ mod tests {
         assert_eq!(cfg.worker_threads, 3);
         assert_eq!(cfg.max_message_bytes, 4096);
         assert_eq!(cfg.bind.as_deref(), Some("127.0.0.2"));
+        assert_eq!(cfg.peer_timeout, Duration::from_secs(4));
         assert!(!format!("{cfg:?}").contains("s3cret"));
     }
 
@@ -351,6 +375,7 @@ mod tests {
             ("RPCAGENT_WORKER_THREADS", "0"),
             ("RPCAGENT_MAX_MESSAGE_BYTES", "lots"),
             ("RPCAGENT_NAME", ""),
+            ("RPCAGENT_PEER_TIMEOUT_MS", "10"),
         ] {
             let err = from(&[(key, value)]).unwrap_err();
             assert_eq!(err.status(), crate::Status::InvalidArgument);

@@ -15,6 +15,7 @@
 //! ```
 
 mod agent;
+mod auth;
 mod config;
 mod error;
 pub mod ffi;
@@ -29,7 +30,7 @@ pub mod wire;
 pub use agent::{Deferred, HandlerFn, HandlerOptions, Reply, Request, RpcAgent, StatsSnapshot};
 pub use config::{
     Config, DEFAULT_CALL_TIMEOUT, DEFAULT_INIT_TIMEOUT, DEFAULT_MASTER_PORT, DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_WORKER_THREADS, MAX_NAME_BYTES,
+    DEFAULT_PEER_TIMEOUT, DEFAULT_WORKER_THREADS, MAX_NAME_BYTES,
 };
 pub use error::{Result, RpcError, Status};
 pub use future::RpcFuture;

@@ -8,12 +8,13 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::auth::{self, Handshake, Step};
 use crate::config::Config;
 use crate::error::{Result, RpcError};
 use crate::log::log_at;
-use crate::net::framing::{FrameReader, ReadEnd, read_frame_blocking, write_frame_blocking};
+use crate::net::framing::{Frame, FrameReader, ReadEnd, read_frame_blocking, write_frame_blocking};
 use crate::net::sys::{Epoll, READABLE};
-use crate::wire::{self, Header, Join, Kind, MAX_HANDSHAKE_PAYLOAD, Table};
+use crate::wire::{self, Header, Hello, Join, Kind, MAX_HANDSHAKE_PAYLOAD, Table};
 
 /// A connection that has not announced itself by then is closed.
 const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,13 +35,6 @@ fn left(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
 
-fn random_token() -> Result<[u8; 16]> {
-    let mut token = [0u8; 16];
-    let mut f = std::fs::File::open("/dev/urandom")?;
-    io::Read::read_exact(&mut f, &mut token)?;
-    Ok(token)
-}
-
 /// Largest table a world of `world_size` ranks can need.
 fn max_table_bytes(world_size: usize) -> u64 {
     20 + world_size as u64 * (2 + 255 + 2 + 64)
@@ -55,17 +49,31 @@ struct Guest {
     stream: TcpStream,
     reader: FrameReader,
     opened: Instant,
+    handshake: Handshake,
+    /// The rank it proved to be (after the handshake).
+    greeted: Option<usize>,
+    /// The rank it joined as (after its `Join` was admitted).
     rank: Option<usize>,
 }
 
 impl Guest {
     /// Sends a small frame; the stream goes blocking for it, briefly.
-    fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
+    fn send_frame(&mut self, header: Header, payload: &[u8]) -> Result<()> {
         self.stream.set_nonblocking(false)?;
         self.stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-        let r = write_frame_blocking(&mut self.stream, Header::new(kind), &[], payload);
+        let r = write_frame_blocking(&mut self.stream, header, &[], payload);
         self.stream.set_nonblocking(true)?;
         r
+    }
+
+    fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
+        self.send_frame(Header::new(kind), payload)
+    }
+
+    /// Tells the guest why it is turned away.
+    fn refuse(&mut self, why: &RpcError) {
+        let (header, text) = auth::refused_frame(why);
+        let _ = self.send_frame(header, &text);
     }
 }
 
@@ -101,10 +109,11 @@ fn host(config: &Config, master: SocketAddr, me: Join, deadline: Instant) -> Res
                 config.init_timeout.as_millis(),
                 missing(&members)
             );
+            let error = RpcError::Init(why);
             for g in guests.values_mut().filter(|g| g.rank.is_some()) {
-                let _ = g.send(Kind::JoinError, why.as_bytes());
+                g.refuse(&error);
             }
-            return Err(RpcError::Init(why));
+            return Err(error);
         }
         let wait = left(deadline).min(Duration::from_millis(200));
         epoll.wait(&mut events, wait.as_millis().max(1) as i32)?;
@@ -120,6 +129,8 @@ fn host(config: &Config, master: SocketAddr, me: Join, deadline: Instant) -> Res
                                 stream,
                                 reader: FrameReader::new(MAX_HANDSHAKE_PAYLOAD),
                                 opened: Instant::now(),
+                                handshake: Handshake::AwaitHello,
+                                greeted: None,
                                 rank: None,
                             };
                             guests.insert(next_token, guest);
@@ -153,7 +164,7 @@ fn host(config: &Config, master: SocketAddr, me: Join, deadline: Instant) -> Res
                 if farewell.is_some() {
                     break;
                 }
-                farewell = admit(guest, frame, &mut members, world_size).err();
+                farewell = receive(guest, frame, &mut members, config).err();
             }
             if let Some(why) = farewell {
                 let guest = guests.remove(&ev.token).expect("present");
@@ -202,7 +213,7 @@ fn host(config: &Config, master: SocketAddr, me: Join, deadline: Instant) -> Res
     }
 
     let table = Table {
-        token: random_token()?,
+        token: auth::random_bytes()?,
         ranks: members.into_iter().map(|m| m.expect("all joined")).collect(),
     };
     let payload = table.encode();
@@ -214,26 +225,80 @@ fn host(config: &Config, master: SocketAddr, me: Join, deadline: Instant) -> Res
     Ok(table)
 }
 
-/// Checks a guest's announcement; `Err` says why it is turned away (it has
-/// been told).
+/// Takes one frame from a guest: its handshake first, then its `Join`.
+/// `Err` says why it is turned away (it has been told).
+fn receive(
+    guest: &mut Guest,
+    frame: Frame,
+    members: &mut [Option<(String, String)>],
+    config: &Config,
+) -> std::result::Result<(), String> {
+    let outcome = match guest.greeted {
+        None => greet(guest, &frame, config),
+        Some(rank) => admit(guest, &frame, members, config.world_size, rank),
+    };
+    outcome.map_err(|e| {
+        guest.refuse(&e);
+        e.to_string()
+    })
+}
+
+fn greet(guest: &mut Guest, frame: &Frame, config: &Config) -> Result<()> {
+    let key = config.secret.as_deref().unwrap_or_default();
+    let admit_hello = |hello: &Hello| {
+        if hello.world_size as usize != config.world_size {
+            return Err(RpcError::Init(format!(
+                "world size mismatch: rank {} was started for a world of {}, rank 0 for a world of {}",
+                hello.rank, hello.world_size, config.world_size
+            )));
+        }
+        if hello.rank as usize >= config.world_size {
+            return Err(RpcError::Init(format!(
+                "rank {} is out of range for a world of {}",
+                hello.rank, config.world_size
+            )));
+        }
+        if hello.token != [0; 16] {
+            return Err(RpcError::Protocol("a greeting meant for a data connection".into()));
+        }
+        Ok(())
+    };
+    match guest.handshake.step(key, 0, frame, admit_hello)? {
+        Step::Challenge(payload) => guest.send(Kind::Challenge, &payload),
+        Step::Authenticated(hello) => {
+            guest.greeted = Some(hello.rank as usize);
+            // The rendezvous has no world token yet.
+            let welcome = Hello {
+                rank: 0,
+                world_size: config.world_size as u32,
+                token: [0; 16],
+                nonce: [0; wire::NONCE_LEN],
+            };
+            guest.send(Kind::Welcome, &welcome.encode())
+        }
+    }
+}
+
+/// Checks an authenticated guest's announcement.
 fn admit(
     guest: &mut Guest,
-    frame: crate::net::framing::Frame,
+    frame: &Frame,
     members: &mut [Option<(String, String)>],
     world_size: usize,
-) -> std::result::Result<(), String> {
+    greeted_as: usize,
+) -> Result<()> {
     if guest.rank.is_some() || frame.header.kind != Kind::Join {
-        return Err(format!("unexpected {:?} frame", frame.header.kind));
+        return Err(RpcError::Protocol(format!("unexpected {:?} frame", frame.header.kind)));
     }
-    let join = Join::decode(&frame.payload).map_err(|e| e.to_string())?;
+    let join = Join::decode(&frame.payload)?;
     let rank = join.rank as usize;
     let refusal = if join.world_size as usize != world_size {
         Some(format!(
             "world size mismatch: rank {rank} was started for a world of {}, rank 0 for a world of {world_size}",
             join.world_size
         ))
-    } else if rank >= world_size {
-        Some(format!("rank {rank} is out of range for a world of {world_size}"))
+    } else if rank != greeted_as {
+        Some(format!("rank {greeted_as} announced itself as rank {rank}"))
     } else if let Some((_, addr)) = &members[rank] {
         Some(format!(
             "duplicate rank: rank {rank} has already joined (listening on {addr})"
@@ -250,8 +315,7 @@ fn admit(
         None
     };
     if let Some(why) = refusal {
-        let _ = guest.send(Kind::JoinError, why.as_bytes());
-        return Err(why);
+        return Err(RpcError::Init(why));
     }
     members[rank] = Some((join.name, join.addr));
     guest.rank = Some(rank);
@@ -274,6 +338,18 @@ fn join(config: &Config, master: SocketAddr, me: Join, deadline: Instant) -> Res
     };
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(left(deadline).max(Duration::from_millis(1))))?;
+    stream.set_read_timeout(Some(left(deadline).max(Duration::from_millis(1))))?;
+    let hello = Hello {
+        rank: me.rank,
+        world_size: me.world_size,
+        token: [0; 16],
+        nonce: auth::random_bytes()?,
+    };
+    let key = config.secret.as_deref().unwrap_or_default();
+    auth::client(&mut stream, key, &hello, 0, &format!("the master at {master}")).map_err(|e| match e {
+        RpcError::Auth(_) | RpcError::Init(_) => e,
+        other => RpcError::Init(format!("the handshake with the master at {master} failed: {other}")),
+    })?;
     write_frame_blocking(&mut stream, Header::new(Kind::Join), &[], &me.encode())
         .map_err(|e| RpcError::Init(format!("cannot announce rank {} to the master {master}: {e}", me.rank)))?;
     let mut last_missing: Option<Vec<usize>> = None;
@@ -305,9 +381,7 @@ fn join(config: &Config, master: SocketAddr, me: Join, deadline: Instant) -> Res
                 }
                 return Ok(table);
             }
-            Kind::JoinError => {
-                return Err(RpcError::Init(String::from_utf8_lossy(&frame.payload).into_owned()));
-            }
+            Kind::Refused => return Err(auth::refusal(&frame)),
             Kind::Missing => last_missing = Some(wire::decode_ranks(&frame.payload)?),
             other => {
                 return Err(RpcError::Init(format!("the master sent an unexpected {other:?} frame")));

@@ -40,23 +40,34 @@ pub const FLAG_INTERNAL: u8 = 1;
 pub const MAX_HANDSHAKE_PAYLOAD: u64 = 4096 - HEADER_LEN as u64 - MAX_NAME_LEN as u64;
 
 /// What a frame is.
+///
+/// Every connection (rendezvous and data) opens with the same handshake, a
+/// mutual challenge-response over the job's secret (see `auth`):
+/// `Hello` (client) → `Challenge` (server) → `Proof` (client) → `Welcome`
+/// (server), or `Refused` at any step. Nothing else is accepted before it
+/// completes, and nothing larger than [`MAX_HANDSHAKE_PAYLOAD`].
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// Data connection greeting: payload [`Hello`].
+    /// Greeting, payload [`Hello`].
     Hello = 1,
-    /// Answer to a greeting: payload [`Hello`] of the accepting rank.
-    HelloAck = 2,
+    /// The handshake is complete: payload [`Hello`] of the accepting side.
+    Welcome = 2,
     Request = 3,
     Response = 4,
     /// The sender is closing this connection on purpose (shutdown).
     Goodbye = 5,
+    /// The server's challenge and its own proof, payload [`Challenge`].
+    Challenge = 6,
+    /// The client's proof: a MAC of [`MAC_LEN`] bytes.
+    Proof = 7,
     /// Rendezvous: a rank announces itself, payload [`Join`].
     Join = 16,
     /// Rendezvous: the complete world, payload [`Table`].
     Table = 17,
-    /// Rendezvous: joining failed; the payload is the reason (UTF-8).
-    JoinError = 18,
+    /// The other side turns this one away: the header's status says why
+    /// (`Init`, `Auth`, `Protocol`), the payload says it in words (UTF-8).
+    Refused = 18,
     /// Rendezvous: which ranks are still missing, payload: u32 count + u32 ranks.
     Missing = 19,
 }
@@ -65,13 +76,15 @@ impl Kind {
     fn from_u8(v: u8) -> Option<Kind> {
         Some(match v {
             1 => Kind::Hello,
-            2 => Kind::HelloAck,
+            2 => Kind::Welcome,
             3 => Kind::Request,
             4 => Kind::Response,
             5 => Kind::Goodbye,
+            6 => Kind::Challenge,
+            7 => Kind::Proof,
             16 => Kind::Join,
             17 => Kind::Table,
-            18 => Kind::JoinError,
+            18 => Kind::Refused,
             19 => Kind::Missing,
             _ => return None,
         })
@@ -224,13 +237,28 @@ pub fn encode_frame(mut h: Header, name: &[u8], payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Data connection greeting (both directions).
+/// Length of handshake nonces.
+pub const NONCE_LEN: usize = 16;
+/// Length of handshake MACs (HMAC-SHA256).
+pub const MAC_LEN: usize = 32;
+
+/// Greeting (client → server), and the server's `Welcome`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub rank: u32,
     pub world_size: u32,
-    /// The world's token from the rendezvous: keeps other jobs' processes out.
+    /// The world's token from the rendezvous (zeros at the rendezvous
+    /// itself): keeps other jobs' processes out of a world.
     pub token: [u8; 16],
+    /// Fresh for every connection; the server's MAC must cover it.
+    pub nonce: [u8; NONCE_LEN],
+}
+
+/// The server's challenge: its own nonce, and its proof over both nonces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub nonce: [u8; NONCE_LEN],
+    pub mac: [u8; MAC_LEN],
 }
 
 /// A rank's announcement to the rendezvous.
@@ -304,7 +332,10 @@ impl<'a> PayloadReader<'a> {
 impl Hello {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = PayloadWriter::default();
-        w.u32(self.rank).u32(self.world_size).bytes(&self.token);
+        w.u32(self.rank)
+            .u32(self.world_size)
+            .bytes(&self.token)
+            .bytes(&self.nonce);
         w.0
     }
     pub fn decode(p: &[u8]) -> Result<Hello, WireError> {
@@ -313,9 +344,27 @@ impl Hello {
             rank: r.u32()?,
             world_size: r.u32()?,
             token: r.bytes(16)?.try_into().expect("16 bytes"),
+            nonce: r.bytes(NONCE_LEN)?.try_into().expect("nonce length"),
         };
         r.finish()?;
         Ok(hello)
+    }
+}
+
+impl Challenge {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = PayloadWriter::default();
+        w.bytes(&self.nonce).bytes(&self.mac);
+        w.0
+    }
+    pub fn decode(p: &[u8]) -> Result<Challenge, WireError> {
+        let mut r = PayloadReader(p);
+        let challenge = Challenge {
+            nonce: r.bytes(NONCE_LEN)?.try_into().expect("nonce length"),
+            mac: r.bytes(MAC_LEN)?.try_into().expect("MAC length"),
+        };
+        r.finish()?;
+        Ok(challenge)
     }
 }
 
@@ -327,6 +376,13 @@ impl Join {
     }
     pub fn decode(p: &[u8]) -> Result<Join, WireError> {
         let mut r = PayloadReader(p);
+        let challenge = Challenge {
+            nonce: [1; NONCE_LEN],
+            mac: [2; MAC_LEN],
+        };
+        assert_eq!(Challenge::decode(&challenge.encode()), Ok(challenge));
+        assert!(Challenge::decode(&[0; 47]).is_err());
+
         let join = Join {
             rank: r.u32()?,
             world_size: r.u32()?,
@@ -449,10 +505,18 @@ mod tests {
             rank: 7,
             world_size: 9,
             token: [5; 16],
+            nonce: [6; NONCE_LEN],
         };
         assert_eq!(Hello::decode(&hello.encode()), Ok(hello.clone()));
         let enc = hello.encode();
         assert!(Hello::decode(&enc[..enc.len() - 1]).is_err());
+
+        let challenge = Challenge {
+            nonce: [1; NONCE_LEN],
+            mac: [2; MAC_LEN],
+        };
+        assert_eq!(Challenge::decode(&challenge.encode()), Ok(challenge));
+        assert!(Challenge::decode(&[0; 47]).is_err());
 
         let join = Join {
             rank: 1,

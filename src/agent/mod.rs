@@ -68,7 +68,7 @@ impl RpcAgent {
         config.validate()?;
         let joined = tcp::join_world(&config)?;
         let core = Core::new(config, joined.names())?;
-        let transport = tcp::TcpTransport::start(&core, joined)?;
+        let transport = tcp::TcpTransport::start(&core, joined, &core.config)?;
         core.attach(transport);
         log_at!(
             Info,

@@ -259,6 +259,30 @@ pub unsafe extern "C" fn rpcagent_config_set_max_message_bytes(
     }
 }
 
+/// How long a peer may stay silent (no TCP acknowledgement: host gone, link
+/// cut) before it counts as lost and its calls fail with
+/// `RPCAGENT_ERR_PEER_LOST` (at least 1000; applied in whole seconds, at
+/// least 3; default 20000). Also `RPCAGENT_PEER_TIMEOUT_MS`.
+///
+/// # Safety
+/// `cfg` is NULL or a live config handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rpcagent_config_set_peer_timeout_ms(
+    cfg: *mut rpcagent_config_t,
+    ms: u32,
+) -> rpcagent_status_t {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        update(cfg, |c| {
+            if ms < 1000 {
+                return Err(invalid("the peer timeout must be at least 1000 ms"));
+            }
+            c.peer_timeout = Duration::from_millis(ms as u64);
+            Ok(())
+        })
+    }
+}
+
 /// The job's shared secret (`len` bytes at `key`; `len` 0 clears it). Every
 /// connection must prove it knows the secret; it never crosses the wire.
 ///

@@ -23,6 +23,9 @@ impl Frame {
 
 /// Frames whose payload is at most this go through the scratch buffer.
 const SCRATCH: usize = 64 * 1024;
+/// The scratch buffer of a connection still in its handshake: enough for
+/// any frame allowed then, so strangers cost little memory.
+const HANDSHAKE_SCRATCH: usize = 4096;
 
 /// A payload being read straight into its own buffer.
 struct Large {
@@ -46,8 +49,8 @@ pub(crate) struct FrameReader {
     start: usize,
     end: usize,
     large: Option<Large>,
-    /// Largest payload accepted; lowered before a handshake completes.
-    pub max_payload: u64,
+    /// Largest payload accepted.
+    max_payload: u64,
 }
 
 fn truncated() -> RpcError {
@@ -56,12 +59,29 @@ fn truncated() -> RpcError {
 
 impl FrameReader {
     pub(crate) fn new(max_payload: u64) -> FrameReader {
+        let scratch = if max_payload <= wire::MAX_HANDSHAKE_PAYLOAD {
+            HANDSHAKE_SCRATCH
+        } else {
+            SCRATCH
+        };
         FrameReader {
-            buf: vec![0; SCRATCH].into_boxed_slice(),
+            buf: vec![0; scratch].into_boxed_slice(),
             start: 0,
             end: 0,
             large: None,
             max_payload,
+        }
+    }
+
+    /// Raises the payload limit (after a handshake), growing the buffer.
+    pub(crate) fn set_max_payload(&mut self, max_payload: u64) {
+        self.max_payload = max_payload;
+        if max_payload > wire::MAX_HANDSHAKE_PAYLOAD && self.buf.len() < SCRATCH {
+            let mut buf = vec![0; SCRATCH].into_boxed_slice();
+            buf[..self.end - self.start].copy_from_slice(&self.buf[self.start..self.end]);
+            self.end -= self.start;
+            self.start = 0;
+            self.buf = buf;
         }
     }
 

@@ -106,3 +106,32 @@ pub(crate) fn send_vectored(fd: &impl AsRawFd, bufs: &[IoSlice<'_>]) -> io::Resu
         Ok(n as usize)
     }
 }
+
+fn set_option(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `value` is a valid c_int that outlives the call, and its size
+    // is what is passed; the descriptor is open (the caller owns it).
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    check(ret).map(drop)
+}
+
+/// Makes the kernel declare the connection dead when the peer stays silent
+/// for about `timeout`: keepalive probes while idle, and a user timeout for
+/// data that is never acknowledged (a host gone, a cable cut).
+pub(crate) fn detect_silent_peer(fd: &impl AsRawFd, timeout: std::time::Duration) -> io::Result<()> {
+    let total = timeout.as_secs().clamp(3, i32::MAX as u64 / 1000) as libc::c_int;
+    let idle = (total / 2).max(1);
+    let interval = ((total - idle) / 3).max(1);
+    set_option(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle)?;
+    set_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, interval)?;
+    set_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
+    set_option(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, total * 1000)
+}

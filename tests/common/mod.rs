@@ -43,25 +43,85 @@ pub fn free_port() -> u16 {
 /// the launcher variables torchrun would set. Fails unless every rank exits
 /// successfully within `limit`.
 pub fn run_world(scenario: &str, n: usize, limit: Duration, extra_env: &[(&str, &str)]) {
-    let port = free_port().to_string();
-    let exe = std::env::current_exe().unwrap();
-    let children: Vec<Child> = (0..n)
-        .map(|rank| {
-            let mut cmd = Command::new(&exe);
-            cmd.args(["--exact", "rank_main", "--ignored", "--nocapture", "--test-threads=1"])
-                .env("RPCAGENT_TEST_SCENARIO", scenario)
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", n.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            for (k, v) in extra_env {
-                cmd.env(k, v);
-            }
-            cmd.spawn().unwrap()
-        })
-        .collect();
+    World::new(scenario, n, limit).env(extra_env).run();
+}
+
+/// A world of rank processes with more say over how they run.
+pub struct World {
+    scenario: String,
+    n: usize,
+    limit: Duration,
+    env: Vec<(String, String)>,
+    /// A command prefix per rank (e.g. `ip netns exec ns1`).
+    wrap: Option<Box<dyn Fn(usize) -> Vec<String>>>,
+    /// Ranks expected to die by SIGKILL.
+    killed: Vec<usize>,
+}
+
+impl World {
+    pub fn new(scenario: &str, n: usize, limit: Duration) -> World {
+        World {
+            scenario: scenario.into(),
+            n,
+            limit,
+            env: Vec::new(),
+            wrap: None,
+            killed: Vec::new(),
+        }
+    }
+
+    pub fn env(mut self, vars: &[(&str, &str)]) -> World {
+        self.env
+            .extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    pub fn wrap(mut self, wrap: impl Fn(usize) -> Vec<String> + 'static) -> World {
+        self.wrap = Some(Box::new(wrap));
+        self
+    }
+
+    pub fn killed(mut self, ranks: &[usize]) -> World {
+        self.killed = ranks.to_vec();
+        self
+    }
+
+    pub fn run(self) {
+        let World {
+            scenario,
+            n,
+            limit,
+            env,
+            wrap,
+            killed,
+        } = self;
+        let port = free_port().to_string();
+        let exe = std::env::current_exe().unwrap();
+        let children: Vec<Child> = (0..n)
+            .map(|rank| {
+                let mut argv: Vec<String> = wrap.as_ref().map(|w| w(rank)).unwrap_or_default();
+                argv.push(exe.to_string_lossy().into_owned());
+                argv.extend(["--exact", "rank_main", "--ignored", "--nocapture", "--test-threads=1"].map(String::from));
+                let mut cmd = Command::new(&argv[0]);
+                cmd.args(&argv[1..])
+                    .env("RPCAGENT_TEST_SCENARIO", &scenario)
+                    .env("RANK", rank.to_string())
+                    .env("WORLD_SIZE", n.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", &port)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                for (k, v) in &env {
+                    cmd.env(k, v);
+                }
+                cmd.spawn().unwrap()
+            })
+            .collect();
+        finish(&scenario, children, limit, &killed);
+    }
+}
+
+fn finish(scenario: &str, children: Vec<Child>, limit: Duration, killed: &[usize]) {
     let started = Instant::now();
     let mut running: Vec<Option<Child>> = children.into_iter().map(Some).collect();
     let mut outcomes = Vec::new();
@@ -79,7 +139,14 @@ pub fn run_world(scenario: &str, n: usize, limit: Duration, extra_env: &[(&str, 
                 let _ = child.kill();
             }
             let out = child.wait_with_output().unwrap();
-            let ok = done.is_some_and(|s| s.success());
+            let ok = done.is_some_and(|s| {
+                use std::os::unix::process::ExitStatusExt;
+                if killed.contains(&rank) {
+                    s.signal() == Some(libc::SIGKILL)
+                } else {
+                    s.success()
+                }
+            });
             if !ok {
                 give_up_at = give_up_at.min(Instant::now() + Duration::from_secs(3));
             }
@@ -88,6 +155,15 @@ pub fn run_world(scenario: &str, n: usize, limit: Duration, extra_env: &[(&str, 
         std::thread::sleep(Duration::from_millis(5));
     }
     outcomes.sort_by_key(|o| o.0);
+    // Measurements the scenarios report, for the issue notes.
+    for (rank, _, out) in &outcomes {
+        for line in String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.starts_with("figure:"))
+        {
+            println!("[{scenario} rank {rank}] {line}");
+        }
+    }
     let mut failed = false;
     for (rank, ok, out) in &outcomes {
         if !ok {

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
+use crate::auth::Handshake;
 use crate::error::Status;
 use crate::transport::{Outcome, ReplySink};
 use crate::wire::{self, Header, Kind};
@@ -40,6 +41,8 @@ pub(crate) struct Conn {
     pub goodbye: AtomicBool,
     out: Mutex<Outbox>,
     pub reader: Mutex<FrameReader>,
+    /// The server side of the handshake (accepted connections).
+    pub handshake: Mutex<Handshake>,
     epoll: Arc<Epoll>,
 }
 
@@ -61,6 +64,11 @@ impl Conn {
             goodbye: AtomicBool::new(false),
             out: Mutex::new(Outbox::default()),
             reader: Mutex::new(FrameReader::new(max_payload)),
+            handshake: Mutex::new(if outbound {
+                Handshake::Done
+            } else {
+                Handshake::AwaitHello
+            }),
             epoll,
         }
     }

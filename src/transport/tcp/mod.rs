@@ -15,18 +15,19 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::auth::{self, Step};
 use crate::config::Config;
 use crate::error::{Result, RpcError};
 use crate::log::log_at;
 use crate::rendezvous;
-use crate::wire::{self, FLAG_INTERNAL, Header, Hello, Kind, MAX_HANDSHAKE_PAYLOAD, Table};
+use crate::wire::{self, FLAG_INTERNAL, Header, Hello, Kind, MAX_HANDSHAKE_PAYLOAD, NONCE_LEN, Table};
 
 use super::{Dispatch, InRequest, OutRequest, Transport};
 
 mod conn;
 
-use crate::net::framing::{Frame, FrameReader, ReadEnd, read_frame_blocking, write_frame_blocking};
-use crate::net::sys::{Epoll, Event, READABLE};
+use crate::net::framing::{Frame, FrameReader, ReadEnd};
+use crate::net::sys::{self, Epoll, Event, READABLE};
 
 use conn::Conn;
 
@@ -124,6 +125,9 @@ struct Shared {
     me: usize,
     world_size: usize,
     token: [u8; 16],
+    /// The job's secret (empty: none).
+    key: Vec<u8>,
+    peer_timeout: Duration,
     max_payload: u64,
     dispatch: Weak<dyn Dispatch>,
     epoll: Arc<Epoll>,
@@ -144,7 +148,11 @@ pub(crate) struct TcpTransport {
 
 impl TcpTransport {
     /// Starts the I/O thread over the joined world.
-    pub(crate) fn start<D: Dispatch + 'static>(dispatch: &Arc<D>, world: JoinedWorld) -> Result<Arc<dyn Transport>> {
+    pub(crate) fn start<D: Dispatch + 'static>(
+        dispatch: &Arc<D>,
+        world: JoinedWorld,
+        config: &Config,
+    ) -> Result<Arc<dyn Transport>> {
         let peers = world
             .table
             .ranks
@@ -171,6 +179,8 @@ impl TcpTransport {
             me: dispatch.rank(),
             world_size: peers.len(),
             token: world.table.token,
+            key: config.secret.clone().unwrap_or_default(),
+            peer_timeout: config.peer_timeout,
             max_payload: dispatch.max_message_bytes(),
             dispatch: weak,
             epoll,
@@ -318,30 +328,24 @@ impl Shared {
             rank: self.me as u32,
             world_size: self.world_size as u32,
             token: self.token,
+            nonce: auth::random_bytes()?,
         };
-        let mut greet = || -> Result<Hello> {
-            write_frame_blocking(&mut stream, Header::new(Kind::Hello), &[], &hello.encode())?;
-            let frame = read_frame_blocking(&mut stream, MAX_HANDSHAKE_PAYLOAD)?;
-            if frame.header.kind != Kind::HelloAck {
-                return Err(RpcError::Protocol(format!(
-                    "expected a greeting, got {:?}",
-                    frame.header.kind
-                )));
-            }
-            Ok(Hello::decode(&frame.payload)?)
-        };
-        let ack = greet().map_err(|e| match e {
-            RpcError::Timeout(_) => RpcError::Timeout(format!("timed out greeting rank {dst} at {addr}")),
+        let who = format!("rank {dst} at {addr}");
+        let welcome = auth::client(&mut stream, &self.key, &hello, dst as u32, &who).map_err(|e| match e {
+            RpcError::Timeout(_) => RpcError::Timeout(format!("timed out greeting {who}")),
+            // A secret mismatch does not heal: the rank stays unreachable.
+            RpcError::Auth(_) => e,
             other => lost(format!("handshake with {addr} failed: {other}")),
         })?;
-        if ack.rank as usize != dst || ack.token != self.token {
+        if welcome.rank as usize != dst || welcome.token != self.token {
             return Err(lost(format!(
                 "{addr} is not rank {dst} of this world (it answered as rank {})",
-                ack.rank
+                welcome.rank
             )));
         }
         stream.set_read_timeout(None)?;
         stream.set_nonblocking(true)?;
+        sys::detect_silent_peer(&stream, self.peer_timeout)?;
         let conn = Arc::new(Conn::new(
             stream,
             self.next_token.fetch_add(1, Ordering::Relaxed),
@@ -407,6 +411,7 @@ impl Shared {
     fn adopt(&self, stream: TcpStream) -> io::Result<()> {
         stream.set_nonblocking(true)?;
         stream.set_nodelay(true)?;
+        sys::detect_silent_peer(&stream, self.peer_timeout)?;
         let conn = Arc::new(Conn::new(
             stream,
             self.next_token.fetch_add(1, Ordering::Relaxed),
@@ -480,33 +485,44 @@ impl Shared {
         Ok(())
     }
 
-    /// The first frame on an accepted connection must be a greeting from a
-    /// rank of this world.
+    /// Frames on an accepted connection before it is authenticated: the
+    /// server side of the handshake. A failure is told to the peer, then
+    /// the connection closes.
     fn greet(&self, conn: &Arc<Conn>, frame: Frame, reader: &mut FrameReader) -> Result<()> {
-        if frame.header.kind != Kind::Hello {
-            return Err(RpcError::Protocol(format!(
-                "expected a greeting, got a {:?} frame",
-                frame.header.kind
-            )));
-        }
-        let hello = Hello::decode(&frame.payload)?;
-        if hello.token != self.token {
-            return Err(RpcError::Auth("the greeting carries another world's token".into()));
-        }
-        if hello.world_size as usize != self.world_size || hello.rank as usize >= self.world_size {
-            return Err(RpcError::Protocol(format!(
-                "greeting from rank {} of a world of {}; this world has {} ranks",
-                hello.rank, hello.world_size, self.world_size
-            )));
-        }
-        let ack = Hello {
-            rank: self.me as u32,
-            world_size: self.world_size as u32,
-            token: self.token,
+        let admit = |hello: &Hello| {
+            if hello.token != self.token {
+                return Err(RpcError::Auth(
+                    "the greeting carries another world's token (a process of another job?)".into(),
+                ));
+            }
+            if hello.world_size as usize != self.world_size || hello.rank as usize >= self.world_size {
+                return Err(RpcError::Protocol(format!(
+                    "greeting from rank {} of a world of {}; this world has {} ranks",
+                    hello.rank, hello.world_size, self.world_size
+                )));
+            }
+            Ok(())
         };
-        conn.send(Header::new(Kind::HelloAck), &[], &ack.encode())?;
-        reader.max_payload = self.max_payload;
-        conn.set_peer(hello.rank as usize);
+        let step = conn.handshake.lock().step(&self.key, self.me as u32, &frame, admit);
+        match step {
+            Ok(Step::Challenge(payload)) => conn.send(Header::new(Kind::Challenge), &[], &payload)?,
+            Ok(Step::Authenticated(hello)) => {
+                let welcome = Hello {
+                    rank: self.me as u32,
+                    world_size: self.world_size as u32,
+                    token: self.token,
+                    nonce: [0; NONCE_LEN],
+                };
+                conn.send(Header::new(Kind::Welcome), &[], &welcome.encode())?;
+                reader.set_max_payload(self.max_payload);
+                conn.set_peer(hello.rank as usize);
+            }
+            Err(e) => {
+                let (header, text) = auth::refused_frame(&e);
+                let _ = conn.send(header, &[], &text);
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
