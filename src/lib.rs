@@ -20,6 +20,8 @@ mod config;
 mod error;
 pub mod ffi;
 mod future;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod log;
 mod net;
 mod pool;

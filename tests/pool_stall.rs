@@ -13,7 +13,9 @@ use rpcagent::{Config, RpcAgent, Status};
 fn a_stalled_pool_is_reported_with_the_functions_holding_it() {
     let lines: Arc<Mutex<Vec<(Level, String)>>> = Arc::default();
     let sink = lines.clone();
-    log::set_sink(Some(Arc::new(move |level, line: &str| sink.lock().push((level, line.to_string())))));
+    log::set_sink(Some(Arc::new(move |level, line: &str| {
+        sink.lock().push((level, line.to_string()))
+    })));
 
     let agents = RpcAgent::local_world_with(2, Config::default().worker_threads(1)).unwrap();
     let me = agents[1].clone();
@@ -28,7 +30,9 @@ fn a_stalled_pool_is_reported_with_the_functions_holding_it() {
     agents[1].start().unwrap();
 
     let started = Instant::now();
-    let err = agents[0].rpc_sync_timeout(1, "outer", b"", Some(Duration::from_secs(10))).unwrap_err();
+    let err = agents[0]
+        .rpc_sync_timeout(1, "outer", b"", Some(Duration::from_secs(10)))
+        .unwrap_err();
     assert_eq!(err.status(), Status::Handler, "{err}");
     assert!(err.to_string().contains("timed out"), "{err}");
     let lines = lines.lock();

@@ -53,7 +53,7 @@ pub struct World {
     limit: Duration,
     env: Vec<(String, String)>,
     /// A command prefix per rank (e.g. `ip netns exec ns1`).
-    wrap: Option<Box<dyn Fn(usize) -> Vec<String>>>,
+    wrap: Option<Box<dyn Fn(usize) -> Vec<String> + Send>>,
     /// Ranks expected to die by SIGKILL.
     killed: Vec<usize>,
 }
@@ -76,7 +76,7 @@ impl World {
         self
     }
 
-    pub fn wrap(mut self, wrap: impl Fn(usize) -> Vec<String> + 'static) -> World {
+    pub fn wrap(mut self, wrap: impl Fn(usize) -> Vec<String> + Send + 'static) -> World {
         self.wrap = Some(Box::new(wrap));
         self
     }
