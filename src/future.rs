@@ -2,14 +2,43 @@
 //! thread that reads the response, the timer, or a failure), and the
 //! [`RpcFuture`] handle over it.
 
-use std::sync::Arc;
+use std::cell::Cell;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Result, RpcError};
 
-type Callback = Box<dyn FnOnce() + Send>;
+pub(crate) type Callback = Box<dyn FnOnce() + Send>;
+
+/// Runs a completion callback on a library thread.
+pub(crate) type Spawner = Arc<dyn Fn(Callback) + Send + Sync>;
+
+thread_local! {
+    static LIBRARY_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as one of the library's own, where completion
+/// callbacks may run directly. On any other thread (a caller reading its own
+/// reply, a user thread shutting down) they go to the spawner, so a callback
+/// never runs inside a user's wait, where it could deadlock on the user's locks.
+pub(crate) fn mark_library_thread() {
+    LIBRARY_THREAD.set(true);
+}
+
+/// Something that can make progress on calls to a rank while a caller waits
+/// (the TCP transport lets the caller read the connection itself).
+pub(crate) trait Progress: Send + Sync {
+    fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>);
+}
+
+/// Where a future can make progress while waiting.
+struct Driver {
+    progress: Weak<dyn Progress>,
+    dst: usize,
+    deadline: Option<Instant>,
+}
 
 enum State {
     Pending {
@@ -24,16 +53,18 @@ enum State {
 pub(crate) struct Slot {
     state: Mutex<State>,
     done: Condvar,
+    spawner: Option<Spawner>,
 }
 
 impl Slot {
-    pub(crate) fn new() -> Arc<Slot> {
+    pub(crate) fn new(spawner: Option<Spawner>) -> Arc<Slot> {
         Arc::new(Slot {
             state: Mutex::new(State::Pending {
                 callbacks: Vec::new(),
                 next_id: 0,
             }),
             done: Condvar::new(),
+            spawner,
         })
     }
 
@@ -42,6 +73,7 @@ impl Slot {
         Arc::new(Slot {
             state: Mutex::new(State::Done(result.map(Some))),
             done: Condvar::new(),
+            spawner: None,
         })
     }
 
@@ -59,7 +91,10 @@ impl Slot {
         };
         self.done.notify_all();
         for (_, cb) in callbacks {
-            cb();
+            match &self.spawner {
+                Some(spawn) if !LIBRARY_THREAD.get() => spawn(cb),
+                _ => cb(),
+            }
         }
         true
     }
@@ -130,6 +165,7 @@ impl Slot {
 /// arrival (completion callbacks still run).
 pub struct RpcFuture {
     slot: Arc<Slot>,
+    driver: Option<Driver>,
 }
 
 impl std::fmt::Debug for RpcFuture {
@@ -140,7 +176,42 @@ impl std::fmt::Debug for RpcFuture {
 
 impl RpcFuture {
     pub(crate) fn new(slot: Arc<Slot>) -> RpcFuture {
-        RpcFuture { slot }
+        RpcFuture { slot, driver: None }
+    }
+
+    /// A future whose waits may make progress through `progress` on calls
+    /// to `dst` (until the call's `deadline`).
+    pub(crate) fn with_driver(
+        slot: Arc<Slot>,
+        progress: Weak<dyn Progress>,
+        dst: usize,
+        deadline: Option<Instant>,
+    ) -> RpcFuture {
+        RpcFuture {
+            slot,
+            driver: Some(Driver {
+                progress,
+                dst,
+                deadline,
+            }),
+        }
+    }
+
+    /// Waits until `deadline` (`None`: no bound), first making progress on
+    /// the call itself where the transport allows.
+    fn wait_until(&self, deadline: Option<Instant>) -> Option<Result<Vec<u8>>> {
+        if let Some(d) = &self.driver
+            && !self.slot.is_ready()
+            && deadline.is_none_or(|t| t > Instant::now())
+            && let Some(progress) = d.progress.upgrade()
+        {
+            let until = match (deadline, d.deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            progress.drive(d.dst, &|| self.slot.is_ready(), until);
+        }
+        self.slot.wait_until(deadline)
     }
 
     /// A future that has already failed.
@@ -155,8 +226,7 @@ impl RpcFuture {
 
     /// Waits for the outcome (the call's deadline bounds this wait).
     pub fn wait(self) -> Result<Vec<u8>> {
-        self.slot
-            .wait_until(None)
+        self.wait_until(None)
             .expect("a wait without deadline returns an outcome")
     }
 
@@ -164,13 +234,12 @@ impl RpcFuture {
     /// reply bytes are handed out once: a later wait returns an empty reply
     /// (or the same error).
     pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<Vec<u8>>> {
-        self.slot.wait_until(Some(Instant::now() + timeout))
+        self.wait_until(Some(Instant::now() + timeout))
     }
 
     /// Like [`RpcFuture::wait_timeout`] without a bound.
     pub fn wait_ref(&self) -> Result<Vec<u8>> {
-        self.slot
-            .wait_until(None)
+        self.wait_until(None)
             .expect("a wait without deadline returns an outcome")
     }
 
@@ -240,7 +309,7 @@ mod tests {
 
     #[test]
     fn completes_once_and_hands_bytes_out_once() {
-        let slot = Slot::new();
+        let slot = Slot::new(None);
         let fut = RpcFuture::new(slot.clone());
         assert!(!fut.is_ready());
         assert!(fut.wait_timeout(Duration::ZERO).is_none());
@@ -253,7 +322,7 @@ mod tests {
     #[test]
     fn callbacks_run_once_even_after_the_future_is_dropped() {
         let runs = Arc::new(AtomicUsize::new(0));
-        let slot = Slot::new();
+        let slot = Slot::new(None);
         let fut = RpcFuture::new(slot.clone());
         let r = runs.clone();
         fut.on_complete(move || {
@@ -272,7 +341,7 @@ mod tests {
 
     #[test]
     fn wait_any_finds_the_completed_one_or_times_out() {
-        let slots: Vec<_> = (0..3).map(|_| Slot::new()).collect();
+        let slots: Vec<_> = (0..3).map(|_| Slot::new(None)).collect();
         let futs: Vec<_> = slots.iter().map(|s| RpcFuture::new(s.clone())).collect();
         let refs: Vec<&RpcFuture> = futs.iter().collect();
         assert_eq!(RpcFuture::wait_any(&refs, Some(Duration::from_millis(20))), None);

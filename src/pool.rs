@@ -1,32 +1,48 @@
 //! A fixed pool of worker threads that run handlers. It never grows: work
-//! beyond the pool's size waits in a queue. Each worker records what it is
-//! running so a stalled pool can be reported by name.
+//! beyond the pool's size waits in a queue. Wake-ups are chained: at most one
+//! sleeping worker is being woken at a time, and a worker that takes a job
+//! wakes the next only if more work is waiting, so a burst of tiny jobs is
+//! run by as few threads as keep up with it (each wake-up costs a futex
+//! call and a context switch). Each worker records what it is running, so a
+//! stalled pool can be reported by name.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
+
+pub(crate) type Work = Box<dyn FnOnce() + Send>;
 
 struct Job {
     label: Arc<str>,
-    run: Box<dyn FnOnce() + Send>,
+    run: Work,
 }
 
 /// A running job: since when, and for which function.
 type Running = Option<(Instant, Arc<str>)>;
 
-/// What each worker is doing.
-struct Board {
-    busy: Mutex<Vec<Running>>,
-    alive: Mutex<usize>,
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Workers waiting for work.
+    sleeping: usize,
+    /// A wake-up was sent and not yet taken by a worker.
+    waking: bool,
+    stopped: bool,
+    alive: usize,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    work: Condvar,
     exited: Condvar,
+    busy: Mutex<Vec<Running>>,
 }
 
 pub(crate) struct Pool {
-    tx: Mutex<Option<Sender<Job>>>,
-    board: Arc<Board>,
+    shared: Arc<Shared>,
     handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -39,59 +55,85 @@ pub(crate) struct Busy {
     pub labels: Vec<Arc<str>>,
 }
 
+impl Shared {
+    /// Wakes one sleeper if there is work for it and none is on its way.
+    fn wake_one(&self, q: &mut Queue) {
+        if !q.jobs.is_empty() && q.sleeping > 0 && !q.waking {
+            q.waking = true;
+            self.work.notify_one();
+        }
+    }
+
+    fn worker(&self, index: usize) {
+        crate::future::mark_library_thread();
+        let mut q = self.queue.lock();
+        loop {
+            if let Some(job) = q.jobs.pop_front() {
+                self.wake_one(&mut q);
+                drop(q);
+                self.busy.lock()[index] = Some((Instant::now(), job.label));
+                (job.run)();
+                self.busy.lock()[index] = None;
+                q = self.queue.lock();
+                continue;
+            }
+            if q.stopped {
+                break;
+            }
+            q.sleeping += 1;
+            self.work.wait(&mut q);
+            q.sleeping -= 1;
+            q.waking = false;
+        }
+        q.alive -= 1;
+        drop(q);
+        self.exited.notify_all();
+    }
+}
+
 impl Pool {
     pub(crate) fn new(threads: usize, name: &str) -> std::io::Result<Pool> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
-        let board = Arc::new(Board {
-            busy: Mutex::new(vec![None; threads]),
-            alive: Mutex::new(threads),
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            work: Condvar::new(),
             exited: Condvar::new(),
+            busy: Mutex::new(vec![None; threads]),
         });
-        let mut handles = Vec::with_capacity(threads);
+        let pool = Pool {
+            shared,
+            handles: Mutex::new(Vec::with_capacity(threads)),
+        };
         for i in 0..threads {
-            let rx: Receiver<Job> = rx.clone();
-            let worker_board = board.clone();
-            let spawned = std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || {
-                let board = worker_board;
-                for job in rx.iter() {
-                    board.busy.lock()[i] = Some((Instant::now(), job.label));
-                    (job.run)();
-                    board.busy.lock()[i] = None;
-                }
-                *board.alive.lock() -= 1;
-                board.exited.notify_all();
-            });
+            let shared = pool.shared.clone();
+            pool.shared.queue.lock().alive += 1;
+            let spawned = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || shared.worker(i));
             match spawned {
-                Ok(h) => handles.push(h),
+                Ok(h) => pool.handles.lock().push(h),
                 Err(e) => {
-                    // Workers already started exit when the sender drops.
-                    *board.alive.lock() = handles.len();
+                    pool.shared.queue.lock().alive -= 1;
+                    pool.stop(None);
                     return Err(e);
                 }
             }
         }
-        Ok(Pool {
-            tx: Mutex::new(Some(tx)),
-            board,
-            handles: Mutex::new(handles),
-        })
+        Ok(pool)
     }
 
     /// Queues `run`; gives it back if the pool has stopped.
-    pub(crate) fn submit(
-        &self,
-        label: Arc<str>,
-        run: Box<dyn FnOnce() + Send>,
-    ) -> Result<(), Box<dyn FnOnce() + Send>> {
-        let tx = self.tx.lock().clone();
-        match tx {
-            Some(tx) => tx.send(Job { label, run }).map_err(|e| e.into_inner().run),
-            None => Err(run),
+    pub(crate) fn submit(&self, label: Arc<str>, run: Work) -> Result<(), Work> {
+        let mut q = self.shared.queue.lock();
+        if q.stopped {
+            return Err(run);
         }
+        q.jobs.push_back(Job { label, run });
+        self.shared.wake_one(&mut q);
+        Ok(())
     }
 
     pub(crate) fn busy(&self) -> Busy {
-        let busy = self.board.busy.lock();
+        let busy = self.shared.busy.lock();
         let running: Vec<_> = busy.iter().flatten().collect();
         Busy {
             workers: busy.len(),
@@ -105,28 +147,82 @@ impl Pool {
     /// themselves) and exit. Joins them if they are done by `deadline`
     /// (`None`: waits for them); otherwise leaves them to exit on their own.
     pub(crate) fn stop(&self, deadline: Option<Instant>) -> bool {
-        self.tx.lock().take();
         // A handler that shuts its own agent down runs on a worker: that one
         // cannot exit while it waits here.
         let me = std::thread::current().id();
         let on_worker = self.handles.lock().iter().any(|h| h.thread().id() == me);
-        let mut alive = self.board.alive.lock();
-        while *alive > on_worker as usize {
+        let mut q = self.shared.queue.lock();
+        q.stopped = true;
+        self.shared.work.notify_all();
+        while q.alive > on_worker as usize {
             match deadline {
-                None => self.board.exited.wait(&mut alive),
+                None => self.shared.exited.wait(&mut q),
                 Some(d) => {
-                    if self.board.exited.wait_until(&mut alive, d).timed_out() {
+                    if self.shared.exited.wait_until(&mut q, d).timed_out() {
                         return false;
                     }
                 }
             }
         }
-        drop(alive);
+        drop(q);
         for h in self.handles.lock().drain(..) {
             if h.thread().id() != me {
                 let _ = h.join();
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn runs_every_job_and_stops() {
+        let pool = Pool::new(3, "test").unwrap();
+        let done = Arc::new(AtomicUsize::new(0));
+        for _ in 0..1000 {
+            let d = done.clone();
+            pool.submit(
+                "job".into(),
+                Box::new(move || {
+                    d.fetch_add(1, Ordering::SeqCst);
+                }),
+            )
+            .ok()
+            .unwrap();
+        }
+        assert!(pool.stop(None));
+        assert_eq!(done.load(Ordering::SeqCst), 1000);
+        assert!(pool.submit("late".into(), Box::new(|| {})).is_err());
+    }
+
+    #[test]
+    fn blocked_workers_do_not_stop_the_others() {
+        let pool = Pool::new(2, "test").unwrap();
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let g = gate.clone();
+        pool.submit(
+            "blocker".into(),
+            Box::new(move || {
+                let mut open = g.0.lock();
+                while !*open {
+                    g.1.wait(&mut open);
+                }
+            }),
+        )
+        .ok()
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        pool.submit("quick".into(), Box::new(move || tx.send(()).unwrap()))
+            .ok()
+            .unwrap();
+        rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        assert_eq!(pool.busy().busy, 1);
+        *gate.0.lock() = true;
+        gate.1.notify_all();
+        assert!(pool.stop(None));
     }
 }

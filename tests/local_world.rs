@@ -89,6 +89,12 @@ fn futures_poll_wait_any_and_call_back() {
     }
     gate.lock().pop().unwrap().complete(b"late".to_vec());
     assert_eq!(held.wait_ref().unwrap(), b"late");
+    // Completed on this (user) thread, the callback runs on a library
+    // thread instead: never inside the user's own code.
+    let started = std::time::Instant::now();
+    while fired.load(Ordering::SeqCst) == 0 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(fired.load(Ordering::SeqCst), 1);
     // The bytes are handed out once; later waits see the same status, empty.
     assert_eq!(held.wait_timeout(Duration::ZERO), Some(Ok(vec![])));

@@ -15,12 +15,12 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::config::{Config, check_name};
 use crate::error::{Result, RpcError, Status};
-use crate::future::{RpcFuture, Slot};
+use crate::future::{Progress, RpcFuture, Slot, Spawner};
 use crate::log::log_at;
 use crate::pool::Pool;
 use crate::transport::{Dispatch, InRequest, OutRequest, Outcome, Transport};
 
-use super::handler::{Handler, Reply, ReplyRoute, Request};
+use super::handler::{Body, Handler, Reply, ReplyRoute, Request};
 use super::pending::{Pending, PendingCall};
 use super::stats::{Stats, StatsSnapshot};
 
@@ -67,6 +67,9 @@ pub(crate) struct Core {
     gatherings: Mutex<Gatherings>,
     barrier_generation: AtomicU64,
     stall_reported: Mutex<bool>,
+    /// Runs completion callbacks that a call completed off the library's
+    /// threads on the worker pool instead.
+    spawner: Spawner,
 }
 
 fn remaining(deadline: Option<Instant>) -> Option<Duration> {
@@ -95,6 +98,18 @@ impl Core {
             gatherings: Mutex::new(Gatherings::default()),
             barrier_generation: AtomicU64::new(0),
             stall_reported: Mutex::new(false),
+            spawner: {
+                let me = me.clone();
+                let label: Arc<str> = "(completion callback)".into();
+                Arc::new(move |cb| match me.upgrade() {
+                    Some(core) => {
+                        if let Err(cb) = core.pool.submit(label.clone(), cb) {
+                            cb();
+                        }
+                    }
+                    None => cb(),
+                })
+            },
             config,
         });
         let expired = Arc::downgrade(&core);
@@ -189,8 +204,9 @@ impl Core {
             return Err(e);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let slot = Slot::new();
+        let slot = Slot::new(Some(self.spawner.clone()));
         let started = Instant::now();
+        let deadline = timeout.map(|t| started + t);
         self.pending.insert(
             id,
             PendingCall {
@@ -198,7 +214,7 @@ impl Core {
                 function: function.into(),
                 internal,
                 started,
-                deadline: timeout.map(|t| started + t),
+                deadline,
                 slot: slot.clone(),
             },
         );
@@ -216,7 +232,8 @@ impl Core {
         if let Err(e) = self.transport().send_request(dst, &request) {
             self.finish(id, Err(e));
         }
-        Ok(RpcFuture::new(slot))
+        let progress = self.me.clone() as std::sync::Weak<dyn Progress>;
+        Ok(RpcFuture::with_driver(slot, progress, dst, deadline))
     }
 
     fn check_call(&self, dst: usize, function: &str, args: &[u8], internal: bool) -> Result<()> {
@@ -334,13 +351,18 @@ impl Core {
                 .send(Err((Status::Shutdown, format!("rank {} is shut down", self.rank))));
         }
         let mut reply = Reply::new(self.route(&request));
-        let view = Request {
-            src_rank: request.src,
-            function: &request.function,
-            args: &request.args,
-        };
         IN_HANDLER.set(IN_HANDLER.get() + 1);
-        let result = catch_unwind(AssertUnwindSafe(|| (handler.func)(&view, &mut reply)));
+        let result = catch_unwind(AssertUnwindSafe(|| match &handler.body {
+            Body::Borrowed(func) => {
+                let view = Request {
+                    src_rank: request.src,
+                    function: &request.function,
+                    args: &request.args,
+                };
+                func(&view, &mut reply)
+            }
+            Body::Owned(func) => func(request.src, request.args).map(|out| reply.set(out)),
+        }));
         IN_HANDLER.set(IN_HANDLER.get() - 1);
         let result = result.unwrap_or_else(|panic| {
             let what = panic
@@ -511,6 +533,14 @@ impl Core {
     pub(crate) fn close_and_join(&self) {
         self.close(false, Some(Instant::now()));
         self.pool.stop(None);
+    }
+}
+
+impl Progress for Core {
+    fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+        if let Some(t) = self.transport.get() {
+            t.drive(dst, done, deadline);
+        }
     }
 }
 

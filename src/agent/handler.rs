@@ -32,9 +32,19 @@ pub struct HandlerOptions {
 /// `Err(message)` to fail the call.
 pub type HandlerFn = dyn Fn(&Request<'_>, &mut Reply) -> Result<(), String> + Send + Sync;
 
+/// A handler that takes ownership of the arguments buffer: it may transform
+/// it in place and return it as the reply, with no copy (an echo, an
+/// in-place update of a parameter shard).
+pub type OwnedHandlerFn = dyn Fn(usize, Vec<u8>) -> Result<Vec<u8>, String> + Send + Sync;
+
+pub(crate) enum Body {
+    Borrowed(Box<HandlerFn>),
+    Owned(Box<OwnedHandlerFn>),
+}
+
 pub(crate) struct Handler {
     pub options: HandlerOptions,
-    pub func: Box<HandlerFn>,
+    pub body: Body,
 }
 
 /// Where and how one response goes back; used exactly once.

@@ -15,11 +15,11 @@ mod handler;
 mod pending;
 mod stats;
 
-pub use handler::{Deferred, HandlerFn, HandlerOptions, Reply, Request};
+pub use handler::{Deferred, HandlerFn, HandlerOptions, OwnedHandlerFn, Reply, Request};
 pub use stats::StatsSnapshot;
 
 use self::core::Core;
-use handler::Handler;
+use handler::{Body, Handler};
 
 /// One rank of a world. Cheap to clone (the clones share the agent), `Send`
 /// and `Sync`, so a handler can capture a clone to make nested calls.
@@ -141,7 +141,23 @@ impl RpcAgent {
             name,
             Handler {
                 options,
-                func: Box::new(handler),
+                body: Body::Borrowed(Box::new(handler)),
+            },
+        )
+    }
+
+    /// Registers a handler that owns the arguments buffer: it gets the
+    /// caller's rank and the arguments, and returns the reply, which may be
+    /// the same buffer transformed in place (no copy either way).
+    pub fn register_owned<F>(&self, name: &str, options: HandlerOptions, handler: F) -> Result<()>
+    where
+        F: Fn(usize, Vec<u8>) -> std::result::Result<Vec<u8>, String> + Send + Sync + 'static,
+    {
+        self.core().register(
+            name,
+            Handler {
+                options,
+                body: Body::Owned(Box::new(handler)),
             },
         )
     }

@@ -27,6 +27,8 @@ struct Table {
     deadlines: BTreeSet<(Instant, u64)>,
     user_calls: usize,
     stopped: bool,
+    /// When the deadline thread will next wake by itself.
+    sleeping_until: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -42,9 +44,10 @@ impl Pending {
     pub(crate) fn insert(&self, id: u64, call: PendingCall) {
         let mut t = self.table.lock();
         if let Some(d) = call.deadline {
-            let earliest = t.deadlines.first().is_none_or(|(first, _)| d < *first);
             t.deadlines.insert((d, id));
-            if earliest {
+            // Wake the deadline thread only if it would sleep past this one.
+            if t.sleeping_until.is_none_or(|until| d < until) {
+                t.sleeping_until = Some(d);
                 self.wake.notify_one();
             }
         }
@@ -128,6 +131,7 @@ impl Pending {
     ) -> std::io::Result<JoinHandle<()>> {
         let me = self.clone();
         std::thread::Builder::new().name(name).spawn(move || {
+            crate::future::mark_library_thread();
             let mut next_tick = Instant::now() + tick_every;
             let mut due = Vec::new();
             let mut t = me.table.lock();

@@ -135,3 +135,46 @@ pub(crate) fn detect_silent_peer(fd: &impl AsRawFd, timeout: std::time::Duration
     set_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
     set_option(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, total * 1000)
 }
+
+/// Waits up to `timeout` for `fd` to become readable (or hung up);
+/// false on timeout.
+pub(crate) fn wait_readable(fd: &impl AsRawFd, timeout: std::time::Duration) -> io::Result<bool> {
+    poll_one(fd, libc::POLLIN, timeout)
+}
+
+/// Waits up to `timeout` for `fd` to accept more bytes; false on timeout.
+pub(crate) fn wait_writable(fd: &impl AsRawFd, timeout: std::time::Duration) -> io::Result<bool> {
+    poll_one(fd, libc::POLLOUT, timeout)
+}
+
+fn poll_one(fd: &impl AsRawFd, events: libc::c_short, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfd` is one valid pollfd that outlives the call.
+    match check(unsafe { libc::poll(&mut pfd, 1, ms) }) {
+        Ok(n) => Ok(n > 0),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Asks for transparent huge pages behind a large buffer about to be filled,
+/// so filling it takes a few faults instead of one per 4 KiB page. Advice
+/// only: errors (no THP support) are ignored.
+pub(crate) fn prefer_huge_pages(buf: &mut [u8]) {
+    const HUGE: usize = 2 << 20;
+    let start = buf.as_mut_ptr() as usize;
+    let aligned = start.next_multiple_of(HUGE);
+    let end = start + buf.len();
+    if end > aligned + HUGE {
+        let len = (end - aligned) / HUGE * HUGE;
+        // SAFETY: [aligned, aligned + len) lies inside `buf`, which this
+        // thread borrows mutably; madvise only changes how the kernel backs
+        // those pages, not their contents or validity.
+        unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+    }
+}

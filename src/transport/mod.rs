@@ -55,6 +55,11 @@ pub(crate) trait Transport: Send + Sync {
 
     /// The address other ranks reach this one at (for logs).
     fn listen_addr(&self) -> String;
+
+    /// Called by a caller about to wait for a reply from `dst`: the
+    /// transport may use the caller's thread to read that reply itself until
+    /// `done()` or `deadline`, instead of waking it from another thread.
+    fn drive(&self, _dst: usize, _done: &dyn Fn() -> bool, _deadline: Option<Instant>) {}
 }
 
 /// What a transport delivers into its agent.

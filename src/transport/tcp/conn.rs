@@ -1,13 +1,20 @@
-//! One TCP connection: any thread may send on it (writing straight from the
-//! caller's buffers while the socket takes them, queueing the rest for the
-//! I/O thread); only the I/O thread reads it.
+//! One TCP connection. Any thread may send on it: the first to arrive takes
+//! the writer role and writes straight from its own buffers, then sends
+//! whatever other threads queued meanwhile in one vectored write (so frames
+//! batch under load without a writer thread). A thread that may wait for the
+//! socket (a caller, a worker) does; the I/O thread never does: what the
+//! socket will not take yet is copied once and finished by the I/O thread.
+//!
+//! Reading is done by whoever holds `reader`: the I/O thread, or a caller
+//! waiting for its own reply, which then reads the socket itself instead of
+//! being woken by the I/O thread.
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -20,14 +27,39 @@ use crate::net::framing::{FrameReader, slices_from};
 use crate::net::sys::{self, Epoll, READABLE, WRITABLE};
 
 const NO_PEER: usize = usize::MAX;
+/// How long a thread that may wait blocks on a full socket before it hands
+/// the rest to the I/O thread.
+const WAIT_FOR_SOCKET: Duration = Duration::from_millis(200);
+/// At most this many buffers per vectored write.
+const MAX_IOV: usize = 64;
+
+/// Whether the sending thread may block until the socket takes its bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// A caller or worker: waits (briefly) rather than copy.
+    Wait,
+    /// The I/O thread: never blocks.
+    NoWait,
+}
 
 #[derive(Default)]
 struct Outbox {
-    /// Bytes the socket did not take yet, oldest first.
+    /// Frames waiting behind the current writer, oldest first.
     queue: VecDeque<Vec<u8>>,
     /// How much of the front entry was already sent.
     front_sent: usize,
+    /// A thread holds the writer role.
+    writing: bool,
+    /// The socket was full: the I/O thread finishes the queue when it drains.
+    handed_off: bool,
     closed: bool,
+}
+
+/// What epoll watches this connection for.
+#[derive(Clone, Copy)]
+struct Interest {
+    read: bool,
+    write: bool,
 }
 
 pub(crate) struct Conn {
@@ -43,7 +75,15 @@ pub(crate) struct Conn {
     pub reader: Mutex<FrameReader>,
     /// The server side of the handshake (accepted connections).
     pub handshake: Mutex<Handshake>,
+    interest: Mutex<Interest>,
     epoll: Arc<Epoll>,
+}
+
+/// Outcome of writing out some bytes.
+enum Wrote {
+    All,
+    /// The socket stopped taking bytes; this many were sent.
+    Partly(usize),
 }
 
 impl Conn {
@@ -69,6 +109,10 @@ impl Conn {
             } else {
                 Handshake::AwaitHello
             }),
+            interest: Mutex::new(Interest {
+                read: true,
+                write: false,
+            }),
             epoll,
         }
     }
@@ -82,85 +126,154 @@ impl Conn {
         self.peer.store(rank, Ordering::Release);
     }
 
-    /// Sends one frame. Writes directly while the socket accepts bytes and
-    /// copies only what it did not take, for the I/O thread to flush; never
-    /// blocks on the network.
-    pub(crate) fn send(&self, mut header: Header, name: &[u8], payload: &[u8]) -> io::Result<()> {
+    /// Updates what epoll watches for (`None` keeps that part).
+    pub(crate) fn watch(&self, read: Option<bool>, write: Option<bool>) -> io::Result<()> {
+        let mut i = self.interest.lock();
+        i.read = read.unwrap_or(i.read);
+        i.write = write.unwrap_or(i.write);
+        let events = if i.read { READABLE } else { 0 } | if i.write { WRITABLE } else { 0 };
+        self.epoll.modify(&self.stream, self.token, events)
+    }
+
+    /// Sends one frame (see the module docs for who writes when).
+    pub(crate) fn send(&self, mut header: Header, name: &[u8], payload: &[u8], mode: Mode) -> io::Result<()> {
         header.name_len = name.len() as u16;
         header.payload_len = payload.len() as u64;
         let head = wire::encode_header(&header);
         let parts: [&[u8]; 3] = [&head, name, payload];
-        let total = head.len() + name.len() + payload.len();
-        let mut out = self.out.lock();
-        if out.closed {
-            return Err(io::ErrorKind::BrokenPipe.into());
-        }
-        let mut sent = 0;
-        if out.queue.is_empty() {
-            while sent < total {
-                match sys::send_vectored(&self.stream, &slices_from(&parts, sent)) {
-                    Ok(n) => sent += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        out.closed = true;
-                        return Err(e);
-                    }
-                }
+        {
+            let mut out = self.out.lock();
+            if out.closed {
+                return Err(io::ErrorKind::BrokenPipe.into());
             }
-            if sent == total {
+            if out.writing || out.handed_off {
+                out.queue.push_back(parts.concat());
                 return Ok(());
             }
-            self.epoll.modify(&self.stream, self.token, READABLE | WRITABLE)?;
+            out.writing = true;
         }
-        let mut rest = Vec::with_capacity(total - sent);
-        for s in slices_from(&parts, sent) {
-            rest.extend_from_slice(&s);
+        match self.write_all(&parts, mode) {
+            Ok(Wrote::All) => self.write_queued(mode),
+            Ok(Wrote::Partly(sent)) => self.hand_off(vec![parts.concat()], sent),
+            Err(e) => Err(self.broken(e)),
         }
-        out.queue.push_back(rest);
-        Ok(())
     }
 
-    /// Sends queued bytes (I/O thread, when the socket is writable).
-    pub(crate) fn flush(&self) -> io::Result<()> {
-        let mut out = self.out.lock();
-        while !out.queue.is_empty() {
-            let sent = out.front_sent;
-            let slices: Vec<io::IoSlice<'_>> = out
-                .queue
-                .iter()
-                .enumerate()
-                .map(|(i, b)| io::IoSlice::new(if i == 0 { &b[sent..] } else { b }))
-                .take(64)
-                .collect();
-            let mut n = match sys::send_vectored(&self.stream, &slices) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => {
-                    out.closed = true;
-                    return Err(e);
+    /// Writes `parts` from the start; in `Wait` mode waits (bounded) for the
+    /// socket when it is full.
+    fn write_all(&self, parts: &[&[u8]], mode: Mode) -> io::Result<Wrote> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut sent = 0;
+        let mut waited_since: Option<Instant> = None;
+        while sent < total {
+            let slices = slices_from(parts, sent);
+            match sys::send_vectored(&self.stream, &slices[..slices.len().min(MAX_IOV)]) {
+                Ok(n) => {
+                    sent += n;
+                    waited_since = None;
                 }
-            };
-            while n > 0 {
-                let left = out.queue[0].len() - out.front_sent;
-                if n >= left {
-                    n -= left;
-                    out.queue.pop_front();
-                    out.front_sent = 0;
-                } else {
-                    out.front_sent += n;
-                    n = 0;
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let since = *waited_since.get_or_insert_with(Instant::now);
+                    let left = WAIT_FOR_SOCKET.saturating_sub(since.elapsed());
+                    if mode == Mode::NoWait || left.is_zero() {
+                        return Ok(Wrote::Partly(sent));
+                    }
+                    sys::wait_writable(&self.stream, left)?;
                 }
+                Err(e) => return Err(e),
             }
         }
-        self.epoll.modify(&self.stream, self.token, READABLE)
+        Ok(Wrote::All)
+    }
+
+    /// Takes the writer role while the I/O thread reads a batch of requests,
+    /// so the replies produced meanwhile leave in one write at the end
+    /// ([`Conn::uncork`]). False if another thread is writing.
+    pub(crate) fn cork(&self) -> bool {
+        let mut out = self.out.lock();
+        if out.writing || out.handed_off || out.closed {
+            return false;
+        }
+        out.writing = true;
+        true
+    }
+
+    /// Ends a [`Conn::cork`]: sends what queued.
+    pub(crate) fn uncork(&self) -> io::Result<()> {
+        self.write_queued(Mode::NoWait)
+    }
+
+    /// Holding the writer role: sends what queued behind us, then lets go.
+    fn write_queued(&self, mode: Mode) -> io::Result<()> {
+        loop {
+            let (batch, front_sent) = {
+                let mut out = self.out.lock();
+                if out.queue.is_empty() {
+                    out.writing = false;
+                    return Ok(());
+                }
+                let front_sent = std::mem::take(&mut out.front_sent);
+                (std::mem::take(&mut out.queue), front_sent)
+            };
+            let batch: Vec<Vec<u8>> = batch.into();
+            let mut parts: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+            parts[0] = &parts[0][front_sent..];
+            match self.write_all(&parts, mode) {
+                Ok(Wrote::All) => {}
+                Ok(Wrote::Partly(sent)) => return self.hand_off(batch, front_sent + sent),
+                Err(e) => return Err(self.broken(e)),
+            }
+        }
+    }
+
+    /// Gives up the writer role with `unsent` (of which the first `skip`
+    /// bytes are sent) still to go: it goes before whatever queued since, and
+    /// the I/O thread finishes it when the socket drains.
+    fn hand_off(&self, unsent: Vec<Vec<u8>>, mut skip: usize) -> io::Result<()> {
+        let mut out = self.out.lock();
+        let mut pending: VecDeque<Vec<u8>> = VecDeque::with_capacity(unsent.len() + out.queue.len());
+        for b in unsent {
+            if skip >= b.len() {
+                skip -= b.len();
+            } else {
+                pending.push_back(b);
+            }
+        }
+        pending.extend(out.queue.drain(..));
+        out.queue = pending;
+        out.front_sent = skip;
+        out.writing = false;
+        out.handed_off = true;
+        // Under the outbox lock, so the interest always matches the state.
+        self.watch(None, Some(true))
+    }
+
+    fn broken(&self, e: io::Error) -> io::Error {
+        let mut out = self.out.lock();
+        out.closed = true;
+        out.writing = false;
+        e
+    }
+
+    /// The socket drained (I/O thread): finish what was handed off.
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        {
+            let mut out = self.out.lock();
+            if out.writing || !out.handed_off {
+                return Ok(());
+            }
+            out.handed_off = false;
+            out.writing = true;
+            self.watch(None, Some(false))?;
+        }
+        self.write_queued(Mode::NoWait)
     }
 
     /// True when everything sent has left this process.
     pub(crate) fn flushed(&self) -> bool {
         let out = self.out.lock();
-        out.queue.is_empty() || out.closed
+        (out.queue.is_empty() && !out.writing) || out.closed
     }
 
     /// Stops all traffic; the descriptor closes when the last user drops it.
@@ -169,21 +282,41 @@ impl Conn {
         let _ = self.epoll.delete(&self.stream);
         let _ = self.stream.shutdown(Shutdown::Both);
     }
-}
 
-impl ReplySink for Conn {
-    fn send_reply(&self, id: u64, outcome: Outcome) {
+    /// Sends a response from whatever thread produced it.
+    fn respond(&self, id: u64, outcome: &Outcome, mode: Mode) {
         let mut header = Header::new(Kind::Response);
         header.request_id = id;
         // A failed send means the connection is broken; its reader sees that
         // and reports the peer, so there is nothing more to do here.
-        let _ = match &outcome {
-            Ok(data) => self.send(header, &[], data),
+        let _ = match outcome {
+            Ok(data) => self.send(header, &[], data, mode),
             Err((status, message)) => {
                 header.status = *status as i32;
                 debug_assert_ne!(*status, Status::Ok);
-                self.send(header, &[], message.as_bytes())
+                self.send(header, &[], message.as_bytes(), mode)
             }
         };
+    }
+}
+
+thread_local! {
+    /// Set on the I/O thread, which must never wait for a socket.
+    static ON_IO_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as the I/O thread.
+pub(crate) fn mark_io_thread() {
+    ON_IO_THREAD.set(true);
+}
+
+/// The send mode for the calling thread.
+pub(crate) fn mode_here() -> Mode {
+    if ON_IO_THREAD.get() { Mode::NoWait } else { Mode::Wait }
+}
+
+impl ReplySink for Conn {
+    fn send_reply(&self, id: u64, outcome: Outcome) {
+        self.respond(id, &outcome, mode_here());
     }
 }

@@ -29,10 +29,13 @@ mod conn;
 use crate::net::framing::{Frame, FrameReader, ReadEnd};
 use crate::net::sys::{self, Epoll, Event, READABLE};
 
-use conn::Conn;
+use conn::{Conn, Mode};
 
 /// A connection that has not finished its handshake by then is closed.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a caller reading its own reply waits before it looks again at
+/// whether its call completed some other way.
+const LEAD_SLICE: Duration = Duration::from_millis(100);
 /// Bound on opening a connection when the call has no deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const LISTENER: u64 = 0;
@@ -213,7 +216,7 @@ impl Transport for TcpTransport {
         header.flags = if request.internal { FLAG_INTERNAL } else { 0 };
         // 0 means "no deadline" on the wire, so a deadline due now is 1 µs.
         header.timeout_us = request.timeout.map_or(0, |t| (t.as_micros() as u64).max(1));
-        conn.send(header, request.function.as_bytes(), request.args)
+        conn.send(header, request.function.as_bytes(), request.args, conn::mode_here())
             .map_err(|e| self.shared.conn_failed(&conn, format!("sending failed: {e}")))
     }
 
@@ -225,7 +228,7 @@ impl Transport for TcpTransport {
         let conns: Vec<Arc<Conn>> = shared.conns.lock().values().cloned().collect();
         if graceful {
             for c in conns.iter().filter(|c| c.peer().is_some()) {
-                let _ = c.send(Header::new(Kind::Goodbye), &[], &[]);
+                let _ = c.send(Header::new(Kind::Goodbye), &[], &[], conn::mode_here());
             }
             while Instant::now() < deadline && !conns.iter().all(|c| c.flushed()) {
                 std::thread::sleep(Duration::from_millis(1));
@@ -251,6 +254,10 @@ impl Transport for TcpTransport {
 
     fn listen_addr(&self) -> String {
         self.shared.listen_addr.to_string()
+    }
+
+    fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+        self.shared.drive(dst, done, deadline);
     }
 }
 
@@ -359,8 +366,56 @@ impl Shared {
         Ok(conn)
     }
 
+    /// A caller waiting for a reply from `dst` reads that connection itself
+    /// (if nobody else is): the reply completes its call on its own thread,
+    /// with no wake-up from the I/O thread. Other frames it meets are
+    /// dispatched as the I/O thread would.
+    fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+        let conn = match &*self.peers[dst].state.lock() {
+            PeerState::Ready(c) => c.clone(),
+            _ => return,
+        };
+        let Some(mut reader) = conn.reader.try_lock() else {
+            return; // the I/O thread (or another caller) is reading it
+        };
+        if conn.watch(Some(false), None).is_err() {
+            return;
+        }
+        let mut stream = &conn.stream;
+        let outcome = loop {
+            if done() || self.stopping.load(Ordering::Acquire) {
+                break Ok(());
+            }
+            match reader.read_from(&mut stream, &mut |frame, reader| self.on_frame(&conn, frame, reader)) {
+                Ok(ReadEnd::WouldBlock) => {}
+                Ok(ReadEnd::Eof) => break Err(None),
+                Err(e) => break Err(Some(e)),
+            }
+            if done() {
+                break Ok(());
+            }
+            let slice = match deadline {
+                Some(d) if d <= Instant::now() => break Ok(()),
+                Some(d) => (d - Instant::now()).min(LEAD_SLICE),
+                None => LEAD_SLICE,
+            };
+            if sys::wait_readable(&conn.stream, slice).is_err() {
+                break Ok(());
+            }
+        };
+        // Hand reading back to the I/O thread (which sees anything that
+        // arrived meanwhile: epoll is level-triggered).
+        let _ = conn.watch(Some(true), None);
+        drop(reader);
+        if let Err(why) = outcome {
+            self.drop_conn(&conn, why);
+        }
+    }
+
     /// The I/O loop.
     fn run(self: Arc<Self>) {
+        conn::mark_io_thread();
+        crate::future::mark_library_thread();
         let mut events = Vec::with_capacity(128);
         let mut last_sweep = Instant::now();
         while !self.stopping.load(Ordering::Acquire) {
@@ -433,14 +488,22 @@ impl Shared {
         if !ev.readable() {
             return;
         }
-        let mut reader = conn.reader.lock();
+        // A caller waiting for its reply may be reading this connection itself.
+        let Some(mut reader) = conn.reader.try_lock() else {
+            return;
+        };
         let mut stream = &conn.stream;
+        // Requests read in one pass are answered in one write (inline
+        // handlers answer during the pass; workers may too).
+        let corked = !conn.outbound && conn.cork();
         let result = reader.read_from(&mut stream, &mut |frame, reader| self.on_frame(conn, frame, reader));
         drop(reader);
-        match result {
-            Ok(ReadEnd::WouldBlock) => {}
-            Ok(ReadEnd::Eof) => self.drop_conn(conn, None),
-            Err(e) => self.drop_conn(conn, Some(e)),
+        let flushed = if corked { conn.uncork() } else { Ok(()) };
+        match (result, flushed) {
+            (Ok(ReadEnd::WouldBlock), Ok(())) => {}
+            (Ok(ReadEnd::Eof), _) => self.drop_conn(conn, None),
+            (Err(e), _) => self.drop_conn(conn, Some(e)),
+            (_, Err(e)) => self.drop_conn(conn, Some(RpcError::Io(format!("sending failed: {e}")))),
         }
     }
 
@@ -505,7 +568,7 @@ impl Shared {
         };
         let step = conn.handshake.lock().step(&self.key, self.me as u32, &frame, admit);
         match step {
-            Ok(Step::Challenge(payload)) => conn.send(Header::new(Kind::Challenge), &[], &payload)?,
+            Ok(Step::Challenge(payload)) => conn.send(Header::new(Kind::Challenge), &[], &payload, Mode::NoWait)?,
             Ok(Step::Authenticated(hello)) => {
                 let welcome = Hello {
                     rank: self.me as u32,
@@ -513,13 +576,13 @@ impl Shared {
                     token: self.token,
                     nonce: [0; NONCE_LEN],
                 };
-                conn.send(Header::new(Kind::Welcome), &[], &welcome.encode())?;
+                conn.send(Header::new(Kind::Welcome), &[], &welcome.encode(), Mode::NoWait)?;
                 reader.set_max_payload(self.max_payload);
                 conn.set_peer(hello.rank as usize);
             }
             Err(e) => {
                 let (header, text) = auth::refused_frame(&e);
-                let _ = conn.send(header, &[], &text);
+                let _ = conn.send(header, &[], &text, Mode::NoWait);
                 return Err(e);
             }
         }
