@@ -30,7 +30,15 @@ fn main() {
     let mut table = Table;
     table.header();
     if wanted("latency") {
-        latency(&mut table, quick);
+        // Where threads run dominates round trips on a VM: a wake-up on
+        // another CPU costs far more than one on the same CPU. So latency is
+        // measured twice: with every thread of both processes on one CPU
+        // (software cost alone), and wherever the scheduler puts them.
+        let all = cpus();
+        pin(&[0]);
+        latency(&mut table, quick, "one CPU");
+        pin(&all);
+        latency(&mut table, quick, "any CPU");
     }
     if wanted("pipelined") {
         pipelined(&mut table, quick);
@@ -64,7 +72,7 @@ impl Table {
     /// rpcagent / raw, and the target says which side of 1 is good.
     fn row(&self, metric: &str, raw: f64, ours: f64, unit: &str) {
         println!(
-            "{:<44} {:>14} {:>14} {:>7.2}x",
+            "{:<48} {:>14} {:>14} {:>7.2}x",
             format!("{metric} ({unit})"),
             fmt(raw),
             fmt(ours),
@@ -73,7 +81,7 @@ impl Table {
     }
 
     fn single(&self, metric: &str, ours: f64, unit: &str) {
-        println!("{:<44} {:>14} {:>14}", format!("{metric} ({unit})"), "-", fmt(ours));
+        println!("{:<48} {:>14} {:>14}", format!("{metric} ({unit})"), "-", fmt(ours));
     }
 }
 
@@ -217,7 +225,33 @@ fn samples(quick: bool, size: usize) -> usize {
     if quick { n / 10 } else { n }
 }
 
-fn latency(table: &mut Table, quick: bool) {
+/// The CPUs this process may run on.
+fn cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity
+    // fills it and reads nothing else.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    // SAFETY: CPU_ISSET reads the set.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|c| unsafe { libc::CPU_ISSET(*c, &set) })
+        .collect()
+}
+
+/// Restricts this process (and the children it starts later) to `cpus`.
+fn pin(cpus: &[usize]) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for c in cpus {
+        // SAFETY: CPU_SET writes inside `set`; `c` < CPU_SETSIZE.
+        unsafe { libc::CPU_SET(*c, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is this thread,
+    // whose affinity new threads and processes inherit.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+}
+
+fn latency(table: &mut Table, quick: bool, placement: &str) {
     let (mut raw_child, port) = start_raw();
     let mut raw = RawClient::connect(port);
     let (rpc_child, agent) = start_rpc();
@@ -259,13 +293,13 @@ fn latency(table: &mut Table, quick: bool) {
         };
         for (p, name) in [(0.5, "p50"), (0.99, "p99")] {
             table.row(
-                &format!("round trip {label} {name}"),
+                &format!("round trip {label} {name}, {placement}"),
                 percentile(raw_times, p),
                 percentile(ours, p),
                 "us",
             );
             table.row(
-                &format!("round trip {label} {name}, inline handler"),
+                &format!("round trip {label} {name}, {placement}, inline"),
                 percentile(raw_times, p),
                 percentile(inline, p),
                 "us",

@@ -2,7 +2,6 @@
 //! thread that reads the response, the timer, or a failure), and the
 //! [`RpcFuture`] handle over it.
 
-use std::cell::Cell;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -14,18 +13,6 @@ pub(crate) type Callback = Box<dyn FnOnce() + Send>;
 
 /// Runs a completion callback on a library thread.
 pub(crate) type Spawner = Arc<dyn Fn(Callback) + Send + Sync>;
-
-thread_local! {
-    static LIBRARY_THREAD: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Marks the calling thread as one of the library's own, where completion
-/// callbacks may run directly. On any other thread (a caller reading its own
-/// reply, a user thread shutting down) they go to the spawner, so a callback
-/// never runs inside a user's wait, where it could deadlock on the user's locks.
-pub(crate) fn mark_library_thread() {
-    LIBRARY_THREAD.set(true);
-}
 
 /// Something that can make progress on calls to a rank while a caller waits
 /// (the TCP transport lets the caller read the connection itself).
@@ -91,8 +78,12 @@ impl Slot {
         };
         self.done.notify_all();
         for (_, cb) in callbacks {
+            // Off the library's threads (a caller reading its own reply, a
+            // user thread shutting down) callbacks go to the spawner, so a
+            // callback never runs inside a user's wait, where it could
+            // deadlock on the user's own locks.
             match &self.spawner {
-                Some(spawn) if !LIBRARY_THREAD.get() => spawn(cb),
+                Some(spawn) if !crate::threads::is_library() => spawn(cb),
                 _ => cb(),
             }
         }

@@ -26,6 +26,7 @@ pub mod log;
 mod net;
 mod pool;
 mod rendezvous;
+mod threads;
 mod transport;
 pub mod wire;
 

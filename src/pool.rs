@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -18,10 +19,12 @@ pub(crate) type Work = Box<dyn FnOnce() + Send>;
 struct Job {
     label: Arc<str>,
     run: Work,
+    /// Counts as a busy worker for the stall report (the I/O loop does not).
+    counted: bool,
 }
 
-/// A running job: since when, and for which function.
-type Running = Option<(Instant, Arc<str>)>;
+/// A running job: since when, for which function, and whether it counts.
+type Running = Option<(Instant, Arc<str>, bool)>;
 
 #[derive(Default)]
 struct Queue {
@@ -34,8 +37,13 @@ struct Queue {
     alive: usize,
 }
 
+/// How many times an idle worker yields and looks for work before sleeping.
+const SPINS: usize = 20;
+
 struct Shared {
     queue: Mutex<Queue>,
+    /// Whether the queue has jobs, readable without the lock.
+    has_work: AtomicBool,
     work: Condvar,
     exited: Condvar,
     busy: Mutex<Vec<Running>>,
@@ -65,13 +73,14 @@ impl Shared {
     }
 
     fn worker(&self, index: usize) {
-        crate::future::mark_library_thread();
+        crate::threads::mark_library();
         let mut q = self.queue.lock();
         loop {
             if let Some(job) = q.jobs.pop_front() {
+                self.has_work.store(!q.jobs.is_empty(), Ordering::Relaxed);
                 self.wake_one(&mut q);
                 drop(q);
-                self.busy.lock()[index] = Some((Instant::now(), job.label));
+                self.busy.lock()[index] = Some((Instant::now(), job.label, job.counted));
                 (job.run)();
                 self.busy.lock()[index] = None;
                 q = self.queue.lock();
@@ -79,6 +88,20 @@ impl Shared {
             }
             if q.stopped {
                 break;
+            }
+            // Under a stream of tiny jobs the next one is usually a few
+            // microseconds away: look again a few times, yielding the CPU,
+            // before paying for a sleep and a wake-up.
+            drop(q);
+            for _ in 0..SPINS {
+                std::thread::yield_now();
+                if self.has_work.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            q = self.queue.lock();
+            if !q.jobs.is_empty() || q.stopped {
+                continue;
             }
             q.sleeping += 1;
             self.work.wait(&mut q);
@@ -95,6 +118,7 @@ impl Pool {
     pub(crate) fn new(threads: usize, name: &str) -> std::io::Result<Pool> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
+            has_work: AtomicBool::new(false),
             work: Condvar::new(),
             exited: Condvar::new(),
             busy: Mutex::new(vec![None; threads]),
@@ -123,23 +147,59 @@ impl Pool {
 
     /// Queues `run`; gives it back if the pool has stopped.
     pub(crate) fn submit(&self, label: Arc<str>, run: Work) -> Result<(), Work> {
+        self.push(
+            Job {
+                label,
+                run,
+                counted: true,
+            },
+            false,
+        )
+    }
+
+    /// Runs `run` before anything queued, without counting it as a busy
+    /// worker (the I/O loop moving to another thread).
+    pub(crate) fn submit_first(&self, label: Arc<str>, run: Work) -> Result<(), Work> {
+        self.push(
+            Job {
+                label,
+                run,
+                counted: false,
+            },
+            true,
+        )
+    }
+
+    fn push(&self, job: Job, first: bool) -> Result<(), Work> {
         let mut q = self.shared.queue.lock();
         if q.stopped {
-            return Err(run);
+            return Err(job.run);
         }
-        q.jobs.push_back(Job { label, run });
+        if first {
+            q.jobs.push_front(job);
+        } else {
+            q.jobs.push_back(job);
+        }
+        self.shared.has_work.store(true, Ordering::Relaxed);
         self.shared.wake_one(&mut q);
         Ok(())
     }
 
+    /// Whether a worker sleeps with nothing to do (and is not being woken).
+    pub(crate) fn has_idle(&self) -> bool {
+        let q = self.shared.queue.lock();
+        q.sleeping > q.waking as usize && q.jobs.is_empty()
+    }
+
     pub(crate) fn busy(&self) -> Busy {
         let busy = self.shared.busy.lock();
-        let running: Vec<_> = busy.iter().flatten().collect();
+        let uncounted = busy.iter().flatten().filter(|(_, _, counted)| !counted).count();
+        let running: Vec<_> = busy.iter().flatten().filter(|(_, _, counted)| *counted).collect();
         Busy {
-            workers: busy.len(),
+            workers: busy.len() - uncounted,
             busy: running.len(),
-            all_busy_since: running.iter().map(|(t, _)| *t).max(),
-            labels: running.iter().map(|(_, l)| l.clone()).collect(),
+            all_busy_since: running.iter().map(|(t, _, _)| *t).max(),
+            labels: running.iter().map(|(_, l, _)| l.clone()).collect(),
         }
     }
 
@@ -177,7 +237,7 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     #[test]
     fn runs_every_job_and_stops() {

@@ -18,7 +18,7 @@ use crate::error::{Result, RpcError, Status};
 use crate::future::{Progress, RpcFuture, Slot, Spawner};
 use crate::log::log_at;
 use crate::pool::Pool;
-use crate::transport::{Dispatch, InRequest, OutRequest, Outcome, Transport};
+use crate::transport::{Dispatch, Executor, InRequest, OutRequest, Outcome, Transport};
 
 use super::handler::{Body, Handler, Reply, ReplyRoute, Request};
 use super::pending::{Pending, PendingCall};
@@ -70,6 +70,7 @@ pub(crate) struct Core {
     /// Runs completion callbacks that a call completed off the library's
     /// threads on the worker pool instead.
     spawner: Spawner,
+    io_label: Arc<str>,
 }
 
 fn remaining(deadline: Option<Instant>) -> Option<Duration> {
@@ -78,16 +79,20 @@ fn remaining(deadline: Option<Instant>) -> Option<Duration> {
 
 impl Core {
     /// A core for one rank; the transport is attached with [`Core::attach`].
-    pub(crate) fn new(config: Config, names: Vec<String>) -> Result<Arc<Core>> {
-        let pool = Pool::new(config.worker_threads, &format!("rpcagent-w{}", config.rank))
-            .map_err(|e| RpcError::Io(format!("cannot start worker threads: {e}")))?;
+    /// `io_threads` more threads join the pool for the transport's I/O loop.
+    pub(crate) fn new(config: Config, names: Vec<String>, io_threads: usize) -> Result<Arc<Core>> {
+        let pool = Pool::new(
+            config.worker_threads + io_threads,
+            &format!("rpcagent-w{}", config.rank),
+        )
+        .map_err(|e| RpcError::Io(format!("cannot start worker threads: {e}")))?;
         let core = Arc::new_cyclic(|me| Core {
             rank: config.rank,
             world_size: config.world_size,
             names,
             me: me.clone(),
             registry: RwLock::new(HashMap::new()),
-            pending: Arc::new(Pending::default()),
+            pending: Arc::new(Pending::new(config.world_size)),
             next_id: AtomicU64::new(1),
             state: AtomicU8::new(RUNNING),
             early: Mutex::new(Some(Vec::new())),
@@ -110,6 +115,7 @@ impl Core {
                     None => cb(),
                 })
             },
+            io_label: "(I/O loop)".into(),
             config,
         });
         let expired = Arc::downgrade(&core);
@@ -195,6 +201,7 @@ impl Core {
         args: &[u8],
         timeout: Option<Duration>,
         internal: bool,
+        will_wait: bool,
     ) -> Result<RpcFuture> {
         if let Err(e) = self.check_call(dst, function, args, internal) {
             if !internal {
@@ -228,6 +235,7 @@ impl Core {
             internal,
             timeout,
             args,
+            will_wait,
         };
         if let Err(e) = self.transport().send_request(dst, &request) {
             self.finish(id, Err(e));
@@ -329,9 +337,19 @@ impl Core {
                 core.run_handler(&handler, request);
             }
         });
-        // A pool that has stopped belongs to a closing agent, whose
-        // connections are closing too: the request is dropped with them.
-        let _ = self.pool.submit(label, job);
+        // On the I/O loop, a pass's only request is kept to run on this very
+        // thread once the loop has moved to an idle one (no wake-up between
+        // reading a request and serving it); under load the pool serves all.
+        let queued = if crate::threads::is_io_loop() {
+            crate::threads::keep(label, job)
+        } else {
+            vec![(label, job as crate::pool::Work)]
+        };
+        for (label, job) in queued {
+            // A pool that has stopped belongs to a closing agent, whose
+            // connections are closing too: the request is dropped with them.
+            let _ = self.pool.submit(label, job);
+        }
     }
 
     fn run_handler(&self, handler: &Handler, request: InRequest) {
@@ -443,7 +461,7 @@ impl Core {
 
     pub(crate) fn barrier(&self, timeout: Option<Duration>) -> Result<()> {
         let generation = self.barrier_generation.fetch_add(1, Ordering::Relaxed);
-        self.call(0, BARRIER, &generation.to_le_bytes(), timeout, true)?
+        self.call(0, BARRIER, &generation.to_le_bytes(), timeout, true, true)?
             .wait()
             .map(drop)
             .map_err(|e| match e {
@@ -477,7 +495,7 @@ impl Core {
                     self.rank
                 )));
             } else if let Err(e) = self
-                .call(0, SHUTDOWN, &[], remaining(deadline), true)
+                .call(0, SHUTDOWN, &[], remaining(deadline), true, true)
                 .and_then(RpcFuture::wait)
             {
                 result = Err(match e {
@@ -536,6 +554,20 @@ impl Core {
     }
 }
 
+impl Executor for Core {
+    fn run_io(&self, job: crate::pool::Work) -> bool {
+        self.pool.submit_first(self.io_label.clone(), job).is_ok()
+    }
+
+    fn has_idle(&self) -> bool {
+        self.pool.has_idle()
+    }
+
+    fn submit(&self, label: Arc<str>, job: crate::pool::Work) {
+        let _ = self.pool.submit(label, job);
+    }
+}
+
 impl Progress for Core {
     fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
         if let Some(t) = self.transport.get() {
@@ -589,5 +621,9 @@ impl Dispatch for Core {
 
     fn max_message_bytes(&self) -> u64 {
         self.config.max_message_bytes
+    }
+
+    fn calls_in_flight_to(&self, rank: usize) -> usize {
+        self.pending.in_flight_to(rank)
     }
 }

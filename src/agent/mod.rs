@@ -67,7 +67,7 @@ impl RpcAgent {
     pub fn init(config: Config) -> Result<RpcAgent> {
         config.validate()?;
         let joined = tcp::join_world(&config)?;
-        let core = Core::new(config, joined.names())?;
+        let core = Core::new(config, joined.names(), 1)?;
         let transport = tcp::TcpTransport::start(&core, joined, &core.config)?;
         core.attach(transport);
         log_at!(
@@ -107,7 +107,7 @@ impl RpcAgent {
         let names: Vec<String> = configs.iter().map(|c| c.worker_name()).collect();
         let cores: Vec<Arc<Core>> = configs
             .into_iter()
-            .map(|c| Core::new(c, names.clone()))
+            .map(|c| Core::new(c, names.clone(), 0))
             .collect::<Result<_>>()?;
         let dispatchers = cores
             .iter()
@@ -181,7 +181,7 @@ impl RpcAgent {
     /// Calls `function` on rank `dst` and waits for the reply, within the
     /// default call deadline.
     pub fn rpc_sync(&self, dst: usize, function: &str, args: &[u8]) -> Result<Vec<u8>> {
-        self.rpc_async(dst, function, args).wait()
+        self.rpc_sync_timeout(dst, function, args, self.default_timeout())
     }
 
     /// Like [`RpcAgent::rpc_sync`] with this call's own deadline (`None`: none).
@@ -192,7 +192,19 @@ impl RpcAgent {
         args: &[u8],
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>> {
-        self.rpc_async_timeout(dst, function, args, timeout).wait()
+        self.start_call(dst, function, args, timeout, true)?.wait()
+    }
+
+    /// Starts a call; `will_wait` says the caller waits for it right away.
+    pub(crate) fn start_call(
+        &self,
+        dst: usize,
+        function: &str,
+        args: &[u8],
+        timeout: Option<Duration>,
+        will_wait: bool,
+    ) -> Result<RpcFuture> {
+        self.core().call(dst, function, args, timeout, false, will_wait)
     }
 
     /// Starts a call and returns at once; `args` can be reused right away.
@@ -217,7 +229,7 @@ impl RpcAgent {
         args: &[u8],
         timeout: Option<Duration>,
     ) -> Result<RpcFuture> {
-        self.core().call(dst, function, args, timeout, false)
+        self.start_call(dst, function, args, timeout, false)
     }
 
     pub fn rank(&self) -> usize {

@@ -26,12 +26,13 @@ struct Table {
     calls: HashMap<u64, PendingCall>,
     deadlines: BTreeSet<(Instant, u64)>,
     user_calls: usize,
+    /// Calls in flight to each rank.
+    per_dst: Vec<usize>,
     stopped: bool,
     /// When the deadline thread will next wake by itself.
     sleeping_until: Option<Instant>,
 }
 
-#[derive(Default)]
 pub(crate) struct Pending {
     table: Mutex<Table>,
     /// Wakes the deadline thread (earlier deadline, or stop).
@@ -41,8 +42,25 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
+    pub(crate) fn new(world_size: usize) -> Pending {
+        Pending {
+            table: Mutex::new(Table {
+                per_dst: vec![0; world_size],
+                ..Table::default()
+            }),
+            wake: Condvar::new(),
+            drained: Condvar::new(),
+        }
+    }
+
+    /// Calls in flight to `dst`.
+    pub(crate) fn in_flight_to(&self, dst: usize) -> usize {
+        self.table.lock().per_dst.get(dst).copied().unwrap_or(0)
+    }
+
     pub(crate) fn insert(&self, id: u64, call: PendingCall) {
         let mut t = self.table.lock();
+        t.per_dst[call.dst] += 1;
         if let Some(d) = call.deadline {
             t.deadlines.insert((d, id));
             // Wake the deadline thread only if it would sleep past this one.
@@ -78,6 +96,7 @@ impl Pending {
             t.deadlines.remove(&(d, id));
         }
         t.user_calls -= !call.internal as usize;
+        t.per_dst[call.dst] -= 1;
     }
 
     /// Removes every call matching `pred`.
@@ -131,7 +150,7 @@ impl Pending {
     ) -> std::io::Result<JoinHandle<()>> {
         let me = self.clone();
         std::thread::Builder::new().name(name).spawn(move || {
-            crate::future::mark_library_thread();
+            crate::threads::mark_library();
             let mut next_tick = Instant::now() + tick_every;
             let mut due = Vec::new();
             let mut t = me.table.lock();
@@ -144,6 +163,7 @@ impl Pending {
                     t.deadlines.pop_first();
                     if let Some(call) = t.calls.remove(&id) {
                         t.user_calls -= !call.internal as usize;
+                        t.per_dst[call.dst] -= 1;
                         due.push(call);
                     }
                 }

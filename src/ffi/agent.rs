@@ -285,6 +285,7 @@ unsafe fn start_call(
     args: *const u8,
     args_len: usize,
     timeout_ms: i64,
+    will_wait: bool,
 ) -> Result<crate::RpcFuture, crate::RpcError> {
     // SAFETY: forwarded caller contract.
     let agent = unsafe { agent_ref(agent) }?;
@@ -292,7 +293,13 @@ unsafe fn start_call(
     let function = unsafe { c_str(function, "function") }?;
     // SAFETY: forwarded caller contract.
     let args = unsafe { super::bytes(args, args_len, "args") }?;
-    agent.try_rpc_async(dst_rank as usize, function, args, call_timeout(agent, timeout_ms)?)
+    agent.start_call(
+        dst_rank as usize,
+        function,
+        args,
+        call_timeout(agent, timeout_ms)?,
+        will_wait,
+    )
 }
 
 /// Calls `function` on `dst_rank` and waits for the reply. `timeout_ms`:
@@ -319,7 +326,7 @@ pub unsafe extern "C" fn rpcagent_call_sync(
         // SAFETY: forwarded caller contract.
         unsafe { put(out_result, rpcagent_buffer_t::EMPTY, "out_result") }?;
         // SAFETY: forwarded caller contract.
-        let reply = unsafe { start_call(agent, dst_rank, function, args, args_len, timeout_ms) }?.wait()?;
+        let reply = unsafe { start_call(agent, dst_rank, function, args, args_len, timeout_ms, true) }?.wait()?;
         // SAFETY: checked writable above.
         unsafe { put_buffer(out_result, reply) };
         Ok(RPCAGENT_OK)
@@ -347,7 +354,7 @@ pub unsafe extern "C" fn rpcagent_call_async(
         // SAFETY: forwarded caller contract.
         unsafe { put(out_future, std::ptr::null_mut(), "out_future") }?;
         // SAFETY: forwarded caller contract.
-        let future = unsafe { start_call(agent, dst_rank, function, args, args_len, timeout_ms) }?;
+        let future = unsafe { start_call(agent, dst_rank, function, args, args_len, timeout_ms, false) }?;
         // SAFETY: checked writable above.
         unsafe { out_future.write(rpcagent_future_t::boxed(future)) };
         Ok(RPCAGENT_OK)

@@ -86,15 +86,33 @@ impl FrameReader {
     }
 
     /// Reads what `src` has, handing every complete frame to `on_frame`
-    /// (an error from it stops the pass), until the socket would block or
-    /// closes. Errors: bad bytes, a truncated frame, or an I/O error.
+    /// (an error from it stops the pass), until the socket has nothing more
+    /// or closes. Errors: bad bytes, a truncated frame, or an I/O error.
     pub(crate) fn read_from(
         &mut self,
         src: &mut impl Read,
         on_frame: &mut dyn FnMut(Frame, &mut FrameReader) -> Result<()>,
     ) -> Result<ReadEnd> {
+        self.read_until(src, on_frame, &|| false)
+    }
+
+    /// Like [`FrameReader::read_from`], but makes no further read once
+    /// `stop()` holds (frames already buffered are still handed out, so
+    /// nothing is left behind that the socket's readiness would not show).
+    ///
+    /// A read that returns less than it asked for means the socket is
+    /// drained: the pass ends there instead of spending a system call to
+    /// hear "would block" (readiness is level-triggered, so more bytes will
+    /// be reported again).
+    pub(crate) fn read_until(
+        &mut self,
+        src: &mut impl Read,
+        on_frame: &mut dyn FnMut(Frame, &mut FrameReader) -> Result<()>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<ReadEnd> {
         loop {
             if let Some(large) = &mut self.large {
+                let want = large.payload.len() - large.filled;
                 match src.read(&mut large.payload[large.filled..]) {
                     Ok(0) => return Err(truncated()),
                     Ok(n) => {
@@ -109,6 +127,8 @@ impl FrameReader {
                                 },
                                 self,
                             )?;
+                        } else if n < want {
+                            return Ok(ReadEnd::WouldBlock);
                         }
                         continue;
                     }
@@ -123,6 +143,9 @@ impl FrameReader {
             if self.large.is_some() {
                 continue;
             }
+            if stop() {
+                return Ok(ReadEnd::WouldBlock);
+            }
             if self.start == self.end {
                 self.start = 0;
                 self.end = 0;
@@ -131,10 +154,21 @@ impl FrameReader {
                 self.end -= self.start;
                 self.start = 0;
             }
+            let want = self.buf.len() - self.end;
             match src.read(&mut self.buf[self.end..]) {
                 Ok(0) if self.start == self.end => return Ok(ReadEnd::Eof),
                 Ok(0) => return Err(truncated()),
-                Ok(n) => self.end += n,
+                Ok(n) => {
+                    self.end += n;
+                    if n < want {
+                        while let Some(frame) = self.parse_one()? {
+                            on_frame(frame, self)?;
+                        }
+                        if self.large.is_none() {
+                            return Ok(ReadEnd::WouldBlock);
+                        }
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadEnd::WouldBlock),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
@@ -319,18 +353,22 @@ mod tests {
         let err = reader.read_from(&mut src, &mut |_, _| Ok(())).err().unwrap();
         assert_eq!(err.status(), crate::Status::TooLarge);
 
+        // A closed stream is seen on the pass after the bytes ran out, as
+        // the event loop would call again on the next readiness.
+        let drain = |data: Vec<u8>| {
+            let mut reader = FrameReader::new(100);
+            let mut src = io::Cursor::new(data);
+            loop {
+                match reader.read_from(&mut src, &mut |_, _| Ok(())) {
+                    Ok(ReadEnd::WouldBlock) => continue,
+                    other => return other,
+                }
+            }
+        };
         let mut data = frame(1, "f", 10);
         data.truncate(45);
-        let mut reader = FrameReader::new(100);
-        let err = reader
-            .read_from(&mut io::Cursor::new(data), &mut |_, _| Ok(()))
-            .err()
-            .unwrap();
-        assert_eq!(err.status(), crate::Status::Protocol);
-        let mut reader = FrameReader::new(100);
-        let end = reader
-            .read_from(&mut io::Cursor::new(frame(1, "f", 10)), &mut |_, _| Ok(()))
-            .unwrap();
+        assert_eq!(drain(data).err().unwrap().status(), crate::Status::Protocol);
+        let end = drain(frame(1, "f", 10)).unwrap();
         assert_eq!(end, ReadEnd::Eof);
     }
 }

@@ -6,6 +6,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 pub(crate) const READABLE: u32 = libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32;
 pub(crate) const WRITABLE: u32 = libc::EPOLLOUT as u32;
+/// The peer closed its side (reported even when reading is left to others).
+pub(crate) const HANGUP: u32 = libc::EPOLLRDHUP as u32;
 
 /// An epoll instance.
 pub(crate) struct Epoll {

@@ -18,6 +18,8 @@ pub(crate) struct OutRequest<'a> {
     /// Time left to the caller's deadline (`None`: no deadline).
     pub timeout: Option<Duration>,
     pub args: &'a [u8],
+    /// The caller waits for the reply right away (and so may read it itself).
+    pub will_wait: bool,
 }
 
 /// A request that arrived.
@@ -62,6 +64,18 @@ pub(crate) trait Transport: Send + Sync {
     fn drive(&self, _dst: usize, _done: &dyn Fn() -> bool, _deadline: Option<Instant>) {}
 }
 
+/// Library threads a transport may borrow. The TCP transport runs its I/O
+/// loop as a job on the agent's pool, and moves the loop to an idle thread
+/// when its own thread keeps a request to serve.
+pub(crate) trait Executor: Send + Sync {
+    /// Runs the I/O loop `job` before any queued work; false if stopped.
+    fn run_io(&self, job: crate::pool::Work) -> bool;
+    /// Whether a library thread is idle and could take the loop at once.
+    fn has_idle(&self) -> bool;
+    /// Queues work the I/O loop kept but will not run itself after all.
+    fn submit(&self, label: Arc<str>, job: crate::pool::Work);
+}
+
 /// What a transport delivers into its agent.
 pub(crate) trait Dispatch: Send + Sync {
     fn on_request(&self, request: InRequest);
@@ -70,4 +84,6 @@ pub(crate) trait Dispatch: Send + Sync {
     fn on_peer_lost(&self, rank: usize, error: crate::RpcError);
     fn rank(&self) -> usize;
     fn max_message_bytes(&self) -> u64;
+    /// Calls this rank has in flight to `rank`.
+    fn calls_in_flight_to(&self, rank: usize) -> usize;
 }

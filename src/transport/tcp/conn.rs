@@ -24,7 +24,7 @@ use crate::transport::{Outcome, ReplySink};
 use crate::wire::{self, Header, Kind};
 
 use crate::net::framing::{FrameReader, slices_from};
-use crate::net::sys::{self, Epoll, READABLE, WRITABLE};
+use crate::net::sys::{self, Epoll, HANGUP, READABLE, WRITABLE};
 
 const NO_PEER: usize = usize::MAX;
 /// How long a thread that may wait blocks on a full socket before it hands
@@ -55,11 +55,14 @@ struct Outbox {
     closed: bool,
 }
 
-/// What epoll watches this connection for.
+/// What epoll watches this connection for, and who reads it.
 #[derive(Clone, Copy)]
 struct Interest {
+    /// The I/O thread reads it (otherwise only hang-ups are reported).
     read: bool,
     write: bool,
+    /// A caller is reading it for its reply.
+    leader: bool,
 }
 
 pub(crate) struct Conn {
@@ -112,6 +115,7 @@ impl Conn {
             interest: Mutex::new(Interest {
                 read: true,
                 write: false,
+                leader: false,
             }),
             epoll,
         }
@@ -126,13 +130,55 @@ impl Conn {
         self.peer.store(rank, Ordering::Release);
     }
 
-    /// Updates what epoll watches for (`None` keeps that part).
-    pub(crate) fn watch(&self, read: Option<bool>, write: Option<bool>) -> io::Result<()> {
-        let mut i = self.interest.lock();
-        i.read = read.unwrap_or(i.read);
-        i.write = write.unwrap_or(i.write);
-        let events = if i.read { READABLE } else { 0 } | if i.write { WRITABLE } else { 0 };
+    fn apply(&self, i: &Interest) -> io::Result<()> {
+        let events = HANGUP | if i.read { READABLE } else { 0 } | if i.write { WRITABLE } else { 0 };
         self.epoll.modify(&self.stream, self.token, events)
+    }
+
+    /// Whether epoll watches for the socket draining (queued bytes to send).
+    fn watch_writable(&self, write: bool) -> io::Result<()> {
+        let mut i = self.interest.lock();
+        if i.write == write {
+            return Ok(());
+        }
+        i.write = write;
+        self.apply(&i)
+    }
+
+    /// Makes sure the I/O thread reads this connection (unless a caller is
+    /// reading it now, who hands it back when done).
+    pub(crate) fn ensure_read(&self) -> io::Result<()> {
+        let mut i = self.interest.lock();
+        if i.read || i.leader {
+            return Ok(());
+        }
+        i.read = true;
+        self.apply(&i)
+    }
+
+    /// A caller starts reading this connection itself (it holds `reader`):
+    /// the I/O thread stops watching it for data.
+    pub(crate) fn begin_lead(&self) -> io::Result<()> {
+        let mut i = self.interest.lock();
+        i.leader = true;
+        if !i.read {
+            return Ok(());
+        }
+        i.read = false;
+        self.apply(&i)
+    }
+
+    /// The caller is done reading; the I/O thread takes over again if calls
+    /// are still in flight on it (an idle connection stays quiet: a hang-up
+    /// is reported either way, and the next call re-arms it).
+    pub(crate) fn end_lead(&self, calls_in_flight: bool) -> io::Result<()> {
+        let mut i = self.interest.lock();
+        i.leader = false;
+        if i.read || !calls_in_flight {
+            return Ok(());
+        }
+        i.read = true;
+        self.apply(&i)
     }
 
     /// Sends one frame (see the module docs for who writes when).
@@ -246,7 +292,7 @@ impl Conn {
         out.writing = false;
         out.handed_off = true;
         // Under the outbox lock, so the interest always matches the state.
-        self.watch(None, Some(true))
+        self.watch_writable(true)
     }
 
     fn broken(&self, e: io::Error) -> io::Error {
@@ -265,7 +311,7 @@ impl Conn {
             }
             out.handed_off = false;
             out.writing = true;
-            self.watch(None, Some(false))?;
+            self.watch_writable(false)?;
         }
         self.write_queued(Mode::NoWait)
     }
@@ -300,19 +346,13 @@ impl Conn {
     }
 }
 
-thread_local! {
-    /// Set on the I/O thread, which must never wait for a socket.
-    static ON_IO_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Marks the calling thread as the I/O thread.
-pub(crate) fn mark_io_thread() {
-    ON_IO_THREAD.set(true);
-}
-
-/// The send mode for the calling thread.
+/// The send mode for the calling thread: the I/O loop never waits.
 pub(crate) fn mode_here() -> Mode {
-    if ON_IO_THREAD.get() { Mode::NoWait } else { Mode::Wait }
+    if crate::threads::is_io_loop() {
+        Mode::NoWait
+    } else {
+        Mode::Wait
+    }
 }
 
 impl ReplySink for Conn {

@@ -10,7 +10,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAdd
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -22,7 +21,7 @@ use crate::log::log_at;
 use crate::rendezvous;
 use crate::wire::{self, FLAG_INTERNAL, Header, Hello, Kind, MAX_HANDSHAKE_PAYLOAD, NONCE_LEN, Table};
 
-use super::{Dispatch, InRequest, OutRequest, Transport};
+use super::{Dispatch, Executor, InRequest, OutRequest, Transport};
 
 mod conn;
 
@@ -141,17 +140,20 @@ struct Shared {
     next_token: AtomicU64,
     peers: Vec<Peer>,
     stopping: AtomicBool,
+    executor: Weak<dyn Executor>,
+    /// The I/O loop is running (or queued to run) somewhere.
+    io_loop: Mutex<bool>,
+    io_loop_done: Condvar,
 }
 
 pub(crate) struct TcpTransport {
     shared: Arc<Shared>,
     wake: UnixStream,
-    io_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl TcpTransport {
     /// Starts the I/O thread over the joined world.
-    pub(crate) fn start<D: Dispatch + 'static>(
+    pub(crate) fn start<D: Dispatch + Executor + 'static>(
         dispatch: &Arc<D>,
         world: JoinedWorld,
         config: &Config,
@@ -194,16 +196,16 @@ impl TcpTransport {
             next_token: AtomicU64::new(2),
             peers,
             stopping: AtomicBool::new(false),
+            executor: Arc::downgrade(dispatch) as Weak<dyn Executor>,
+            io_loop: Mutex::new(true),
+            io_loop_done: Condvar::new(),
         });
-        let s = shared.clone();
-        let io_thread = std::thread::Builder::new()
-            .name(format!("rpcagent-io{}", shared.me))
-            .spawn(move || s.run())?;
-        Ok(Arc::new(TcpTransport {
-            shared,
-            wake,
-            io_thread: Mutex::new(Some(io_thread)),
-        }))
+        if !dispatch.run_io(shared.clone().io_loop_job()) {
+            return Err(RpcError::Internal(
+                "the worker pool stopped before the I/O loop started".into(),
+            ));
+        }
+        Ok(Arc::new(TcpTransport { shared, wake }))
     }
 }
 
@@ -217,7 +219,14 @@ impl Transport for TcpTransport {
         // 0 means "no deadline" on the wire, so a deadline due now is 1 µs.
         header.timeout_us = request.timeout.map_or(0, |t| (t.as_micros() as u64).max(1));
         conn.send(header, request.function.as_bytes(), request.args, conn::mode_here())
-            .map_err(|e| self.shared.conn_failed(&conn, format!("sending failed: {e}")))
+            .map_err(|e| self.shared.conn_failed(&conn, format!("sending failed: {e}")))?;
+        // A caller about to wait reads the reply itself (see `drive`);
+        // otherwise the I/O thread must be watching for it.
+        if !request.will_wait {
+            conn.ensure_read()
+                .map_err(|e| self.shared.conn_failed(&conn, format!("epoll: {e}")))?;
+        }
+        Ok(())
     }
 
     fn close(&self, graceful: bool, deadline: Instant) {
@@ -235,10 +244,11 @@ impl Transport for TcpTransport {
             }
         }
         let _ = io::Write::write(&mut &self.wake, &[1]);
-        if let Some(t) = self.io_thread.lock().take()
-            && t.thread().id() != std::thread::current().id()
-        {
-            let _ = t.join();
+        // Wait (bounded) for the I/O loop to notice; it may be queued behind
+        // busy workers, and then it stops as soon as it starts.
+        if !crate::threads::is_io_loop() {
+            let mut running = shared.io_loop.lock();
+            while *running && !shared.io_loop_done.wait_until(&mut running, deadline).timed_out() {}
         }
         for c in shared.conns.lock().drain().map(|(_, c)| c) {
             c.close();
@@ -375,10 +385,18 @@ impl Shared {
             PeerState::Ready(c) => c.clone(),
             _ => return,
         };
-        let Some(mut reader) = conn.reader.try_lock() else {
-            return; // the I/O thread (or another caller) is reading it
+        let dispatch = self.dispatch();
+        let in_flight = || dispatch.as_ref().map_or(0, |d| d.calls_in_flight_to(dst));
+        // With several calls in flight the I/O thread reads their replies in
+        // batches; reading them here would only move that work.
+        let lead = if in_flight() <= 1 { conn.reader.try_lock() } else { None };
+        let Some(mut reader) = lead else {
+            if let Err(e) = conn.ensure_read() {
+                self.drop_conn(&conn, Some(RpcError::Io(format!("epoll: {e}"))));
+            }
+            return;
         };
-        if conn.watch(Some(false), None).is_err() {
+        if conn.begin_lead().is_err() {
             return;
         }
         let mut stream = &conn.stream;
@@ -386,41 +404,47 @@ impl Shared {
             if done() || self.stopping.load(Ordering::Acquire) {
                 break Ok(());
             }
-            match reader.read_from(&mut stream, &mut |frame, reader| self.on_frame(&conn, frame, reader)) {
-                Ok(ReadEnd::WouldBlock) => {}
-                Ok(ReadEnd::Eof) => break Err(None),
-                Err(e) => break Err(Some(e)),
-            }
-            if done() {
-                break Ok(());
-            }
             let slice = match deadline {
                 Some(d) if d <= Instant::now() => break Ok(()),
                 Some(d) => (d - Instant::now()).min(LEAD_SLICE),
                 None => LEAD_SLICE,
             };
-            if sys::wait_readable(&conn.stream, slice).is_err() {
-                break Ok(());
+            match sys::wait_readable(&conn.stream, slice) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(_) => break Ok(()),
+            }
+            match reader.read_until(
+                &mut stream,
+                &mut |frame, reader| self.on_frame(&conn, frame, reader),
+                done,
+            ) {
+                Ok(ReadEnd::WouldBlock) => {}
+                Ok(ReadEnd::Eof) => break Err(None),
+                Err(e) => break Err(Some(e)),
             }
         };
-        // Hand reading back to the I/O thread (which sees anything that
-        // arrived meanwhile: epoll is level-triggered).
-        let _ = conn.watch(Some(true), None);
         drop(reader);
+        let _ = conn.end_lead(in_flight() > 0);
         if let Err(why) = outcome {
             self.drop_conn(&conn, why);
         }
     }
 
-    /// The I/O loop.
-    fn run(self: Arc<Self>) {
-        conn::mark_io_thread();
-        crate::future::mark_library_thread();
+    fn io_loop_job(self: Arc<Self>) -> crate::pool::Work {
+        Box::new(move || self.io_loop())
+    }
+
+    /// The I/O loop: runs on one library thread at a time. When a read pass
+    /// leaves a request for the pool and another thread is idle, the loop
+    /// moves to that thread and this one serves the request itself.
+    fn io_loop(self: Arc<Self>) {
+        crate::threads::set_io_loop(true);
         let mut events = Vec::with_capacity(128);
         let mut last_sweep = Instant::now();
         while !self.stopping.load(Ordering::Acquire) {
             if let Err(e) = self.epoll.wait(&mut events, 250) {
-                log_at!(Error, Some(self.me), "epoll_wait failed: {e}; the I/O thread stops");
+                log_at!(Error, Some(self.me), "epoll_wait failed: {e}; the I/O loop stops");
                 break;
             }
             for ev in &events {
@@ -442,7 +466,21 @@ impl Shared {
                 last_sweep = Instant::now();
                 self.close_stale_handshakes();
             }
+            if let Some((label, job)) = crate::threads::take_kept() {
+                match self.executor.upgrade() {
+                    Some(ex) if ex.has_idle() && ex.run_io(self.clone().io_loop_job()) => {
+                        crate::threads::set_io_loop(false);
+                        job();
+                        return;
+                    }
+                    Some(ex) => ex.submit(label, job),
+                    None => drop(job),
+                }
+            }
         }
+        crate::threads::set_io_loop(false);
+        *self.io_loop.lock() = false;
+        self.io_loop_done.notify_all();
     }
 
     fn accept_all(&self) {
@@ -631,8 +669,11 @@ impl Shared {
             }
             return;
         };
-        let said_goodbye = conn.goodbye.load(Ordering::Acquire);
-        let error = if said_goodbye && why.is_none() {
+        // A peer that said goodbye is shutting down in order: replies it
+        // sent on our outgoing connection are still on their way there, so
+        // that connection is left to end by itself.
+        let graceful = conn.goodbye.load(Ordering::Acquire) && why.is_none();
+        let error = if graceful {
             RpcError::Shutdown(format!("rank {rank} has shut down"))
         } else {
             let reason = why.map_or("the connection was closed".into(), |e| e.to_string());
@@ -645,15 +686,20 @@ impl Shared {
             let peer = &self.peers[rank];
             let mut st = peer.state.lock();
             if !matches!(*st, PeerState::Lost(_)) {
-                // The outgoing connection goes too: the rank is lost either way.
+                // New calls fail from now on; a crash takes the outgoing
+                // connection (and every call on it) down at once.
                 if let PeerState::Ready(out) = std::mem::replace(&mut *st, PeerState::Lost(error.clone()))
                     && !Arc::ptr_eq(&out, conn)
+                    && !graceful
                 {
                     self.conns.lock().remove(&out.token);
                     out.close();
                 }
                 peer.changed.notify_all();
             }
+        }
+        if graceful && !conn.outbound {
+            return;
         }
         if let Some(d) = self.dispatch() {
             d.on_peer_lost(rank, error);

@@ -1,0 +1,67 @@
+//! What the calling thread is to the library. Library threads (workers, the
+//! I/O loop, the deadline thread) may run completion callbacks directly; the
+//! thread running the I/O loop must never wait on a socket, and may keep one
+//! request to run itself once it has handed the loop to an idle thread (so a
+//! request on a quiet agent is served without a wake-up in between).
+
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+
+use crate::pool::Work;
+
+thread_local! {
+    static LIBRARY: Cell<bool> = const { Cell::new(false) };
+    static IO_LOOP: Cell<bool> = const { Cell::new(false) };
+    static KEPT: RefCell<Kept> = const { RefCell::new(Kept::Nothing) };
+}
+
+/// What the I/O loop kept during the current read pass.
+enum Kept {
+    Nothing,
+    One(Arc<str>, Work),
+    /// Several requests came in one pass: the pool serves them all.
+    Busy,
+}
+
+/// Marks the calling thread as one of the library's own.
+pub(crate) fn mark_library() {
+    LIBRARY.set(true);
+}
+
+pub(crate) fn is_library() -> bool {
+    LIBRARY.get()
+}
+
+/// Whether the calling thread runs the I/O loop now.
+pub(crate) fn set_io_loop(on: bool) {
+    IO_LOOP.set(on);
+}
+
+pub(crate) fn is_io_loop() -> bool {
+    IO_LOOP.get()
+}
+
+/// On the I/O loop: keeps `work` to run on this thread after the current
+/// read pass if it is the pass's only request; otherwise hands back what is
+/// to be queued instead (this one, and the one kept before, if any).
+pub(crate) fn keep(label: Arc<str>, work: Work) -> Vec<(Arc<str>, Work)> {
+    KEPT.with(|k| {
+        let mut k = k.borrow_mut();
+        match std::mem::replace(&mut *k, Kept::Busy) {
+            Kept::Nothing => {
+                *k = Kept::One(label, work);
+                Vec::new()
+            }
+            Kept::One(first_label, first) => vec![(first_label, first), (label, work)],
+            Kept::Busy => vec![(label, work)],
+        }
+    })
+}
+
+/// The work kept during the last read pass (and a fresh pass begins).
+pub(crate) fn take_kept() -> Option<(Arc<str>, Work)> {
+    KEPT.with(|k| match std::mem::replace(&mut *k.borrow_mut(), Kept::Nothing) {
+        Kept::One(label, work) => Some((label, work)),
+        _ => None,
+    })
+}
