@@ -78,6 +78,7 @@ impl Shared {
         loop {
             if let Some(job) = q.jobs.pop_front() {
                 self.has_work.store(!q.jobs.is_empty(), Ordering::Relaxed);
+                crate::threads::set_more_work(!q.jobs.is_empty());
                 self.wake_one(&mut q);
                 drop(q);
                 self.busy.lock()[index] = Some((Instant::now(), job.label, job.counted));
@@ -88,6 +89,13 @@ impl Shared {
             }
             if q.stopped {
                 break;
+            }
+            // Replies held back for company leave now.
+            drop(q);
+            crate::threads::flush_corked();
+            q = self.queue.lock();
+            if !q.jobs.is_empty() {
+                continue;
             }
             // Under a stream of tiny jobs the next one is usually a few
             // microseconds away: look again a few times, yielding the CPU,

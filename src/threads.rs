@@ -9,9 +9,17 @@ use std::sync::Arc;
 
 use crate::pool::Work;
 
+/// Something holding frames this thread queued without writing.
+pub(crate) trait Corked {
+    fn flush_cork(&self);
+}
+
 thread_local! {
     static LIBRARY: Cell<bool> = const { Cell::new(false) };
     static IO_LOOP: Cell<bool> = const { Cell::new(false) };
+    /// A worker with more jobs waiting (its replies may wait for company).
+    static MORE_WORK: Cell<bool> = const { Cell::new(false) };
+    static CORKED: RefCell<Vec<Arc<dyn Corked + Send + Sync>>> = const { RefCell::new(Vec::new()) };
     static KEPT: RefCell<Kept> = const { RefCell::new(Kept::Nothing) };
 }
 
@@ -64,4 +72,31 @@ pub(crate) fn take_kept() -> Option<(Arc<str>, Work)> {
         Kept::One(label, work) => Some((label, work)),
         _ => None,
     })
+}
+
+/// Set by a worker before each job: whether more jobs wait behind it.
+pub(crate) fn set_more_work(more: bool) {
+    MORE_WORK.set(more);
+}
+
+pub(crate) fn more_work() -> bool {
+    MORE_WORK.get()
+}
+
+/// Remembers that this thread left a corked batch in `c`.
+pub(crate) fn note_corked(c: Arc<dyn Corked + Send + Sync>) {
+    CORKED.with(|list| {
+        let mut list = list.borrow_mut();
+        if !list.iter().any(|known| Arc::ptr_eq(known, &c)) {
+            list.push(c);
+        }
+    });
+}
+
+/// Writes every batch this thread corked (it is about to wait or idle).
+pub(crate) fn flush_corked() {
+    let list = CORKED.with(|list| std::mem::take(&mut *list.borrow_mut()));
+    for c in list {
+        c.flush_cork();
+    }
 }

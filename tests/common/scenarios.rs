@@ -216,22 +216,28 @@ pub fn early_call(agent: &RpcAgent) {
 
 pub const IN_FLIGHT: usize = 10_000;
 
-/// Rank 1 holds every reply until all 10,000 calls have arrived, so rank 0
-/// has them all in flight at once; its thread count must not move.
+/// Rank 1 holds every reply until rank 0 says so, after all 10,000 calls
+/// have arrived, so rank 0 has them all in flight at once; its thread count
+/// must not move.
 pub fn many_in_flight(agent: &RpcAgent) {
     let held: Held<Vec<u8>> = Arc::default();
     let h = held.clone();
     agent
         .register_with("gate", HandlerOptions::default(), move |req, reply| {
             let d = reply.defer().unwrap();
-            let mut held = h.lock();
-            held.push((req.args.to_vec(), d));
-            if held.len() == IN_FLIGHT {
-                for (args, d) in held.drain(..) {
-                    d.complete(args);
-                }
-            }
+            h.lock().push((req.args.to_vec(), d));
             Ok(())
+        })
+        .unwrap();
+    let h = held.clone();
+    agent
+        .register("release", move |_: &[u8]| {
+            let mut held = h.lock();
+            let count = held.len();
+            for (args, d) in held.drain(..) {
+                d.complete(args);
+            }
+            Ok((count as u64).to_le_bytes().to_vec())
         })
         .unwrap();
     agent.start().unwrap();
@@ -249,6 +255,14 @@ pub fn many_in_flight(agent: &RpcAgent) {
         let own_process = std::env::var_os("RPCAGENT_TEST_SCENARIO").is_some();
         if own_process {
             assert_eq!(during, before, "threads grew with {in_flight} calls in flight");
+        }
+        assert_eq!(in_flight, IN_FLIGHT as u64);
+        // Rank 1 answers once it holds them all.
+        let mut released = 0;
+        while released < IN_FLIGHT as u64 {
+            let n = agent.rpc_sync(1, "release", b"").unwrap();
+            released += u64::from_le_bytes(n.try_into().unwrap());
+            std::thread::sleep(Duration::from_millis(5));
         }
         for (i, f) in futures.into_iter().enumerate() {
             assert_eq!(f.wait().unwrap(), (i as u64).to_le_bytes());

@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 
 use crate::auth::Handshake;
 use crate::error::Status;
-use crate::transport::{Outcome, ReplySink};
+use crate::transport::Outcome;
 use crate::wire::{self, Header, Kind};
 
 use crate::net::framing::{FrameReader, slices_from};
@@ -32,6 +32,8 @@ const NO_PEER: usize = usize::MAX;
 const WAIT_FOR_SOCKET: Duration = Duration::from_millis(200);
 /// At most this many buffers per vectored write.
 const MAX_IOV: usize = 64;
+/// A corked batch is written once it holds this many frames.
+const MAX_CORKED: usize = 64;
 
 /// Whether the sending thread may block until the socket takes its bytes.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -52,6 +54,8 @@ struct Outbox {
     writing: bool,
     /// The socket was full: the I/O thread finishes the queue when it drains.
     handed_off: bool,
+    /// The queue holds a corked batch that nobody is writing yet.
+    corked: bool,
     closed: bool,
 }
 
@@ -80,6 +84,8 @@ pub(crate) struct Conn {
     pub handshake: Mutex<Handshake>,
     interest: Mutex<Interest>,
     epoll: Arc<Epoll>,
+    /// The transport, told about corked replies.
+    pub owner: std::sync::Weak<super::Shared>,
 }
 
 /// Outcome of writing out some bytes.
@@ -97,6 +103,7 @@ impl Conn {
         peer: Option<usize>,
         max_payload: u64,
         epoll: Arc<Epoll>,
+        owner: std::sync::Weak<super::Shared>,
     ) -> Conn {
         Conn {
             stream,
@@ -118,6 +125,7 @@ impl Conn {
                 leader: false,
             }),
             epoll,
+            owner,
         }
     }
 
@@ -197,12 +205,61 @@ impl Conn {
                 return Ok(());
             }
             out.writing = true;
+            if out.corked {
+                // A corked batch goes first, and this frame with it.
+                out.corked = false;
+                out.queue.push_back(parts.concat());
+                drop(out);
+                return self.write_queued(mode);
+            }
         }
         match self.write_all(&parts, mode) {
             Ok(Wrote::All) => self.write_queued(mode),
             Ok(Wrote::Partly(sent)) => self.hand_off(vec![parts.concat()], sent),
             Err(e) => Err(self.broken(e)),
         }
+    }
+
+    /// Queues a frame without writing it, for a thread issuing a burst of
+    /// calls: the batch leaves in one write when the thread waits, with the
+    /// next frame written on this connection, when it reaches
+    /// [`MAX_CORKED`] frames, or from the I/O loop within about a
+    /// millisecond. True if this frame starts a corked batch.
+    pub(crate) fn send_corked(&self, mut header: Header, name: &[u8], payload: &[u8]) -> io::Result<bool> {
+        header.name_len = name.len() as u16;
+        header.payload_len = payload.len() as u64;
+        let frame = [&wire::encode_header(&header)[..], name, payload].concat();
+        let mut out = self.out.lock();
+        if out.closed {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        out.queue.push_back(frame);
+        if out.writing || out.handed_off {
+            return Ok(false); // the writer takes it
+        }
+        if out.queue.len() >= MAX_CORKED {
+            out.corked = false;
+            out.writing = true;
+            drop(out);
+            self.write_queued(mode_here())?;
+            return Ok(false);
+        }
+        let starts = !out.corked;
+        out.corked = true;
+        Ok(starts)
+    }
+
+    /// Writes a corked batch, if there is one.
+    pub(crate) fn flush_cork(&self) -> io::Result<()> {
+        {
+            let mut out = self.out.lock();
+            if !out.corked || out.writing || out.handed_off {
+                return Ok(());
+            }
+            out.corked = false;
+            out.writing = true;
+        }
+        self.write_queued(mode_here())
     }
 
     /// Writes `parts` from the start; in `Wait` mode waits (bounded) for the
@@ -329,20 +386,18 @@ impl Conn {
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 
-    /// Sends a response from whatever thread produced it.
-    fn respond(&self, id: u64, outcome: &Outcome, mode: Mode) {
+    /// A response frame for `outcome`, and its payload.
+    pub(crate) fn response(id: u64, outcome: &Outcome) -> (Header, &[u8]) {
         let mut header = Header::new(Kind::Response);
         header.request_id = id;
-        // A failed send means the connection is broken; its reader sees that
-        // and reports the peer, so there is nothing more to do here.
-        let _ = match outcome {
-            Ok(data) => self.send(header, &[], data, mode),
+        match outcome {
+            Ok(data) => (header, data),
             Err((status, message)) => {
                 header.status = *status as i32;
                 debug_assert_ne!(*status, Status::Ok);
-                self.send(header, &[], message.as_bytes(), mode)
+                (header, message.as_bytes())
             }
-        };
+        }
     }
 }
 
@@ -355,8 +410,9 @@ pub(crate) fn mode_here() -> Mode {
     }
 }
 
-impl ReplySink for Conn {
-    fn send_reply(&self, id: u64, outcome: Outcome) {
-        self.respond(id, &outcome, mode_here());
+impl crate::threads::Corked for Conn {
+    fn flush_cork(&self) {
+        // A failed write is seen by the connection's reader.
+        let _ = Conn::flush_cork(self);
     }
 }

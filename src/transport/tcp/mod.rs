@@ -30,6 +30,25 @@ use crate::net::sys::{self, Epoll, Event, READABLE};
 
 use conn::{Conn, Mode};
 
+impl super::ReplySink for Conn {
+    /// A worker with more jobs waiting corks its reply: the next replies
+    /// join it in one write (flushed when the worker runs out of work).
+    fn send_reply(&self, id: u64, outcome: super::Outcome) {
+        let (header, payload) = Conn::response(id, &outcome);
+        // A failed send means the connection is broken; its reader sees that
+        // and reports the peer, so there is nothing more to do here.
+        if crate::threads::more_work() && !crate::threads::is_io_loop() {
+            if let (Ok(starts), Some(owner)) = (self.send_corked(header, &[], payload), self.owner.upgrade())
+                && let Some(me) = owner.conns.lock().get(&self.token).cloned()
+            {
+                owner.corked(&me, starts);
+            }
+        } else {
+            let _ = self.send(header, &[], payload, conn::mode_here());
+        }
+    }
+}
+
 /// A connection that has not finished its handshake by then is closed.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a caller reading its own reply waits before it looks again at
@@ -123,7 +142,9 @@ struct Peer {
     changed: Condvar,
 }
 
-struct Shared {
+pub(crate) struct Shared {
+    /// Itself, for the connections it makes.
+    this: Weak<Shared>,
     me: usize,
     world_size: usize,
     token: [u8; 16],
@@ -136,11 +157,16 @@ struct Shared {
     listener: TcpListener,
     listen_addr: SocketAddr,
     waker: UnixStream,
+    waker_tx: UnixStream,
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
     next_token: AtomicU64,
     peers: Vec<Peer>,
     stopping: AtomicBool,
     executor: Weak<dyn Executor>,
+    /// Connections with corked batches, flushed by the I/O loop.
+    corked: Mutex<Vec<Arc<Conn>>>,
+    /// The I/O loop sleeps with its long timeout (a new cork must tell it).
+    io_loop_idle: AtomicBool,
     /// The I/O loop is running (or queued to run) somewhere.
     io_loop: Mutex<bool>,
     io_loop_done: Condvar,
@@ -148,7 +174,6 @@ struct Shared {
 
 pub(crate) struct TcpTransport {
     shared: Arc<Shared>,
-    wake: UnixStream,
 }
 
 impl TcpTransport {
@@ -174,13 +199,15 @@ impl TcpTransport {
             })
             .collect::<Result<Vec<_>>>()?;
         let epoll = Arc::new(Epoll::new()?);
-        let (wake, waker) = UnixStream::pair()?;
+        let (waker_tx, waker) = UnixStream::pair()?;
         waker.set_nonblocking(true)?;
+        waker_tx.set_nonblocking(true)?;
         world.listener.set_nonblocking(true)?;
         epoll.add(&world.listener, LISTENER, READABLE)?;
         epoll.add(&waker, WAKER, READABLE)?;
         let weak: Weak<dyn Dispatch> = Arc::downgrade(dispatch) as Weak<dyn Dispatch>;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|this| Shared {
+            this: this.clone(),
             me: dispatch.rank(),
             world_size: peers.len(),
             token: world.table.token,
@@ -192,11 +219,14 @@ impl TcpTransport {
             listener: world.listener,
             listen_addr: world.listen_addr,
             waker,
+            waker_tx,
             conns: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(2),
             peers,
             stopping: AtomicBool::new(false),
             executor: Arc::downgrade(dispatch) as Weak<dyn Executor>,
+            corked: Mutex::new(Vec::new()),
+            io_loop_idle: AtomicBool::new(false),
             io_loop: Mutex::new(true),
             io_loop_done: Condvar::new(),
         });
@@ -205,7 +235,7 @@ impl TcpTransport {
                 "the worker pool stopped before the I/O loop started".into(),
             ));
         }
-        Ok(Arc::new(TcpTransport { shared, wake }))
+        Ok(Arc::new(TcpTransport { shared }))
     }
 }
 
@@ -218,8 +248,19 @@ impl Transport for TcpTransport {
         header.flags = if request.internal { FLAG_INTERNAL } else { 0 };
         // 0 means "no deadline" on the wire, so a deadline due now is 1 µs.
         header.timeout_us = request.timeout.map_or(0, |t| (t.as_micros() as u64).max(1));
-        conn.send(header, request.function.as_bytes(), request.args, conn::mode_here())
-            .map_err(|e| self.shared.conn_failed(&conn, format!("sending failed: {e}")))?;
+        // A thread issuing calls while others to this rank are in flight
+        // corks them: they leave together when it waits (or within about a
+        // millisecond), in one write instead of one each.
+        let cork = !request.will_wait
+            && !crate::threads::is_io_loop()
+            && self.shared.dispatch().is_some_and(|d| d.calls_in_flight_to(dst) >= 2);
+        let sent = if cork {
+            conn.send_corked(header, request.function.as_bytes(), request.args)
+                .map(|starts| self.shared.corked(&conn, starts))
+        } else {
+            conn.send(header, request.function.as_bytes(), request.args, conn::mode_here())
+        };
+        sent.map_err(|e| self.shared.conn_failed(&conn, format!("sending failed: {e}")))?;
         // A caller about to wait reads the reply itself (see `drive`);
         // otherwise the I/O thread must be watching for it.
         if !request.will_wait {
@@ -243,7 +284,7 @@ impl Transport for TcpTransport {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        let _ = io::Write::write(&mut &self.wake, &[1]);
+        let _ = io::Write::write(&mut &shared.waker_tx, &[1]);
         // Wait (bounded) for the I/O loop to notice; it may be queued behind
         // busy workers, and then it stops as soon as it starts.
         if !crate::threads::is_io_loop() {
@@ -280,6 +321,24 @@ fn remaining(deadline: Option<Instant>) -> Duration {
 impl Shared {
     fn dispatch(&self) -> Option<Arc<dyn Dispatch>> {
         self.dispatch.upgrade()
+    }
+
+    fn me_weak(&self) -> Weak<Shared> {
+        self.this.clone()
+    }
+
+    /// Records a corked batch on `conn` (`starts`: the first frame of one):
+    /// this thread flushes it before it waits or idles, and the I/O loop
+    /// within about a millisecond otherwise.
+    fn corked(&self, conn: &Arc<Conn>, starts: bool) {
+        if !starts {
+            return;
+        }
+        crate::threads::note_corked(conn.clone());
+        self.corked.lock().push(conn.clone());
+        if self.io_loop_idle.load(Ordering::Acquire) {
+            let _ = io::Write::write(&mut &self.waker_tx, &[1]);
+        }
     }
 
     /// The connection this rank's calls to `dst` go out on, opened on first use.
@@ -370,6 +429,7 @@ impl Shared {
             Some(dst),
             self.max_payload,
             self.epoll.clone(),
+            self.me_weak(),
         ));
         self.conns.lock().insert(conn.token, conn.clone());
         self.epoll.add(&conn.stream, conn.token, READABLE)?;
@@ -381,6 +441,7 @@ impl Shared {
     /// with no wake-up from the I/O thread. Other frames it meets are
     /// dispatched as the I/O thread would.
     fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+        crate::threads::flush_corked();
         let conn = match &*self.peers[dst].state.lock() {
             PeerState::Ready(c) => c.clone(),
             _ => return,
@@ -443,10 +504,18 @@ impl Shared {
         let mut events = Vec::with_capacity(128);
         let mut last_sweep = Instant::now();
         while !self.stopping.load(Ordering::Acquire) {
-            if let Err(e) = self.epoll.wait(&mut events, 250) {
+            // Corked batches are written within about a millisecond.
+            let corks = !self.corked.lock().is_empty();
+            self.io_loop_idle.store(!corks, Ordering::Release);
+            let waited = self.epoll.wait(&mut events, if corks { 1 } else { 250 });
+            self.io_loop_idle.store(false, Ordering::Release);
+            if let Err(e) = waited {
                 log_at!(Error, Some(self.me), "epoll_wait failed: {e}; the I/O loop stops");
                 break;
             }
+            // Woken only to learn of a new cork: give the batch its
+            // millisecond to fill.
+            let nudged_only = !events.is_empty() && events.iter().all(|e| e.token == WAKER);
             for ev in &events {
                 match ev.token {
                     LISTENER => self.accept_all(),
@@ -465,6 +534,14 @@ impl Shared {
             if last_sweep.elapsed() >= Duration::from_millis(250) {
                 last_sweep = Instant::now();
                 self.close_stale_handshakes();
+            }
+            if !nudged_only {
+                let corked = std::mem::take(&mut *self.corked.lock());
+                for c in corked {
+                    if let Err(e) = c.flush_cork() {
+                        self.drop_conn(&c, Some(RpcError::Io(format!("sending failed: {e}"))));
+                    }
+                }
             }
             if let Some((label, job)) = crate::threads::take_kept() {
                 match self.executor.upgrade() {
@@ -512,6 +589,7 @@ impl Shared {
             None,
             MAX_HANDSHAKE_PAYLOAD,
             self.epoll.clone(),
+            self.me_weak(),
         ));
         self.conns.lock().insert(conn.token, conn.clone());
         self.epoll.add(&conn.stream, conn.token, READABLE)
