@@ -51,7 +51,8 @@ pub unsafe extern "C" fn rpcagent_buffer_free(buf: *mut rpcagent_buffer_t) {
         if !buf.owner.is_null() {
             // SAFETY: a non-NULL owner is the Box<Vec<u8>> from `from_vec`,
             // freed once: the buffer is zeroed right after.
-            drop(unsafe { Box::from_raw(buf.owner.cast::<Vec<u8>>()) });
+            let bytes = unsafe { Box::from_raw(buf.owner.cast::<Vec<u8>>()) };
+            crate::recycle_buffer(*bytes);
         }
         *buf = rpcagent_buffer_t::EMPTY;
     });

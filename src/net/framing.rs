@@ -203,8 +203,7 @@ impl FrameReader {
             // buffer now and read the rest straight into it.
             let name = have[HEADER_LEN..HEADER_LEN + name_len].to_vec();
             let got = &have[HEADER_LEN + name_len..];
-            let mut payload = vec![0u8; header.payload_len as usize];
-            crate::net::sys::prefer_huge_pages(&mut payload);
+            let mut payload = super::buffers::take(header.payload_len as usize);
             payload[..got.len()].copy_from_slice(got);
             self.large = Some(Large {
                 header,

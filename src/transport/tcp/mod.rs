@@ -46,6 +46,11 @@ impl super::ReplySink for Conn {
         } else {
             let _ = self.send(header, &[], payload, conn::mode_here());
         }
+        // The reply has left (or been copied): its buffer can take the next
+        // large message.
+        if let Ok(data) = outcome {
+            crate::net::buffers::give_back(data);
+        }
     }
 }
 
