@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -44,6 +44,8 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Whether the queue has jobs, readable without the lock.
     has_work: AtomicBool,
+    /// Workers looking for work before they sleep: they need no wake-up.
+    spinning: AtomicUsize,
     work: Condvar,
     exited: Condvar,
     busy: Mutex<Vec<Running>>,
@@ -66,7 +68,7 @@ pub(crate) struct Busy {
 impl Shared {
     /// Wakes one sleeper if there is work for it and none is on its way.
     fn wake_one(&self, q: &mut Queue) {
-        if !q.jobs.is_empty() && q.sleeping > 0 && !q.waking {
+        if !q.jobs.is_empty() && q.sleeping > 0 && !q.waking && self.spinning.load(Ordering::Acquire) == 0 {
             q.waking = true;
             self.work.notify_one();
         }
@@ -101,12 +103,14 @@ impl Shared {
             // microseconds away: look again a few times, yielding the CPU,
             // before paying for a sleep and a wake-up.
             drop(q);
+            self.spinning.fetch_add(1, Ordering::AcqRel);
             for _ in 0..SPINS {
                 std::thread::yield_now();
                 if self.has_work.load(Ordering::Relaxed) {
                     break;
                 }
             }
+            self.spinning.fetch_sub(1, Ordering::AcqRel);
             q = self.queue.lock();
             if !q.jobs.is_empty() || q.stopped {
                 continue;
@@ -127,6 +131,7 @@ impl Pool {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             has_work: AtomicBool::new(false),
+            spinning: AtomicUsize::new(0),
             work: Condvar::new(),
             exited: Condvar::new(),
             busy: Mutex::new(vec![None; threads]),
@@ -245,7 +250,6 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
 
     #[test]
     fn runs_every_job_and_stops() {
