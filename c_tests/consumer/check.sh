@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and runs a consumer of the installed package.
-#   check.sh cmake|static|pkgconfig|readme PREFIX WORKDIR CMAKE SOURCE_DIR
+#   check.sh cmake|static|pkgconfig|cpp|readme PREFIX WORKDIR CMAKE SOURCE_DIR
 set -euo pipefail
 kind=$1 prefix=$2 work=$3 cmake=$4 src=$5
 here=$(cd "$(dirname "$0")" && pwd)
@@ -29,6 +29,15 @@ pkgconfig)
     # shellcheck disable=SC2046
     $cc -o "$work/app" "$here/main.c" $(pkg-config --cflags --libs rpcagent) -Wl,-rpath,"$prefix/lib"
     "$work/app"
+    ;;
+cpp)
+    # The C++ wrapper is installed with the package.
+    test -f "$prefix/include/rpcagent.hpp"
+    export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+    # shellcheck disable=SC2046
+    ${CXX:-c++} -std=c++17 -Wall -Werror -o "$work/hello" "$src/examples/hello.cpp" $(pkg-config --cflags --libs rpcagent) -Wl,-rpath,"$prefix/lib"
+    bash "$src/examples/run_pair.sh" "$work/hello" | tee "$work/out"
+    grep -qx "rank 0 got: 0 knar morf olleh" "$work/out"
     ;;
 readme)
     # The C example in README.md, compiled exactly as written, run as a

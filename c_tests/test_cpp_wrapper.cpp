@@ -1,0 +1,116 @@
+// The C++ wrapper (rpcagent.hpp): RAII, lambda handlers, exceptions as
+// handler errors, futures, deferred replies from another thread, and a
+// world of two processes over TCP.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+
+#include "rpcagent.hpp"
+
+#define EXPECT(cond)                                                              \
+    do {                                                                          \
+        if (!(cond)) {                                                            \
+            std::fprintf(stderr, "%s:%d: EXPECT failed: %s\n", __FILE__, __LINE__, #cond); \
+            std::exit(1);                                                         \
+        }                                                                         \
+    } while (0)
+
+using rpcagent::Agent;
+using rpcagent::Bytes;
+using rpcagent::Request;
+
+static rpcagent_status_t status_of(const std::function<void()> &f, std::string *what = nullptr) {
+    try {
+        f();
+    } catch (const rpcagent::Error &e) {
+        if (what) *what = e.what();
+        return e.status();
+    }
+    return RPCAGENT_OK;
+}
+
+static void in_process() {
+    std::vector<Agent> world = Agent::local_world(2);
+    Agent &a = world[0], &b = world[1];
+    b.add("upper", [](const Request &r) {
+        Bytes out = r.bytes();
+        for (auto &c : out) c = static_cast<uint8_t>(std::toupper(c));
+        return out;
+    });
+    b.add("who", [](const Request &r) { return Bytes{static_cast<uint8_t>(r.src_rank)}; }, true);
+    b.add("throws", [](const Request &) -> Bytes { throw std::runtime_error("no such tensor: w3"); });
+    std::thread *answerer = nullptr;
+    b.add_deferred("later", [&answerer](const Request &r, rpcagent::Deferred d) {
+        std::string text(r.text());
+        answerer = new std::thread([d = std::move(d), text]() mutable {
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+            d.complete(text.data(), text.size());
+        });
+    });
+    b.start();
+
+    Bytes up = a.call(1, "upper", std::string_view("abc"));
+    EXPECT(std::string(up.begin(), up.end()) == "ABC");
+    EXPECT(a.call(1, "who").at(0) == 0);
+
+    std::string what;
+    EXPECT(status_of([&] { a.call(1, "throws"); }, &what) == RPCAGENT_ERR_HANDLER);
+    EXPECT(what.find("no such tensor: w3") != std::string::npos);
+    EXPECT(status_of([&] { a.call(1, "missing"); }) == RPCAGENT_ERR_NOT_FOUND);
+    EXPECT(status_of([&] { a.call(7, "upper"); }) == RPCAGENT_ERR_INVALID_ARGUMENT);
+
+    rpcagent::Future f = a.call_async(1, "later", Bytes{'h', 'i'});
+    std::atomic<int> done{0};
+    f.on_complete([&done] { done++; });
+    EXPECT(!f.wait_for(0).has_value() || f.ready());
+    Bytes later = f.get();
+    EXPECT(std::string(later.begin(), later.end()) == "hi");
+    for (int i = 0; i < 500 && done.load() == 0; i++) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    EXPECT(done.load() == 1);
+    if (answerer) {
+        answerer->join();
+        delete answerer;
+    }
+
+    b.remove("upper");
+    EXPECT(status_of([&] { a.call(1, "upper"); }) == RPCAGENT_ERR_NOT_FOUND);
+    EXPECT(a.stats().calls_ok >= 3);
+    EXPECT(status_of([] { rpcagent::Config().worker_threads(0); }) == RPCAGENT_ERR_INVALID_ARGUMENT);
+}
+
+static int over_tcp() {
+    int port = 20000 + getpid() % 20000;
+    pid_t child = fork();
+    int rank = child == 0 ? 1 : 0;
+    try {
+        rpcagent::Config cfg;
+        cfg.rank(rank).world_size(2).master("127.0.0.1", static_cast<uint16_t>(port)).init_timeout_ms(20000);
+        Agent agent(cfg);
+        agent.add("echo", [](const Request &r) { return r.bytes(); });
+        agent.start();
+        Bytes got = agent.call(1 - rank, "echo", Bytes(1000, static_cast<uint8_t>(rank)));
+        EXPECT(got.size() == 1000 && got[999] == rank);
+        agent.shutdown(true, 30000);
+    } catch (const rpcagent::Error &e) {
+        std::fprintf(stderr, "rank %d: %s\n", rank, e.what());
+        if (child == 0) std::_Exit(1);
+        return 1;
+    }
+    if (child == 0) std::_Exit(0);
+    int status = 0;
+    waitpid(child, &status, 0);
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
+}
+
+int main() {
+    in_process();
+    int failed = over_tcp();
+    std::printf("c++ wrapper: %s\n", failed ? "FAILED" : "ok");
+    return failed;
+}
