@@ -55,6 +55,13 @@ readme)
     cat "$work/rank0.out" "$work/rank1.out"
     grep -qx "rank 0 got: hello from rank 0" "$work/rank0.out"
     grep -qx "rank 1 got: hello from rank 1" "$work/rank1.out"
+    # And the C++ one.
+    awk '/<!-- example:cpp -->/{f=1; next} f && /^```cpp/{next} f && /^```/{exit} f' "$src/README.md" > "$work/example.cpp"
+    test -s "$work/example.cpp" || { echo "no C++ example in README.md" >&2; exit 1; }
+    # shellcheck disable=SC2046
+    ${CXX:-c++} -std=c++17 -Wall -Werror -o "$work/example_cpp" "$work/example.cpp" $(pkg-config --cflags --libs rpcagent) -Wl,-rpath,"$prefix/lib"
+    bash "$src/examples/run_pair.sh" "$work/example_cpp" | tee "$work/cpp.out"
+    grep -qx "rank 0 got: 0 knar morf olleh" "$work/cpp.out"
     ;;
 *)
     echo "unknown kind $kind" >&2
