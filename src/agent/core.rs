@@ -328,13 +328,13 @@ impl Core {
             return self.route(&request).send(Err((Status::NotFound, message)));
         };
         if handler.options.inline {
-            return self.run_handler(&handler, request);
+            return self.run_handler(handler, request);
         }
         let label: Arc<str> = request.function.as_str().into();
         let me = self.me.clone();
         let job = Box::new(move || {
             if let Some(core) = me.upgrade() {
-                core.run_handler(&handler, request);
+                core.run_handler(handler, request);
             }
         });
         // On the I/O loop, a pass's only request is kept to run on this very
@@ -352,7 +352,7 @@ impl Core {
         }
     }
 
-    fn run_handler(&self, handler: &Handler, request: InRequest) {
+    fn run_handler(&self, handler: Arc<Handler>, request: InRequest) {
         if request.deadline.is_some_and(|d| Instant::now() >= d) {
             log_at!(
                 Debug,
@@ -382,6 +382,9 @@ impl Core {
             Body::Owned(func) => func(request.src, request.args).map(|out| reply.set(out)),
         }));
         IN_HANDLER.set(IN_HANDLER.get() - 1);
+        // Let go of the handler before answering: once the caller has its
+        // reply, an unregister releases the handler's data at once.
+        drop(handler);
         let result = result.unwrap_or_else(|panic| {
             let what = panic
                 .downcast_ref::<&str>()
