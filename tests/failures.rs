@@ -16,10 +16,9 @@ const LONG: Duration = Duration::from_secs(60);
 #[test]
 #[ignore = "one rank of a multi-process test; started by the other tests"]
 fn rank_main() {
-    let Ok(scenario) = std::env::var("RPCAGENT_TEST_SCENARIO") else {
+    let Some((scenario, agent)) = common::rank_process() else {
         return;
     };
-    let agent = RpcAgent::init(Config::from_env().unwrap()).unwrap();
     match scenario.as_str() {
         "killed_peer" => killed_peer(&agent),
         "garbage" => garbage(&agent),

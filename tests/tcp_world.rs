@@ -15,10 +15,9 @@ const LIMIT: Duration = Duration::from_secs(120);
 #[test]
 #[ignore = "one rank of a multi-process test; started by the other tests"]
 fn rank_main() {
-    let Ok(scenario) = std::env::var("RPCAGENT_TEST_SCENARIO") else {
+    let Some((scenario, agent)) = common::rank_process() else {
         return;
     };
-    let agent = RpcAgent::init(Config::from_env().unwrap()).unwrap();
     let body = match scenario.as_str() {
         "mesh" => scenarios::mesh,
         "errors" => scenarios::errors,

@@ -33,6 +33,14 @@ pub fn thread_count() -> usize {
         .unwrap()
 }
 
+/// In a rank process started by [`World::run`]: its scenario's name and the
+/// agent it joined the world with. `None` in the test harness itself.
+pub fn rank_process() -> Option<(String, rpcagent::RpcAgent)> {
+    let scenario = std::env::var("RPCAGENT_TEST_SCENARIO").ok()?;
+    let config = rpcagent::Config::from_env().unwrap();
+    Some((scenario, rpcagent::RpcAgent::init(config).unwrap()))
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
