@@ -123,7 +123,8 @@ static void body(void) {
         /* The error text also lives in the future, for threads that hop. */
         rpcagent_future_t *f = NULL;
         CHECK_OK(rpcagent_call_async(agent, 2, "fails", NULL, 0, -1, &f));
-        CHECK_STATUS(rpcagent_future_wait(f, -1, NULL), RPCAGENT_ERR_HANDLER);
+        CHECK_STATUS(rpcagent_future_wait(f, -1, &out), RPCAGENT_ERR_HANDLER);
+        CHECK(out.data == NULL && out.len == 0);
         CHECK(rpcagent_future_error(f) != NULL && strstr(rpcagent_future_error(f), "bad input") != NULL);
         rpcagent_future_free(f);
 
@@ -134,11 +135,13 @@ static void body(void) {
 
         /* A pending future: wait(0) says PENDING and the future stays valid. */
         CHECK_OK(rpcagent_call_async(agent, 2, "slow", NULL, 0, 5000, &f));
-        CHECK_STATUS(rpcagent_future_wait(f, 0, NULL), RPCAGENT_PENDING);
+        CHECK_STATUS(rpcagent_future_wait(f, 0, &out), RPCAGENT_PENDING);
+        CHECK_STATUS(rpcagent_future_wait(f, 0, NULL), RPCAGENT_ERR_INVALID_ARGUMENT);
         CHECK(rpcagent_future_is_ready(f) == 0);
         size_t idx = 9;
         CHECK_STATUS(rpcagent_future_wait_any(&f, 1, 50, &idx), RPCAGENT_PENDING);
-        CHECK_OK(rpcagent_future_wait(f, -1, NULL));
+        CHECK_OK(rpcagent_future_wait(f, -1, &out));
+        rpcagent_buffer_free(&out);
         rpcagent_future_free(f);
 
         rpcagent_stats_t stats;

@@ -608,11 +608,12 @@ int rpcagent_future_is_ready(const struct rpcagent_future_t *f);
  * Waits for the call: `timeout_ms` 0 never blocks, < 0 waits forever, > 0
  * waits that long. `RPCAGENT_PENDING` if it is still running (the future
  * stays valid); otherwise the call's final status, with the reply in
- * `out_result` (nullable) the first time: a later wait returns the same
- * status with an empty buffer. On failure `out_result` is zeroed.
+ * `out_result` the first time: a later wait returns the same status with an
+ * empty buffer. On failure `out_result` is zeroed.
  *
  * # Safety
- * `f` is NULL or a live future handle; `out_result` is NULL or writable.
+ * `f` is NULL or a live future handle; `out_result` is NULL or writable
+ * (NULL is `RPCAGENT_ERR_INVALID_ARGUMENT`).
  */
 rpcagent_status_t rpcagent_future_wait(struct rpcagent_future_t *f,
                                        int64_t timeout_ms,
@@ -676,7 +677,9 @@ rpcagent_status_t rpcagent_reply_set(struct rpcagent_reply_t *reply,
 
 /**
  * A reply buffer of `len` bytes (zeroed) for the handler to fill in place,
- * with no further copy. Valid until the handler returns. NULL on error.
+ * with no further copy. Valid until the handler returns. NULL on error
+ * (`len` above the maximum message size, or no memory), with
+ * `rpcagent_last_error()` saying which.
  *
  * # Safety
  * `reply` is NULL or the live handle of a running handler.

@@ -83,8 +83,12 @@ pub fn log(level: Level, rank: Option<usize>, message: std::fmt::Arguments<'_>) 
         Some(r) => format!("[rpcagent rank {r}] {}: {message}", level.name()),
         None => format!("[rpcagent] {}: {message}", level.name()),
     };
-    let sink = SINK.read().clone();
-    match sink {
+    // The read lock is held across the call, so once set_sink returns no
+    // thread is still inside the sink it replaced (a C callback's user data
+    // may be freed right after). Sinks must not log (they cannot call back
+    // into rpcagent).
+    let sink = SINK.read();
+    match sink.as_ref() {
         Some(sink) => sink(level, &line),
         None => eprintln!("{line}"),
     }

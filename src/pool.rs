@@ -83,8 +83,13 @@ impl Shared {
                 crate::threads::set_more_work(!q.jobs.is_empty());
                 self.wake_one(&mut q);
                 drop(q);
-                self.busy.lock()[index] = Some((Instant::now(), job.label, job.counted));
-                (job.run)();
+                self.busy.lock()[index] = Some((Instant::now(), job.label.clone(), job.counted));
+                // A panicking job (a Rust completion callback, say) must not
+                // take the worker with it: the pool would shrink, and stop()
+                // would wait for it forever.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job.run)).is_err() {
+                    crate::log::log_at!(Error, None, "a job of '{}' panicked; the worker goes on", job.label);
+                }
                 self.busy.lock()[index] = None;
                 q = self.queue.lock();
                 continue;
@@ -198,10 +203,24 @@ impl Pool {
         Ok(())
     }
 
-    /// Whether a worker sleeps with nothing to do (and is not being woken).
-    pub(crate) fn has_idle(&self) -> bool {
-        let q = self.shared.queue.lock();
-        q.sleeping > q.waking as usize && q.jobs.is_empty()
+    /// Like [`Pool::submit_first`], but only if a worker is idle to take it
+    /// at once (sleeping and not being woken, or looking for work);
+    /// otherwise `run` comes back. One decision under the lock, so no other
+    /// job can take that worker in between.
+    pub(crate) fn submit_first_if_idle(&self, label: Arc<str>, run: Work) -> Result<(), Work> {
+        let mut q = self.shared.queue.lock();
+        let idle = q.sleeping > q.waking as usize || self.shared.spinning.load(Ordering::Acquire) > 0;
+        if q.stopped || !idle || !q.jobs.is_empty() {
+            return Err(run);
+        }
+        q.jobs.push_front(Job {
+            label,
+            run,
+            counted: false,
+        });
+        self.shared.has_work.store(true, Ordering::Relaxed);
+        self.shared.wake_one(&mut q);
+        Ok(())
     }
 
     pub(crate) fn busy(&self) -> Busy {

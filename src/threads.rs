@@ -17,6 +17,8 @@ pub(crate) trait Corked {
 thread_local! {
     static LIBRARY: Cell<bool> = const { Cell::new(false) };
     static IO_LOOP: Cell<bool> = const { Cell::new(false) };
+    /// A library thread that must never block (the deadline thread).
+    static NO_BLOCK: Cell<bool> = const { Cell::new(false) };
     /// A worker with more jobs waiting (its replies may wait for company).
     static MORE_WORK: Cell<bool> = const { Cell::new(false) };
     static CORKED: RefCell<Vec<Arc<dyn Corked + Send + Sync>>> = const { RefCell::new(Vec::new()) };
@@ -47,6 +49,16 @@ pub(crate) fn set_io_loop(on: bool) {
 
 pub(crate) fn is_io_loop() -> bool {
     IO_LOOP.get()
+}
+
+/// Marks the calling thread as one that must never block.
+pub(crate) fn mark_no_block() {
+    NO_BLOCK.set(true);
+}
+
+/// Whether the calling thread may block (on a connect, a full socket).
+pub(crate) fn may_block() -> bool {
+    !IO_LOOP.get() && !NO_BLOCK.get()
 }
 
 /// On the I/O loop: keeps `work` to run on this thread after the current

@@ -233,3 +233,46 @@ fn bad_world_arguments_are_refused() {
         Status::InvalidArgument
     );
 }
+
+#[test]
+fn every_deadline_fires_on_time_not_only_the_first() {
+    let agents = RpcAgent::local_world(2).unwrap();
+    agents[1]
+        .register("slow", |_: &[u8]| {
+            std::thread::sleep(Duration::from_millis(400));
+            Ok(vec![])
+        })
+        .unwrap();
+    agents[1].start().unwrap();
+    for round in 0..4 {
+        let started = std::time::Instant::now();
+        let err = agents[0]
+            .rpc_sync_timeout(1, "slow", b"", Some(Duration::from_millis(50)))
+            .unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(err.status(), Status::Timeout);
+        assert!(
+            took < Duration::from_millis(150),
+            "round {round}: a 50 ms deadline fired after {took:?}"
+        );
+    }
+}
+
+#[test]
+fn a_timed_out_barrier_can_be_retried_and_the_world_meets_there() {
+    let agents = RpcAgent::local_world(2).unwrap();
+    // Rank 1 gives up once before rank 0 arrives, then tries again.
+    assert_eq!(
+        agents[1].barrier(Duration::from_millis(50)).unwrap_err().status(),
+        Status::Timeout
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| agents[1].barrier(Duration::from_secs(10)).unwrap());
+        s.spawn(|| agents[0].barrier(Duration::from_secs(10)).unwrap());
+    });
+    // And the next barrier still lines up.
+    std::thread::scope(|s| {
+        s.spawn(|| agents[1].barrier(Duration::from_secs(10)).unwrap());
+        s.spawn(|| agents[0].barrier(Duration::from_secs(10)).unwrap());
+    });
+}

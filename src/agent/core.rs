@@ -44,7 +44,8 @@ thread_local! {
 /// Rank 0's record of who has arrived at each barrier and at shutdown.
 #[derive(Default)]
 struct Gatherings {
-    barriers: HashMap<u64, HashMap<usize, ReplyRoute>>,
+    /// Per generation, each rank's arrival and its caller's deadline.
+    barriers: HashMap<u64, HashMap<usize, (ReplyRoute, Option<Instant>)>>,
     shutdown: HashMap<usize, ReplyRoute>,
 }
 
@@ -136,7 +137,10 @@ impl Core {
                     }
                 },
             )
-            .map_err(|e| RpcError::Io(format!("cannot start the deadline thread: {e}")))?;
+            .map_err(|e| {
+                core.pool.stop(None);
+                RpcError::Io(format!("cannot start the deadline thread: {e}"))
+            })?;
         *core.deadline_thread.lock() = Some(thread);
         Ok(core)
     }
@@ -404,9 +408,15 @@ impl Core {
             (0, BARRIER) if request.args.len() == 8 => {
                 let generation = u64::from_le_bytes(request.args[..8].try_into().expect("8 bytes"));
                 let arrived = g.barriers.entry(generation).or_default();
-                arrived.insert(request.src, route);
+                // A rank whose barrier call has timed out is not here any more
+                // (it will come again with the same generation).
+                let now = Instant::now();
+                arrived.retain(|_, (_, deadline)| deadline.is_none_or(|d| d > now));
+                arrived.insert(request.src, (route, request.deadline));
                 if arrived.len() == self.world_size {
-                    g.barriers.remove(&generation)
+                    g.barriers
+                        .remove(&generation)
+                        .map(|a| a.into_iter().map(|(rank, (route, _))| (rank, route)).collect())
                 } else {
                     None
                 }
@@ -462,11 +472,16 @@ impl Core {
 
     // ---- lifecycle ----
 
+    /// Meets every rank at rank 0. A barrier that fails (times out) keeps
+    /// its generation, so trying again joins the same barrier the others
+    /// are in; rank 0 keeps only a rank's latest arrival.
     pub(crate) fn barrier(&self, timeout: Option<Duration>) -> Result<()> {
-        let generation = self.barrier_generation.fetch_add(1, Ordering::Relaxed);
+        let generation = self.barrier_generation.load(Ordering::Relaxed);
         self.call(0, BARRIER, &generation.to_le_bytes(), timeout, true, true)?
             .wait()
-            .map(drop)
+            .map(|_| {
+                self.barrier_generation.fetch_add(1, Ordering::Relaxed);
+            })
             .map_err(|e| match e {
                 RpcError::Timeout(_) => RpcError::Timeout(format!(
                     "barrier {generation} timed out after {} ms waiting for the other ranks",
@@ -562,8 +577,8 @@ impl Executor for Core {
         self.pool.submit_first(self.io_label.clone(), job).is_ok()
     }
 
-    fn has_idle(&self) -> bool {
-        self.pool.has_idle()
+    fn move_io(&self, job: crate::pool::Work) -> std::result::Result<(), crate::pool::Work> {
+        self.pool.submit_first_if_idle(self.io_label.clone(), job)
     }
 
     fn submit(&self, label: Arc<str>, job: crate::pool::Work) {
@@ -628,5 +643,9 @@ impl Dispatch for Core {
 
     fn calls_in_flight_to(&self, rank: usize) -> usize {
         self.pending.in_flight_to(rank)
+    }
+
+    fn fail_call(&self, id: u64, error: RpcError) {
+        self.finish(id, Err(error));
     }
 }

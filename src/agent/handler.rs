@@ -86,6 +86,9 @@ pub struct Reply {
     route: Option<ReplyRoute>,
     data: Vec<u8>,
     error: Option<String>,
+    /// A reply buffer above the maximum was asked for: the caller is told
+    /// the reply is too large, whatever the handler returns.
+    too_large: Option<String>,
 }
 
 impl Reply {
@@ -94,6 +97,7 @@ impl Reply {
             route: Some(route),
             data: Vec::new(),
             error: None,
+            too_large: None,
         }
     }
 
@@ -106,6 +110,23 @@ impl Reply {
     pub fn alloc(&mut self, len: usize) -> &mut [u8] {
         self.data = vec![0; len];
         &mut self.data
+    }
+
+    /// Like [`Reply::alloc`], but a length above the maximum message size,
+    /// or memory that cannot be had, is an error instead of an abort.
+    pub fn try_alloc(&mut self, len: usize) -> crate::Result<&mut [u8]> {
+        let max = self.route.as_ref().map_or(u64::MAX, |r| r.max_message_bytes);
+        if len as u64 > max {
+            let why = format!("the reply of {len} bytes exceeds the maximum message size of {max} bytes");
+            self.too_large = Some(why.clone());
+            return Err(crate::RpcError::TooLarge(why));
+        }
+        let mut data = Vec::new();
+        data.try_reserve_exact(len)
+            .map_err(|_| crate::RpcError::Io(format!("cannot allocate a reply of {len} bytes")))?;
+        data.resize(len, 0);
+        self.data = data;
+        Ok(&mut self.data)
     }
 
     /// Fails the call with `message` (the caller gets a handler error).
@@ -135,9 +156,10 @@ impl Reply {
         let Some(route) = self.route.take() else {
             return;
         };
-        let outcome = match (result, self.error.take()) {
-            (Err(message), _) | (Ok(()), Some(message)) => Err((Status::Handler, message)),
-            (Ok(()), None) => Ok(std::mem::take(&mut self.data)),
+        let outcome = match (result, self.error.take(), self.too_large.take()) {
+            (_, _, Some(why)) => Err((Status::TooLarge, why)),
+            (Err(message), _, None) | (Ok(()), Some(message), None) => Err((Status::Handler, message)),
+            (Ok(()), None, None) => Ok(std::mem::take(&mut self.data)),
         };
         route.send(outcome);
     }

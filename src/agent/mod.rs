@@ -68,7 +68,13 @@ impl RpcAgent {
         config.validate()?;
         let joined = tcp::join_world(&config)?;
         let core = Core::new(config, joined.names(), 1)?;
-        let transport = tcp::TcpTransport::start(&core, joined, &core.config)?;
+        let transport = match tcp::TcpTransport::start(&core, joined, &core.config) {
+            Ok(t) => t,
+            Err(e) => {
+                core.close_and_join(); // its pool and deadline thread
+                return Err(e);
+            }
+        };
         core.attach(transport);
         log_at!(
             Info,
@@ -105,10 +111,16 @@ impl RpcAgent {
             })
             .collect::<Result<_>>()?;
         let names: Vec<String> = configs.iter().map(|c| c.worker_name()).collect();
-        let cores: Vec<Arc<Core>> = configs
-            .into_iter()
-            .map(|c| Core::new(c, names.clone(), 0))
-            .collect::<Result<_>>()?;
+        let mut cores: Vec<Arc<Core>> = Vec::with_capacity(world_size);
+        for c in configs {
+            match Core::new(c, names.clone(), 0) {
+                Ok(core) => cores.push(core),
+                Err(e) => {
+                    cores.iter().for_each(|c| c.close_and_join());
+                    return Err(e);
+                }
+            }
+        }
         let dispatchers = cores
             .iter()
             .map(|c| Arc::downgrade(c) as std::sync::Weak<dyn crate::transport::Dispatch>)

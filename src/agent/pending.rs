@@ -151,6 +151,7 @@ impl Pending {
         let me = self.clone();
         std::thread::Builder::new().name(name).spawn(move || {
             crate::threads::mark_library();
+            crate::threads::mark_no_block();
             let mut next_tick = Instant::now() + tick_every;
             let mut due = Vec::new();
             let mut t = me.table.lock();
@@ -184,7 +185,9 @@ impl Pending {
                     .deadlines
                     .first()
                     .map_or(next_tick, |(when, _)| (*when).min(next_tick));
+                t.sleeping_until = Some(until);
                 me.wake.wait_until(&mut t, until);
+                t.sleeping_until = None;
             }
         })
     }

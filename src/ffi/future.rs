@@ -45,11 +45,12 @@ pub unsafe extern "C" fn rpcagent_future_is_ready(f: *const rpcagent_future_t) -
 /// Waits for the call: `timeout_ms` 0 never blocks, < 0 waits forever, > 0
 /// waits that long. `RPCAGENT_PENDING` if it is still running (the future
 /// stays valid); otherwise the call's final status, with the reply in
-/// `out_result` (nullable) the first time: a later wait returns the same
-/// status with an empty buffer. On failure `out_result` is zeroed.
+/// `out_result` the first time: a later wait returns the same status with an
+/// empty buffer. On failure `out_result` is zeroed.
 ///
 /// # Safety
-/// `f` is NULL or a live future handle; `out_result` is NULL or writable.
+/// `f` is NULL or a live future handle; `out_result` is NULL or writable
+/// (NULL is `RPCAGENT_ERR_INVALID_ARGUMENT`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn rpcagent_future_wait(
     f: *mut rpcagent_future_t,
@@ -59,10 +60,8 @@ pub unsafe extern "C" fn rpcagent_future_wait(
     guard(|| {
         // SAFETY: forwarded caller contract.
         let f = unsafe { handle(f, "f") }?;
-        if !out_result.is_null() {
-            // SAFETY: non-NULL and writable by the caller's contract.
-            unsafe { out_result.write(rpcagent_buffer_t::EMPTY) };
-        }
+        // SAFETY: forwarded caller contract.
+        unsafe { put(out_result, rpcagent_buffer_t::EMPTY, "out_result") }?;
         let outcome = if timeout_ms < 0 {
             Some(f.future.wait_ref())
         } else {

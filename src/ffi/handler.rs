@@ -173,7 +173,9 @@ pub unsafe extern "C" fn rpcagent_reply_set(
 }
 
 /// A reply buffer of `len` bytes (zeroed) for the handler to fill in place,
-/// with no further copy. Valid until the handler returns. NULL on error.
+/// with no further copy. Valid until the handler returns. NULL on error
+/// (`len` above the maximum message size, or no memory), with
+/// `rpcagent_last_error()` saying which.
 ///
 /// # Safety
 /// `reply` is NULL or the live handle of a running handler.
@@ -182,7 +184,7 @@ pub unsafe extern "C" fn rpcagent_reply_alloc(reply: *mut rpcagent_reply_t, len:
     guard_value(std::ptr::null_mut(), || {
         // SAFETY: forwarded caller contract.
         let reply = unsafe { reply_mut(reply) }?;
-        Ok(reply.alloc(len).as_mut_ptr())
+        Ok(reply.try_alloc(len)?.as_mut_ptr())
     })
 }
 

@@ -70,8 +70,9 @@ pub(crate) trait Transport: Send + Sync {
 pub(crate) trait Executor: Send + Sync {
     /// Runs the I/O loop `job` before any queued work; false if stopped.
     fn run_io(&self, job: crate::pool::Work) -> bool;
-    /// Whether a library thread is idle and could take the loop at once.
-    fn has_idle(&self) -> bool;
+    /// Moves the I/O loop `job` to an idle library thread, if one is idle
+    /// now; otherwise gives `job` back.
+    fn move_io(&self, job: crate::pool::Work) -> Result<(), crate::pool::Work>;
     /// Queues work the I/O loop kept but will not run itself after all.
     fn submit(&self, label: Arc<str>, job: crate::pool::Work);
 }
@@ -86,4 +87,6 @@ pub(crate) trait Dispatch: Send + Sync {
     fn max_message_bytes(&self) -> u64;
     /// Calls this rank has in flight to `rank`.
     fn calls_in_flight_to(&self, rank: usize) -> usize;
+    /// Call `id` could not be sent after all.
+    fn fail_call(&self, id: u64, error: crate::RpcError);
 }

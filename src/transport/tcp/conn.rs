@@ -54,7 +54,9 @@ struct Outbox {
     writing: bool,
     /// The socket was full: the I/O thread finishes the queue when it drains.
     handed_off: bool,
-    /// The queue holds a corked batch that nobody is writing yet.
+    /// The queue holds a corked batch that nobody is writing yet (never
+    /// true while a thread writes or the queue is handed off: those send
+    /// the whole queue).
     corked: bool,
     closed: bool,
 }
@@ -67,6 +69,9 @@ struct Interest {
     write: bool,
     /// A caller is reading it for its reply.
     leader: bool,
+    /// Someone needed the I/O thread reading while a caller led: it takes
+    /// over when the caller is done.
+    wanted: bool,
 }
 
 pub(crate) struct Conn {
@@ -123,6 +128,7 @@ impl Conn {
                 read: true,
                 write: false,
                 leader: false,
+                wanted: false,
             }),
             epoll,
             owner,
@@ -157,7 +163,11 @@ impl Conn {
     /// reading it now, who hands it back when done).
     pub(crate) fn ensure_read(&self) -> io::Result<()> {
         let mut i = self.interest.lock();
-        if i.read || i.leader {
+        if i.leader {
+            i.wanted = true;
+            return Ok(());
+        }
+        if i.read {
             return Ok(());
         }
         i.read = true;
@@ -182,7 +192,8 @@ impl Conn {
     pub(crate) fn end_lead(&self, calls_in_flight: bool) -> io::Result<()> {
         let mut i = self.interest.lock();
         i.leader = false;
-        if i.read || !calls_in_flight {
+        let wanted = std::mem::take(&mut i.wanted);
+        if i.read || !(calls_in_flight || wanted) {
             return Ok(());
         }
         i.read = true;
@@ -298,6 +309,8 @@ impl Conn {
         if out.writing || out.handed_off || out.closed {
             return false;
         }
+        // The writer sends the whole queue, corked frames included.
+        out.corked = false;
         out.writing = true;
         true
     }
@@ -348,6 +361,8 @@ impl Conn {
         out.front_sent = skip;
         out.writing = false;
         out.handed_off = true;
+        // The I/O thread now owns the whole queue, corked frames included.
+        out.corked = false;
         // Under the outbox lock, so the interest always matches the state.
         self.watch_writable(true)
     }

@@ -166,6 +166,8 @@ pub(crate) struct Shared {
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
     next_token: AtomicU64,
     peers: Vec<Peer>,
+    /// `close` has begun (it runs once).
+    closing: AtomicBool,
     stopping: AtomicBool,
     executor: Weak<dyn Executor>,
     /// Connections with corked batches, flushed by the I/O loop.
@@ -228,6 +230,7 @@ impl TcpTransport {
             conns: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(2),
             peers,
+            closing: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             executor: Arc::downgrade(dispatch) as Weak<dyn Executor>,
             corked: Mutex::new(Vec::new()),
@@ -246,42 +249,23 @@ impl TcpTransport {
 
 impl Transport for TcpTransport {
     fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
-        let deadline = request.timeout.map(|t| Instant::now() + t);
-        let conn = self.shared.conn_to(dst, deadline)?;
-        let mut header = Header::new(Kind::Request);
-        header.request_id = request.id;
-        header.flags = if request.internal { FLAG_INTERNAL } else { 0 };
-        // 0 means "no deadline" on the wire, so a deadline due now is 1 µs.
-        header.timeout_us = request.timeout.map_or(0, |t| (t.as_micros() as u64).max(1));
-        // A thread issuing calls while others to this rank are in flight
-        // corks them: they leave together when it waits (or within about a
-        // millisecond), in one write instead of one each.
-        let cork = !request.will_wait
-            && !crate::threads::is_io_loop()
-            && self.shared.dispatch().is_some_and(|d| d.calls_in_flight_to(dst) >= 2);
-        let sent = if cork {
-            conn.send_corked(header, request.function.as_bytes(), request.args)
-                .map(|starts| self.shared.corked(&conn, starts))
-        } else {
-            conn.send(header, request.function.as_bytes(), request.args, conn::mode_here())
-        };
-        sent.map_err(|e| self.shared.conn_failed(&conn, format!("sending failed: {e}")))?;
-        // A caller about to wait reads the reply itself (see `drive`);
-        // otherwise the I/O thread must be watching for it.
-        if !request.will_wait {
-            conn.ensure_read()
-                .map_err(|e| self.shared.conn_failed(&conn, format!("epoll: {e}")))?;
+        // Opening a connection blocks (connect, handshake); the I/O loop and
+        // the deadline thread must not, so there it happens on the pool.
+        if !crate::threads::may_block() && !self.shared.is_ready(dst) {
+            return self.shared.send_later(dst, request);
         }
-        Ok(())
+        self.shared.send_request(dst, request)
     }
 
     fn close(&self, graceful: bool, deadline: Instant) {
         let shared = &self.shared;
-        if shared.stopping.swap(true, Ordering::AcqRel) {
+        if shared.closing.swap(true, Ordering::AcqRel) {
             return;
         }
         let conns: Vec<Arc<Conn>> = shared.conns.lock().values().cloned().collect();
         if graceful {
+            // The I/O loop keeps running meanwhile: it finishes sending what
+            // a full socket made it take over.
             for c in conns.iter().filter(|c| c.peer().is_some()) {
                 let _ = c.send(Header::new(Kind::Goodbye), &[], &[], conn::mode_here());
             }
@@ -289,6 +273,7 @@ impl Transport for TcpTransport {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+        shared.stopping.store(true, Ordering::Release);
         let _ = io::Write::write(&mut &shared.waker_tx, &[1]);
         // Wait (bounded) for the I/O loop to notice; it may be queued behind
         // busy workers, and then it stops as soon as it starts.
@@ -328,6 +313,75 @@ impl Shared {
         self.dispatch.upgrade()
     }
 
+    /// Whether calls to `dst` go out on an open connection.
+    fn is_ready(&self, dst: usize) -> bool {
+        matches!(*self.peers[dst].state.lock(), PeerState::Ready(_))
+    }
+
+    /// Sends `request` from a pool thread (the caller may not block to
+    /// open the connection); a failure fails the call there.
+    fn send_later(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
+        let (Some(executor), Some(shared)) = (self.executor.upgrade(), self.this.upgrade()) else {
+            return Err(RpcError::Shutdown(format!("rank {} is shut down", self.me)));
+        };
+        let deadline = request.timeout.map(|t| Instant::now() + t);
+        let (id, function, internal, args) = (
+            request.id,
+            request.function.to_string(),
+            request.internal,
+            request.args.to_vec(),
+        );
+        executor.submit(
+            "(connect)".into(),
+            Box::new(move || {
+                let request = OutRequest {
+                    id,
+                    function: &function,
+                    internal,
+                    timeout: deadline.map(|d| d.saturating_duration_since(Instant::now())),
+                    args: &args,
+                    will_wait: false,
+                };
+                if let Err(e) = shared.send_request(dst, &request)
+                    && let Some(d) = shared.dispatch()
+                {
+                    d.fail_call(id, e);
+                }
+            }),
+        );
+        Ok(())
+    }
+
+    fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
+        let deadline = request.timeout.map(|t| Instant::now() + t);
+        let conn = self.conn_to(dst, deadline)?;
+        let mut header = Header::new(Kind::Request);
+        header.request_id = request.id;
+        header.flags = if request.internal { FLAG_INTERNAL } else { 0 };
+        // 0 means "no deadline" on the wire, so a deadline due now is 1 µs.
+        header.timeout_us = request.timeout.map_or(0, |t| (t.as_micros() as u64).max(1));
+        // A thread issuing calls while others to this rank are in flight
+        // corks them: they leave together when it waits (or within about a
+        // millisecond), in one write instead of one each.
+        let cork = !request.will_wait
+            && !crate::threads::is_io_loop()
+            && self.dispatch().is_some_and(|d| d.calls_in_flight_to(dst) >= 2);
+        let sent = if cork {
+            conn.send_corked(header, request.function.as_bytes(), request.args)
+                .map(|starts| self.corked(&conn, starts))
+        } else {
+            conn.send(header, request.function.as_bytes(), request.args, conn::mode_here())
+        };
+        sent.map_err(|e| self.conn_failed(&conn, format!("sending failed: {e}")))?;
+        // A caller about to wait reads the reply itself (see `drive`);
+        // otherwise the I/O thread must be watching for it.
+        if !request.will_wait {
+            conn.ensure_read()
+                .map_err(|e| self.conn_failed(&conn, format!("epoll: {e}")))?;
+        }
+        Ok(())
+    }
+
     fn me_weak(&self) -> Weak<Shared> {
         self.this.clone()
     }
@@ -341,7 +395,7 @@ impl Shared {
         }
         crate::threads::note_corked(conn.clone());
         self.corked.lock().push(conn.clone());
-        if self.io_loop_idle.load(Ordering::Acquire) {
+        if self.io_loop_idle.load(Ordering::SeqCst) {
             let _ = io::Write::write(&mut &self.waker_tx, &[1]);
         }
     }
@@ -510,10 +564,15 @@ impl Shared {
         let mut last_sweep = Instant::now();
         while !self.stopping.load(Ordering::Acquire) {
             // Corked batches are written within about a millisecond.
+            // Idle first, then look: a cork added after the look sees the
+            // flag and nudges the loop.
+            self.io_loop_idle.store(true, Ordering::SeqCst);
             let corks = !self.corked.lock().is_empty();
-            self.io_loop_idle.store(!corks, Ordering::Release);
+            if corks {
+                self.io_loop_idle.store(false, Ordering::SeqCst);
+            }
             let waited = self.epoll.wait(&mut events, if corks { 1 } else { 250 });
-            self.io_loop_idle.store(false, Ordering::Release);
+            self.io_loop_idle.store(false, Ordering::SeqCst);
             if let Err(e) = waited {
                 log_at!(Error, Some(self.me), "epoll_wait failed: {e}; the I/O loop stops");
                 break;
@@ -550,12 +609,15 @@ impl Shared {
             }
             if let Some((label, job)) = crate::threads::take_kept() {
                 match self.executor.upgrade() {
-                    Some(ex) if ex.has_idle() && ex.run_io(self.clone().io_loop_job()) => {
-                        crate::threads::set_io_loop(false);
-                        job();
-                        return;
-                    }
-                    Some(ex) => ex.submit(label, job),
+                    Some(ex) => match ex.move_io(self.clone().io_loop_job()) {
+                        Ok(()) => {
+                            crate::threads::set_io_loop(false);
+                            job();
+                            return;
+                        }
+                        // Nobody idle: the loop stays here, the pool queues the job.
+                        Err(_) => ex.submit(label, job),
+                    },
                     None => drop(job),
                 }
             }
