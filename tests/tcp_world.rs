@@ -136,3 +136,37 @@ fn a_world_of_one_calls_itself_over_tcp() {
     assert!(agent.listen_addr().starts_with("127.0.0.1:"));
     agent.shutdown(true, Duration::from_secs(10)).unwrap();
 }
+
+#[test]
+fn a_completion_callback_can_start_calls_on_new_connections() {
+    // The callback runs on a library thread that must not block; its call
+    // opens a connection (to this very rank) all the same.
+    let port = common::free_port();
+    let results = join_all(vec![cfg(0, 2, port), cfg(1, 2, port)]);
+    let mut agents: Vec<RpcAgent> = results.into_iter().map(|r| r.unwrap()).collect();
+    let a1 = agents.pop().unwrap();
+    let a0 = agents.pop().unwrap();
+    for a in [&a0, &a1] {
+        a.register("echo", |x: &[u8]| Ok(x.to_vec())).unwrap();
+        a.start().unwrap();
+    }
+    let first = a0.rpc_async(1, "echo", b"first");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let chained = a0.clone();
+    first.on_complete(move || {
+        // Neither connection to rank 0 itself exists yet.
+        let second = chained.rpc_async(0, "echo", b"second");
+        second.on_complete(move || {
+            tx.send(()).unwrap();
+        });
+        std::mem::forget(second);
+    });
+    // Nobody waits on `first`: the I/O loop reads its reply and runs the
+    // callback there.
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the chained call on a new connection completed");
+    assert_eq!(first.wait().unwrap(), b"first");
+    for a in [a0, a1] {
+        a.shutdown(false, Duration::from_secs(5)).unwrap();
+    }
+}
