@@ -36,6 +36,15 @@ enum State {
     Done(Result<Option<Vec<u8>>>),
 }
 
+/// Runs a completion callback; a panic in it is logged and goes no
+/// further, so it cannot take down the library thread that completed the
+/// call (the I/O loop, the deadline thread) or leave the call half done.
+pub(crate) fn run_callback(cb: Callback) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(cb)).is_err() {
+        crate::log::log_at!(Error, None, "a completion callback panicked");
+    }
+}
+
 /// One call's outcome, written once.
 pub(crate) struct Slot {
     state: Mutex<State>,
@@ -84,7 +93,7 @@ impl Slot {
             // deadlock on the user's own locks.
             match &self.spawner {
                 Some(spawn) if !crate::threads::is_library() => spawn(cb),
-                _ => cb(),
+                _ => run_callback(cb),
             }
         }
         true

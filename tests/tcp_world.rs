@@ -170,3 +170,37 @@ fn a_completion_callback_can_start_calls_on_new_connections() {
         a.shutdown(false, Duration::from_secs(5)).unwrap();
     }
 }
+
+#[test]
+fn a_panicking_completion_callback_does_not_take_the_agent_down() {
+    let port = common::free_port();
+    let results = join_all(vec![cfg(0, 2, port), cfg(1, 2, port)]);
+    let mut agents: Vec<RpcAgent> = results.into_iter().map(|r| r.unwrap()).collect();
+    let a1 = agents.pop().unwrap();
+    let a0 = agents.pop().unwrap();
+    for a in [&a0, &a1] {
+        a.register("echo", |x: &[u8]| Ok(x.to_vec())).unwrap();
+        a.start().unwrap();
+    }
+    // Completed on the I/O loop (nobody waits on it), and on the deadline
+    // thread (a call that times out).
+    let f = a0.rpc_async(1, "echo", b"x");
+    f.on_complete(|| panic!("a careless callback"));
+    let slow = a0.rpc_async_timeout(1, "nope", b"", Some(Duration::from_millis(1)));
+    slow.on_complete(|| panic!("another careless callback"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(f.wait().unwrap(), b"x");
+    // Both library threads are still there: calls and deadlines work.
+    for _ in 0..3 {
+        assert_eq!(a0.rpc_async(1, "echo", b"y").wait().unwrap(), b"y");
+    }
+    let started = std::time::Instant::now();
+    let err = a0
+        .rpc_sync_timeout(1, "echo", b"z", Some(Duration::from_nanos(1)))
+        .unwrap_err();
+    assert_eq!(err.status(), Status::Timeout);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    for a in [a0, a1] {
+        a.shutdown(false, Duration::from_secs(5)).unwrap();
+    }
+}

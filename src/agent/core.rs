@@ -46,6 +46,9 @@ thread_local! {
 struct Gatherings {
     /// Per generation, each rank's arrival and its caller's deadline.
     barriers: HashMap<u64, HashMap<usize, (ReplyRoute, Option<Instant>)>>,
+    /// The latest generation every rank has met at: a rank that arrives at
+    /// it again (its reply came too late for its deadline) passes at once.
+    barrier_done: Option<u64>,
     shutdown: HashMap<usize, ReplyRoute>,
 }
 
@@ -218,17 +221,22 @@ impl Core {
         let slot = Slot::new(Some(self.spawner.clone()));
         let started = Instant::now();
         let deadline = timeout.map(|t| started + t);
-        self.pending.insert(
-            id,
-            PendingCall {
-                dst,
-                function: function.into(),
-                internal,
-                started,
-                deadline,
-                slot: slot.clone(),
-            },
-        );
+        let call = PendingCall {
+            dst,
+            function: function.into(),
+            internal,
+            started,
+            deadline,
+            slot: slot.clone(),
+        };
+        if self.pending.insert(id, call).is_err() {
+            // The agent closed between the check above and now.
+            if !internal {
+                self.stats.calls_started.fetch_add(1, Ordering::Relaxed);
+                self.stats.calls_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            return Err(RpcError::Shutdown(format!("rank {} is shut down", self.rank)));
+        }
         if !internal {
             self.stats.calls_started.fetch_add(1, Ordering::Relaxed);
             self.stats.bytes_sent.fetch_add(args.len() as u64, Ordering::Relaxed);
@@ -407,6 +415,10 @@ impl Core {
         let complete = match (self.rank, request.function.as_str()) {
             (0, BARRIER) if request.args.len() == 8 => {
                 let generation = u64::from_le_bytes(request.args[..8].try_into().expect("8 bytes"));
+                if g.barrier_done.is_some_and(|done| generation <= done) {
+                    drop(g);
+                    return route.send(Ok(Vec::new()));
+                }
                 let arrived = g.barriers.entry(generation).or_default();
                 // A rank whose barrier call has timed out is not here any more
                 // (it will come again with the same generation).
@@ -414,6 +426,7 @@ impl Core {
                 arrived.retain(|_, (_, deadline)| deadline.is_none_or(|d| d > now));
                 arrived.insert(request.src, (route, request.deadline));
                 if arrived.len() == self.world_size {
+                    g.barrier_done = Some(generation);
                     g.barriers
                         .remove(&generation)
                         .map(|a| a.into_iter().map(|(rank, (route, _))| (rank, route)).collect())
@@ -539,7 +552,7 @@ impl Core {
         if self.state.swap(CLOSED, Ordering::AcqRel) == CLOSED {
             return;
         }
-        for call in self.pending.remove_where(|_| true) {
+        for call in self.pending.close() {
             let error = RpcError::Shutdown(format!("rank {} shut down before the call completed", self.rank));
             self.complete(call, Err(error));
         }
@@ -581,8 +594,8 @@ impl Executor for Core {
         self.pool.submit_first_if_idle(self.io_label.clone(), job)
     }
 
-    fn submit(&self, label: Arc<str>, job: crate::pool::Work) {
-        let _ = self.pool.submit(label, job);
+    fn submit(&self, label: Arc<str>, job: crate::pool::Work) -> std::result::Result<(), crate::pool::Work> {
+        self.pool.submit(label, job)
     }
 }
 

@@ -29,6 +29,8 @@ struct Table {
     /// Calls in flight to each rank.
     per_dst: Vec<usize>,
     stopped: bool,
+    /// No call may be added any more.
+    closed: bool,
     /// When the deadline thread will next wake by itself.
     sleeping_until: Option<Instant>,
 }
@@ -58,8 +60,13 @@ impl Pending {
         self.table.lock().per_dst.get(dst).copied().unwrap_or(0)
     }
 
-    pub(crate) fn insert(&self, id: u64, call: PendingCall) {
+    /// Adds a call; gives it back once the table is closed (the agent shut
+    /// down), so no call can slip in after the last ones were failed.
+    pub(crate) fn insert(&self, id: u64, call: PendingCall) -> Result<(), PendingCall> {
         let mut t = self.table.lock();
+        if t.closed {
+            return Err(call);
+        }
         t.per_dst[call.dst] += 1;
         if let Some(d) = call.deadline {
             t.deadlines.insert((d, id));
@@ -71,6 +78,13 @@ impl Pending {
         }
         t.user_calls += !call.internal as usize;
         t.calls.insert(id, call);
+        Ok(())
+    }
+
+    /// Closes the table and takes every call still in it.
+    pub(crate) fn close(&self) -> Vec<PendingCall> {
+        self.table.lock().closed = true;
+        self.remove_where(|_| true)
     }
 
     pub(crate) fn remove(&self, id: u64) -> Option<PendingCall> {

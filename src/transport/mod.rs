@@ -73,8 +73,8 @@ pub(crate) trait Executor: Send + Sync {
     /// Moves the I/O loop `job` to an idle library thread, if one is idle
     /// now; otherwise gives `job` back.
     fn move_io(&self, job: crate::pool::Work) -> Result<(), crate::pool::Work>;
-    /// Queues work the I/O loop kept but will not run itself after all.
-    fn submit(&self, label: Arc<str>, job: crate::pool::Work);
+    /// Queues work on the pool; gives it back if the pool has stopped.
+    fn submit(&self, label: Arc<str>, job: crate::pool::Work) -> Result<(), crate::pool::Work>;
 }
 
 /// What a transport delivers into its agent.

@@ -178,12 +178,18 @@ impl Conn {
     /// the I/O thread stops watching it for data.
     pub(crate) fn begin_lead(&self) -> io::Result<()> {
         let mut i = self.interest.lock();
-        i.leader = true;
         if !i.read {
+            i.leader = true;
             return Ok(());
         }
         i.read = false;
-        self.apply(&i)
+        let applied = self.apply(&i);
+        if applied.is_err() {
+            i.read = true;
+        } else {
+            i.leader = true;
+        }
+        applied
     }
 
     /// The caller is done reading; the I/O thread takes over again if calls
@@ -416,12 +422,13 @@ impl Conn {
     }
 }
 
-/// The send mode for the calling thread: the I/O loop never waits.
+/// The send mode for the calling thread: the I/O loop and the deadline
+/// thread never wait.
 pub(crate) fn mode_here() -> Mode {
-    if crate::threads::is_io_loop() {
-        Mode::NoWait
-    } else {
+    if crate::threads::may_block() {
         Mode::Wait
+    } else {
+        Mode::NoWait
     }
 }
 

@@ -331,7 +331,7 @@ impl Shared {
             request.internal,
             request.args.to_vec(),
         );
-        executor.submit(
+        let submitted = executor.submit(
             "(connect)".into(),
             Box::new(move || {
                 let request = OutRequest {
@@ -349,7 +349,8 @@ impl Shared {
                 }
             }),
         );
-        Ok(())
+        // A stopped pool belongs to an agent that is shutting down.
+        submitted.map_err(|_| RpcError::Shutdown(format!("rank {} is shut down", self.me)))
     }
 
     fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
@@ -544,8 +545,10 @@ impl Shared {
                 Err(e) => break Err(Some(e)),
             }
         };
-        drop(reader);
+        // Hand reading back before letting go of the reader, so a caller
+        // that leads next cannot have its flag cleared by this one.
         let _ = conn.end_lead(in_flight() > 0);
+        drop(reader);
         if let Err(why) = outcome {
             self.drop_conn(&conn, why);
         }
@@ -615,8 +618,9 @@ impl Shared {
                             job();
                             return;
                         }
-                        // Nobody idle: the loop stays here, the pool queues the job.
-                        Err(_) => ex.submit(label, job),
+                        // Nobody idle: the loop stays here, the pool queues the job
+                        // (a stopped pool means the agent is closing).
+                        Err(_) => drop(ex.submit(label, job)),
                     },
                     None => drop(job),
                 }
