@@ -56,6 +56,9 @@ impl super::ReplySink for Conn {
 
 /// A connection that has not finished its handshake by then is closed.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a caller waiting for its reply looks for it (yielding between
+/// looks) before it sleeps on the socket.
+const SPIN_FOR: Duration = Duration::from_micros(50);
 /// How long a caller reading its own reply waits before it looks again at
 /// whether its call completed some other way.
 const LEAD_SLICE: Duration = Duration::from_millis(100);
@@ -521,28 +524,52 @@ impl Shared {
             return;
         }
         let mut stream = &conn.stream;
-        let outcome = loop {
-            if done() || self.stopping.load(Ordering::Acquire) {
-                break Ok(());
-            }
-            let slice = match deadline {
-                Some(d) if d <= Instant::now() => break Ok(()),
-                Some(d) => (d - Instant::now()).min(LEAD_SLICE),
-                None => LEAD_SLICE,
-            };
-            match sys::wait_readable(&conn.stream, slice) {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(_) => break Ok(()),
-            }
+        // A reply often comes back within tens of microseconds: looking for
+        // it a few times, yielding the CPU in between (so a peer on this CPU
+        // runs), is cheaper than sleeping and being woken, above all when the
+        // wake-up would cross CPUs.
+        let spin_until = Instant::now() + SPIN_FOR;
+        let mut spun = None;
+        while spun.is_none() && !done() && Instant::now() < spin_until {
             match reader.read_until(
                 &mut stream,
                 &mut |frame, reader| self.on_frame(&conn, frame, reader),
                 done,
             ) {
                 Ok(ReadEnd::WouldBlock) => {}
-                Ok(ReadEnd::Eof) => break Err(None),
-                Err(e) => break Err(Some(e)),
+                Ok(ReadEnd::Eof) => spun = Some(Err(None)),
+                Err(e) => spun = Some(Err(Some(e))),
+            }
+            if spun.is_none() && !done() {
+                std::thread::yield_now();
+            }
+        }
+        let outcome = if let Some(end) = spun {
+            end
+        } else {
+            loop {
+                if done() || self.stopping.load(Ordering::Acquire) {
+                    break Ok(());
+                }
+                let slice = match deadline {
+                    Some(d) if d <= Instant::now() => break Ok(()),
+                    Some(d) => (d - Instant::now()).min(LEAD_SLICE),
+                    None => LEAD_SLICE,
+                };
+                match sys::wait_readable(&conn.stream, slice) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(_) => break Ok(()),
+                }
+                match reader.read_until(
+                    &mut stream,
+                    &mut |frame, reader| self.on_frame(&conn, frame, reader),
+                    done,
+                ) {
+                    Ok(ReadEnd::WouldBlock) => {}
+                    Ok(ReadEnd::Eof) => break Err(None),
+                    Err(e) => break Err(Some(e)),
+                }
             }
         };
         // Hand reading back before letting go of the reader, so a caller
