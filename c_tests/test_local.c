@@ -21,12 +21,13 @@ static int32_t too_big(void *u, const rpcagent_request_t *req, rpcagent_reply_t 
     return rpcagent_reply_alloc(reply, 2048) != NULL ? 0 : 1;
 }
 
-static atomic_int log_lines, saw_shutdown;
+static atomic_int log_lines, saw_shutdown, saw_join;
 static void on_log(void *user_data, int32_t level, const char *message) {
     CHECK(user_data == (void *)&log_lines);
     CHECK(level >= RPCAGENT_LOG_ERROR && level <= RPCAGENT_LOG_DEBUG);
     atomic_fetch_add(&log_lines, 1);
     if (strstr(message, "shut down") != NULL) atomic_fetch_add(&saw_shutdown, 1);
+    if (strstr(message, "joined") != NULL && strstr(message, "[rpcagent rank") != NULL) atomic_fetch_add(&saw_join, 1);
 }
 
 int main(void) {
@@ -77,6 +78,7 @@ int main(void) {
     for (int r = 0; r < 3; r++) rpcagent_free(agents[r]);
     for (int r = 0; r < 3; r++) CHECK(atomic_load(&released[r]) == 1);
     CHECK(atomic_load(&saw_shutdown) >= 1);
+    CHECK(atomic_load(&saw_join) == 3); /* info: each rank says it joined, prefixed with its rank */
     CHECK(atomic_load(&log_lines) >= 1);
 
     CHECK_OK(rpcagent_set_log_callback(NULL, NULL));

@@ -127,6 +127,12 @@ impl RpcAgent {
             .collect();
         for (core, transport) in cores.iter().zip(local::world(dispatchers)) {
             core.attach(transport);
+            log_at!(
+                Info,
+                Some(core.rank),
+                "joined an in-process world of {world_size} ranks as '{}'",
+                core.names[core.rank]
+            );
         }
         Ok(cores.into_iter().map(RpcAgent::wrap).collect())
     }
