@@ -137,19 +137,24 @@ fn a_world_of_one_calls_itself_over_tcp() {
     agent.shutdown(true, Duration::from_secs(10)).unwrap();
 }
 
+/// Two ranks over TCP in this process, both serving "echo".
+fn echo_pair() -> (RpcAgent, RpcAgent) {
+    let port = common::free_port();
+    let results = join_all(vec![cfg(0, 2, port), cfg(1, 2, port)]);
+    let mut agents: Vec<RpcAgent> = results.into_iter().map(|r| r.unwrap()).collect();
+    for a in &agents {
+        a.register("echo", |x: &[u8]| Ok(x.to_vec())).unwrap();
+        a.start().unwrap();
+    }
+    let a1 = agents.pop().unwrap();
+    (agents.pop().unwrap(), a1)
+}
+
 #[test]
 fn a_completion_callback_can_start_calls_on_new_connections() {
     // The callback runs on a library thread that must not block; its call
     // opens a connection (to this very rank) all the same.
-    let port = common::free_port();
-    let results = join_all(vec![cfg(0, 2, port), cfg(1, 2, port)]);
-    let mut agents: Vec<RpcAgent> = results.into_iter().map(|r| r.unwrap()).collect();
-    let a1 = agents.pop().unwrap();
-    let a0 = agents.pop().unwrap();
-    for a in [&a0, &a1] {
-        a.register("echo", |x: &[u8]| Ok(x.to_vec())).unwrap();
-        a.start().unwrap();
-    }
+    let (a0, a1) = echo_pair();
     let first = a0.rpc_async(1, "echo", b"first");
     let (tx, rx) = std::sync::mpsc::channel();
     let chained = a0.clone();
@@ -173,15 +178,7 @@ fn a_completion_callback_can_start_calls_on_new_connections() {
 
 #[test]
 fn a_panicking_completion_callback_does_not_take_the_agent_down() {
-    let port = common::free_port();
-    let results = join_all(vec![cfg(0, 2, port), cfg(1, 2, port)]);
-    let mut agents: Vec<RpcAgent> = results.into_iter().map(|r| r.unwrap()).collect();
-    let a1 = agents.pop().unwrap();
-    let a0 = agents.pop().unwrap();
-    for a in [&a0, &a1] {
-        a.register("echo", |x: &[u8]| Ok(x.to_vec())).unwrap();
-        a.start().unwrap();
-    }
+    let (a0, a1) = echo_pair();
     // Completed on the I/O loop (nobody waits on it), and on the deadline
     // thread (a call that times out).
     let f = a0.rpc_async(1, "echo", b"x");
