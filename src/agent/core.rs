@@ -16,6 +16,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::config::{Config, check_name};
 use crate::error::{Result, RpcError, Status};
 use crate::future::{Progress, RpcFuture, Slot, Spawner};
+use crate::hash::FastMap;
 use crate::log::log_at;
 use crate::pool::Pool;
 use crate::transport::{Dispatch, Executor, InRequest, OutRequest, Outcome, Transport};
@@ -58,7 +59,7 @@ pub(crate) struct Core {
     pub(crate) names: Vec<String>,
     pub(crate) config: Config,
     me: Weak<Core>,
-    registry: RwLock<HashMap<String, Arc<Handler>>>,
+    registry: RwLock<FastMap<String, Arc<Handler>>>,
     pending: Arc<Pending>,
     next_id: AtomicU64,
     state: AtomicU8,
@@ -95,7 +96,7 @@ impl Core {
             world_size: config.world_size,
             names,
             me: me.clone(),
-            registry: RwLock::new(HashMap::new()),
+            registry: RwLock::new(FastMap::default()),
             pending: Arc::new(Pending::new(config.world_size)),
             next_id: AtomicU64::new(1),
             state: AtomicU8::new(RUNNING),

@@ -2,7 +2,7 @@
 //! in order; and the one thread that fails calls whose deadline passed, so a
 //! call ends at its deadline whether or not anybody waits on it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::future::Slot;
+use crate::hash::FastMap;
 
 /// A call this rank made that has not completed.
 pub(crate) struct PendingCall {
@@ -23,7 +24,7 @@ pub(crate) struct PendingCall {
 
 #[derive(Default)]
 struct Table {
-    calls: HashMap<u64, PendingCall>,
+    calls: FastMap<u64, PendingCall>,
     deadlines: BTreeSet<(Instant, u64)>,
     user_calls: usize,
     /// Calls in flight to each rank.

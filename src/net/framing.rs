@@ -16,8 +16,10 @@ pub(crate) struct Frame {
 }
 
 impl Frame {
-    pub(crate) fn name_str(&self) -> Result<&str> {
-        std::str::from_utf8(&self.name).map_err(|_| RpcError::Protocol("function name is not UTF-8".into()))
+    /// The function name, taken out of the frame (no copy).
+    pub(crate) fn take_name(&mut self) -> Result<String> {
+        String::from_utf8(std::mem::take(&mut self.name))
+            .map_err(|_| RpcError::Protocol("function name is not UTF-8".into()))
     }
 }
 
@@ -250,18 +252,24 @@ fn blocking_error(e: io::Error) -> RpcError {
     }
 }
 
-/// The slices of `parts` from byte `skip` on.
-pub(crate) fn slices_from<'a>(parts: &[&'a [u8]], mut skip: usize) -> Vec<IoSlice<'a>> {
-    let mut out = Vec::with_capacity(parts.len());
+/// Fills `out` with the slices of `parts` from byte `skip` on (as many as
+/// fit); returns how many it filled.
+pub(crate) fn slices_from<'a, P: AsRef<[u8]>>(parts: &'a [P], mut skip: usize, out: &mut [IoSlice<'a>]) -> usize {
+    let mut n = 0;
     for p in parts {
+        let p = p.as_ref();
         if skip >= p.len() {
             skip -= p.len();
             continue;
         }
-        out.push(IoSlice::new(&p[skip..]));
+        if n == out.len() {
+            break;
+        }
+        out[n] = IoSlice::new(&p[skip..]);
+        n += 1;
         skip = 0;
     }
-    out
+    n
 }
 
 #[cfg(test)]

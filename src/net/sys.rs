@@ -71,19 +71,25 @@ impl Epoll {
     /// Waits up to `timeout_ms` (-1: forever) and fills `out` with events.
     pub(crate) fn wait(&self, out: &mut Vec<Event>, timeout_ms: i32) -> io::Result<()> {
         const MAX: usize = 128;
-        let mut raw = [libc::epoll_event { events: 0, u64: 0 }; MAX];
+        // Left uninitialised: the kernel writes the entries it reports.
+        let mut raw = [std::mem::MaybeUninit::<libc::epoll_event>::uninit(); MAX];
         // SAFETY: `raw` has room for MAX events and lives across the call;
         // the kernel writes at most MAX entries.
-        let n = match check(unsafe { libc::epoll_wait(self.fd.as_raw_fd(), raw.as_mut_ptr(), MAX as i32, timeout_ms) })
-        {
+        let n = match check(unsafe {
+            libc::epoll_wait(self.fd.as_raw_fd(), raw.as_mut_ptr().cast(), MAX as i32, timeout_ms)
+        }) {
             Ok(n) => n as usize,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
             Err(e) => return Err(e),
         };
         out.clear();
-        out.extend(raw[..n].iter().map(|e| Event {
-            token: e.u64,
-            events: e.events,
+        out.extend(raw[..n].iter().map(|e| {
+            // SAFETY: epoll_wait wrote the first `n` entries.
+            let e = unsafe { e.assume_init() };
+            Event {
+                token: e.u64,
+                events: e.events,
+            }
         }));
         Ok(())
     }

@@ -10,7 +10,7 @@
 //! being woken by the I/O thread.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -34,6 +34,11 @@ const WAIT_FOR_SOCKET: Duration = Duration::from_millis(200);
 const MAX_IOV: usize = 64;
 /// A corked batch is written once it holds this many frames.
 const MAX_CORKED: usize = 64;
+/// Buffers of queued frames up to this size are kept for the next ones
+/// (at most this many): small frames then cost no allocation, and an idle
+/// connection holds at most 128 KiB.
+const KEEP_FRAME_BUFFER: usize = 4096;
+const MAX_SPARE_FRAMES: usize = 32;
 
 /// Whether the sending thread may block until the socket takes its bytes.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -48,6 +53,10 @@ pub(crate) enum Mode {
 struct Outbox {
     /// Frames waiting behind the current writer, oldest first.
     queue: VecDeque<Vec<u8>>,
+    /// Emptied buffers (and an emptied queue) kept for the next frames, so
+    /// queueing a small frame costs no allocation.
+    spare_frames: Vec<Vec<u8>>,
+    spare_queue: VecDeque<Vec<u8>>,
     /// How much of the front entry was already sent.
     front_sent: usize,
     /// A thread holds the writer role.
@@ -91,6 +100,41 @@ pub(crate) struct Conn {
     epoll: Arc<Epoll>,
     /// The transport, told about corked replies.
     pub owner: std::sync::Weak<super::Shared>,
+}
+
+impl Outbox {
+    /// Appends a frame made of `parts`, copied into a kept buffer if one is free.
+    fn push(&mut self, parts: &[&[u8]]) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let spare = if len <= KEEP_FRAME_BUFFER {
+            self.spare_frames.pop()
+        } else {
+            None
+        };
+        let mut frame = spare.unwrap_or_else(|| Vec::with_capacity(len));
+        for p in parts {
+            frame.extend_from_slice(p);
+        }
+        self.queue.push_back(frame);
+    }
+
+    /// Takes the queue to write it, leaving the spare one in its place.
+    fn take_queue(&mut self) -> VecDeque<Vec<u8>> {
+        std::mem::replace(&mut self.queue, std::mem::take(&mut self.spare_queue))
+    }
+
+    /// Keeps the buffers of a batch that was written.
+    fn recycle(&mut self, mut batch: VecDeque<Vec<u8>>) {
+        for mut buf in batch.drain(..) {
+            if buf.capacity() <= KEEP_FRAME_BUFFER && self.spare_frames.len() < MAX_SPARE_FRAMES {
+                buf.clear();
+                self.spare_frames.push(buf);
+            }
+        }
+        if self.spare_queue.capacity() < batch.capacity() && batch.capacity() <= 4 * MAX_CORKED {
+            self.spare_queue = batch;
+        }
+    }
 }
 
 /// Outcome of writing out some bytes.
@@ -218,21 +262,21 @@ impl Conn {
                 return Err(io::ErrorKind::BrokenPipe.into());
             }
             if out.writing || out.handed_off {
-                out.queue.push_back(parts.concat());
+                out.push(&parts);
                 return Ok(());
             }
             out.writing = true;
             if out.corked {
                 // A corked batch goes first, and this frame with it.
                 out.corked = false;
-                out.queue.push_back(parts.concat());
+                out.push(&parts);
                 drop(out);
                 return self.write_queued(mode);
             }
         }
-        match self.write_all(&parts, mode) {
+        match self.write_all(&parts, 0, mode) {
             Ok(Wrote::All) => self.write_queued(mode),
-            Ok(Wrote::Partly(sent)) => self.hand_off(vec![parts.concat()], sent),
+            Ok(Wrote::Partly(sent)) => self.hand_off(VecDeque::from([parts.concat()]), sent),
             Err(e) => Err(self.broken(e)),
         }
     }
@@ -245,12 +289,12 @@ impl Conn {
     pub(crate) fn send_corked(&self, mut header: Header, name: &[u8], payload: &[u8]) -> io::Result<bool> {
         header.name_len = name.len() as u16;
         header.payload_len = payload.len() as u64;
-        let frame = [&wire::encode_header(&header)[..], name, payload].concat();
+        let head = wire::encode_header(&header);
         let mut out = self.out.lock();
         if out.closed {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
-        out.queue.push_back(frame);
+        out.push(&[&head, name, payload]);
         if out.writing || out.handed_off {
             return Ok(false); // the writer takes it
         }
@@ -279,15 +323,16 @@ impl Conn {
         self.write_queued(mode_here())
     }
 
-    /// Writes `parts` from the start; in `Wait` mode waits (bounded) for the
-    /// socket when it is full.
-    fn write_all(&self, parts: &[&[u8]], mode: Mode) -> io::Result<Wrote> {
-        let total: usize = parts.iter().map(|p| p.len()).sum();
+    /// Writes `parts` from byte `skip` on; in `Wait` mode waits (bounded)
+    /// for the socket when it is full. `Partly` counts from `skip`.
+    fn write_all<P: AsRef<[u8]>>(&self, parts: &[P], skip: usize, mode: Mode) -> io::Result<Wrote> {
+        let total: usize = parts.iter().map(|p| p.as_ref().len()).sum::<usize>() - skip;
         let mut sent = 0;
         let mut waited_since: Option<Instant> = None;
+        let mut slices = [IoSlice::new(&[]); MAX_IOV];
         while sent < total {
-            let slices = slices_from(parts, sent);
-            match sys::send_vectored(&self.stream, &slices[..slices.len().min(MAX_IOV)]) {
+            let n = slices_from(parts, skip + sent, &mut slices);
+            match sys::send_vectored(&self.stream, &slices[..n]) {
                 Ok(n) => {
                     sent += n;
                     waited_since = None;
@@ -328,21 +373,22 @@ impl Conn {
 
     /// Holding the writer role: sends what queued behind us, then lets go.
     fn write_queued(&self, mode: Mode) -> io::Result<()> {
+        let mut written: Option<VecDeque<Vec<u8>>> = None;
         loop {
-            let (batch, front_sent) = {
+            let (mut batch, front_sent) = {
                 let mut out = self.out.lock();
+                if let Some(done) = written.take() {
+                    out.recycle(done);
+                }
                 if out.queue.is_empty() {
                     out.writing = false;
                     return Ok(());
                 }
                 let front_sent = std::mem::take(&mut out.front_sent);
-                (std::mem::take(&mut out.queue), front_sent)
+                (out.take_queue(), front_sent)
             };
-            let batch: Vec<Vec<u8>> = batch.into();
-            let mut parts: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
-            parts[0] = &parts[0][front_sent..];
-            match self.write_all(&parts, mode) {
-                Ok(Wrote::All) => {}
+            match self.write_all(batch.make_contiguous(), front_sent, mode) {
+                Ok(Wrote::All) => written = Some(batch),
                 Ok(Wrote::Partly(sent)) => return self.hand_off(batch, front_sent + sent),
                 Err(e) => return Err(self.broken(e)),
             }
@@ -352,7 +398,7 @@ impl Conn {
     /// Gives up the writer role with `unsent` (of which the first `skip`
     /// bytes are sent) still to go: it goes before whatever queued since, and
     /// the I/O thread finishes it when the socket drains.
-    fn hand_off(&self, unsent: Vec<Vec<u8>>, mut skip: usize) -> io::Result<()> {
+    fn hand_off(&self, unsent: VecDeque<Vec<u8>>, mut skip: usize) -> io::Result<()> {
         let mut out = self.out.lock();
         let mut pending: VecDeque<Vec<u8>> = VecDeque::with_capacity(unsent.len() + out.queue.len());
         for b in unsent {

@@ -4,11 +4,10 @@
 //! I/O thread runs an epoll loop over the listener and every connection, so
 //! the number of threads does not depend on the number of peers or calls.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::auth::{self, Step};
 use crate::config::Config;
 use crate::error::{Result, RpcError};
+use crate::hash::FastMap;
 use crate::log::log_at;
 use crate::rendezvous;
 use crate::wire::{self, FLAG_INTERNAL, Header, Hello, Kind, MAX_HANDSHAKE_PAYLOAD, NONCE_LEN, Table};
@@ -56,6 +56,8 @@ impl super::ReplySink for Conn {
 
 /// A connection that has not finished its handshake by then is closed.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often connections in their handshake are checked for that timeout.
+const HANDSHAKE_SWEEP: Duration = Duration::from_millis(250);
 /// How long a caller waiting for its reply looks for it (yielding between
 /// looks) before it sleeps on the socket.
 const SPIN_FOR: Duration = Duration::from_micros(50);
@@ -166,7 +168,11 @@ pub(crate) struct Shared {
     listen_addr: SocketAddr,
     waker: UnixStream,
     waker_tx: UnixStream,
-    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    conns: Mutex<FastMap<u64, Arc<Conn>>>,
+    /// Accepted connections still in their handshake: while there are
+    /// some, the I/O loop wakes periodically to time them out (otherwise it
+    /// sleeps with no timer, which costs less on every wake-up).
+    handshaking: AtomicUsize,
     next_token: AtomicU64,
     peers: Vec<Peer>,
     /// `close` has begun (it runs once).
@@ -230,7 +236,8 @@ impl TcpTransport {
             listen_addr: world.listen_addr,
             waker,
             waker_tx,
-            conns: Mutex::new(HashMap::new()),
+            conns: Mutex::new(FastMap::default()),
+            handshaking: AtomicUsize::new(0),
             next_token: AtomicU64::new(2),
             peers,
             closing: AtomicBool::new(false),
@@ -495,6 +502,7 @@ impl Shared {
             self.me_weak(),
         ));
         self.conns.lock().insert(conn.token, conn.clone());
+        self.handshaking.fetch_add(1, Ordering::AcqRel);
         self.epoll.add(&conn.stream, conn.token, READABLE)?;
         Ok(conn)
     }
@@ -601,7 +609,13 @@ impl Shared {
             if corks {
                 self.io_loop_idle.store(false, Ordering::SeqCst);
             }
-            let waited = self.epoll.wait(&mut events, if corks { 1 } else { 250 });
+            let handshakes = self.handshaking.load(Ordering::Acquire) > 0;
+            let timeout_ms = match (corks, handshakes) {
+                (true, _) => 1,
+                (false, true) => HANDSHAKE_SWEEP.as_millis() as i32,
+                (false, false) => -1,
+            };
+            let waited = self.epoll.wait(&mut events, timeout_ms);
             self.io_loop_idle.store(false, Ordering::SeqCst);
             if let Err(e) = waited {
                 log_at!(Error, Some(self.me), "epoll_wait failed: {e}; the I/O loop stops");
@@ -625,7 +639,7 @@ impl Shared {
                     }
                 }
             }
-            if last_sweep.elapsed() >= Duration::from_millis(250) {
+            if handshakes && last_sweep.elapsed() >= HANDSHAKE_SWEEP {
                 last_sweep = Instant::now();
                 self.close_stale_handshakes();
             }
@@ -721,7 +735,7 @@ impl Shared {
         }
     }
 
-    fn on_frame(&self, conn: &Arc<Conn>, frame: Frame, reader: &mut FrameReader) -> Result<()> {
+    fn on_frame(&self, conn: &Arc<Conn>, mut frame: Frame, reader: &mut FrameReader) -> Result<()> {
         let Some(peer) = conn.peer() else {
             return self.greet(conn, frame, reader);
         };
@@ -731,7 +745,7 @@ impl Shared {
         let h = frame.header;
         match (h.kind, conn.outbound) {
             (Kind::Request, false) => {
-                let function = frame.name_str()?.to_string();
+                let function = frame.take_name()?;
                 dispatch.on_request(InRequest {
                     src: peer,
                     id: h.request_id,
@@ -793,6 +807,7 @@ impl Shared {
                 conn.send(Header::new(Kind::Welcome), &[], &welcome.encode(), Mode::NoWait)?;
                 reader.set_max_payload(self.max_payload);
                 conn.set_peer(hello.rank as usize);
+                self.handshaking.fetch_sub(1, Ordering::AcqRel);
             }
             Err(e) => {
                 let (header, text) = auth::refused_frame(&e);
@@ -838,6 +853,8 @@ impl Shared {
         conn.close();
         let stopping = self.stopping.load(Ordering::Acquire);
         let Some(rank) = conn.peer() else {
+            // Only accepted connections lack a peer.
+            self.handshaking.fetch_sub(1, Ordering::AcqRel);
             if !stopping {
                 let addr = conn.stream.peer_addr().map_or("?".into(), |a| a.to_string());
                 let why = why.map_or("closed before its handshake".into(), |e| e.to_string());
