@@ -502,7 +502,6 @@ impl Shared {
             self.me_weak(),
         ));
         self.conns.lock().insert(conn.token, conn.clone());
-        self.handshaking.fetch_add(1, Ordering::AcqRel);
         self.epoll.add(&conn.stream, conn.token, READABLE)?;
         Ok(conn)
     }
@@ -704,6 +703,7 @@ impl Shared {
             self.me_weak(),
         ));
         self.conns.lock().insert(conn.token, conn.clone());
+        self.handshaking.fetch_add(1, Ordering::AcqRel);
         self.epoll.add(&conn.stream, conn.token, READABLE)
     }
 
