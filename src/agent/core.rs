@@ -42,6 +42,9 @@ thread_local! {
     static IN_HANDLER: Cell<u32> = const { Cell::new(0) };
 }
 
+/// A registered handler and its name as a shared label.
+type Registered = (Arc<Handler>, Arc<str>);
+
 /// Rank 0's record of who has arrived at each barrier and at shutdown.
 #[derive(Default)]
 struct Gatherings {
@@ -59,7 +62,9 @@ pub(crate) struct Core {
     pub(crate) names: Vec<String>,
     pub(crate) config: Config,
     me: Weak<Core>,
-    registry: RwLock<FastMap<String, Arc<Handler>>>,
+    /// Each handler with its name as a shared label (what the pool reports
+    /// a busy worker as running), made once at registration.
+    registry: RwLock<FastMap<String, Registered>>,
     pending: Arc<Pending>,
     next_id: AtomicU64,
     state: AtomicU8,
@@ -171,7 +176,7 @@ impl Core {
         if registry.contains_key(name) {
             return Err(RpcError::Exists(name.to_string()));
         }
-        registry.insert(name.to_string(), Arc::new(handler));
+        registry.insert(name.to_string(), (Arc::new(handler), name.into()));
         Ok(())
     }
 
@@ -335,15 +340,14 @@ impl Core {
     }
 
     fn dispatch(&self, request: InRequest) {
-        let handler = self.registry.read().get(&request.function).cloned();
-        let Some(handler) = handler else {
+        let found = self.registry.read().get(&request.function).cloned();
+        let Some((handler, label)) = found else {
             let message = format!("rank {} has no function named '{}'", self.rank, request.function);
             return self.route(&request).send(Err((Status::NotFound, message)));
         };
         if handler.options.inline {
             return self.run_handler(handler, request);
         }
-        let label: Arc<str> = request.function.as_str().into();
         let me = self.me.clone();
         let job = Box::new(move || {
             if let Some(core) = me.upgrade() {
