@@ -61,6 +61,10 @@ const HANDSHAKE_SWEEP: Duration = Duration::from_millis(250);
 /// How long a caller waiting for its reply looks for it (yielding between
 /// looks) before it sleeps on the socket.
 const SPIN_FOR: Duration = Duration::from_micros(50);
+/// A caller whose reply another thread reads spins for it only while at
+/// most this many calls to that rank are in flight (measured: 16 in flight
+/// gains 20-100%, 128 in flight loses ~10% when it spins).
+const SPIN_MAX_IN_FLIGHT: usize = 32;
 /// How long a caller reading its own reply waits before it looks again at
 /// whether its call completed some other way.
 const LEAD_SLICE: Duration = Duration::from_millis(100);
@@ -518,12 +522,27 @@ impl Shared {
         };
         let dispatch = self.dispatch();
         let in_flight = || dispatch.as_ref().map_or(0, |d| d.calls_in_flight_to(dst));
+        // Spinning never outlasts the caller's own bound.
+        let spin_until = {
+            let full = Instant::now() + SPIN_FOR;
+            deadline.map_or(full, |d| d.min(full))
+        };
         // With several calls in flight the I/O thread reads their replies in
         // batches; reading them here would only move that work.
         let lead = if in_flight() <= 1 { conn.reader.try_lock() } else { None };
         let Some(mut reader) = lead else {
             if let Err(e) = conn.ensure_read() {
                 self.drop_conn(&conn, Some(RpcError::Io(format!("epoll: {e}"))));
+                return;
+            }
+            // Another thread reads the reply. With a shallow pipeline it is
+            // often there within microseconds, and seeing it costs less than
+            // being woken; a deep one has replies queued anyway, and spinning
+            // would only take CPU from the threads producing them.
+            if in_flight() <= SPIN_MAX_IN_FLIGHT {
+                while !done() && Instant::now() < spin_until {
+                    std::thread::yield_now();
+                }
             }
             return;
         };
@@ -535,7 +554,6 @@ impl Shared {
         // it a few times, yielding the CPU in between (so a peer on this CPU
         // runs), is cheaper than sleeping and being woken, above all when the
         // wake-up would cross CPUs.
-        let spin_until = Instant::now() + SPIN_FOR;
         let mut spun = None;
         while spun.is_none() && !done() && Instant::now() < spin_until {
             match reader.read_until(
