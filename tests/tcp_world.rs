@@ -155,7 +155,13 @@ fn a_completion_callback_can_start_calls_on_new_connections() {
     // The callback runs on a library thread that must not block; its call
     // opens a connection (to this very rank) all the same.
     let (a0, a1) = echo_pair();
-    let first = a0.rpc_async(1, "echo", b"first");
+    // A reply slow enough that the callback is in place before it comes.
+    a1.register("slow_echo", |x: &[u8]| {
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(x.to_vec())
+    })
+    .unwrap();
+    let first = a0.rpc_async(1, "slow_echo", b"first");
     let (tx, rx) = std::sync::mpsc::channel();
     let chained = a0.clone();
     first.on_complete(move || {
@@ -179,13 +185,22 @@ fn a_completion_callback_can_start_calls_on_new_connections() {
 #[test]
 fn a_panicking_completion_callback_does_not_take_the_agent_down() {
     let (a0, a1) = echo_pair();
+    // The replies take long enough for the callbacks to be in place first
+    // (a callback on a completed call would run here, on the test thread).
+    a1.register("slow_echo", |x: &[u8]| {
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(x.to_vec())
+    })
+    .unwrap();
     // Completed on the I/O loop (nobody waits on it), and on the deadline
     // thread (a call that times out).
-    let f = a0.rpc_async(1, "echo", b"x");
+    let f = a0.rpc_async(1, "slow_echo", b"x");
     f.on_complete(|| panic!("a careless callback"));
-    let slow = a0.rpc_async_timeout(1, "nope", b"", Some(Duration::from_millis(1)));
+    let slow = a0.rpc_async_timeout(1, "slow_echo", b"", Some(Duration::from_millis(100)));
     slow.on_complete(|| panic!("another careless callback"));
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(f.is_ready() && slow.is_ready());
+    assert_eq!(slow.wait().unwrap_err().status(), Status::Timeout);
     assert_eq!(f.wait().unwrap(), b"x");
     // Both library threads are still there: calls and deadlines work.
     for _ in 0..3 {
