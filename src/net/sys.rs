@@ -1,5 +1,5 @@
-//! The few system calls std does not offer: epoll, and vectored sends that
-//! cannot raise SIGPIPE (a C host program may not ignore it).
+//! The few system calls std does not offer: epoll, and sends that cannot
+//! raise SIGPIPE (a C host program may not ignore it).
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -95,8 +95,9 @@ impl Epoll {
     }
 }
 
-/// `sendmsg` of several buffers with MSG_NOSIGNAL: a peer that went away
-/// gives EPIPE instead of killing the process.
+/// Sends several buffers with MSG_NOSIGNAL (a peer that went away gives
+/// EPIPE instead of killing the process): `sendmsg` for large frames,
+/// `send` of one buffer for small ones.
 pub(crate) fn send_vectored(fd: &impl AsRawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     const MAX_IOV: usize = 64;
     /// Up to this many bytes in several pieces are gathered into one buffer:
