@@ -24,7 +24,7 @@ use crate::transport::Outcome;
 use crate::wire::{self, Header, Kind};
 
 use crate::net::framing::{FrameReader, slices_from};
-use crate::net::sys::{self, Epoll, HANGUP, READABLE, WRITABLE};
+use crate::net::sys::{self, EDGE, Epoll, HANGUP, READABLE, WRITABLE};
 
 const NO_PEER: usize = usize::MAX;
 /// How long a thread that may wait blocks on a full socket before it hands
@@ -189,7 +189,7 @@ impl Conn {
     }
 
     fn apply(&self, i: &Interest) -> io::Result<()> {
-        let events = HANGUP | if i.read { READABLE } else { 0 } | if i.write { WRITABLE } else { 0 };
+        let events = EDGE | HANGUP | if i.read { READABLE } else { 0 } | if i.write { WRITABLE } else { 0 };
         self.epoll.modify(&self.stream, self.token, events)
     }
 

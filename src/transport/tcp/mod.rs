@@ -26,7 +26,7 @@ use super::{Dispatch, Executor, InRequest, OutRequest, Transport};
 mod conn;
 
 use crate::net::framing::{Frame, FrameReader, ReadEnd};
-use crate::net::sys::{self, Epoll, Event, READABLE};
+use crate::net::sys::{self, EDGE, Epoll, Event, READABLE};
 
 use conn::{Conn, Mode};
 
@@ -506,7 +506,7 @@ impl Shared {
             self.me_weak(),
         ));
         self.conns.lock().insert(conn.token, conn.clone());
-        self.epoll.add(&conn.stream, conn.token, READABLE)?;
+        self.epoll.add(&conn.stream, conn.token, READABLE | EDGE)?;
         Ok(conn)
     }
 
@@ -722,7 +722,7 @@ impl Shared {
         ));
         self.conns.lock().insert(conn.token, conn.clone());
         self.handshaking.fetch_add(1, Ordering::AcqRel);
-        self.epoll.add(&conn.stream, conn.token, READABLE)
+        self.epoll.add(&conn.stream, conn.token, READABLE | EDGE)
     }
 
     fn on_event(&self, conn: &Arc<Conn>, ev: Event) {
