@@ -95,22 +95,43 @@ impl FrameReader {
         src: &mut impl Read,
         on_frame: &mut dyn FnMut(Frame, &mut FrameReader) -> Result<()>,
     ) -> Result<ReadEnd> {
-        self.read_until(src, on_frame, &|| false)
+        self.pass(src, on_frame, &|| false, true)
+    }
+
+    /// Like [`FrameReader::read_from`], but reads on past a short read until
+    /// the socket says "would block" or ends: for a socket whose peer has
+    /// closed its side, where the end follows the last bytes without any
+    /// further readiness event.
+    pub(crate) fn read_to_end(
+        &mut self,
+        src: &mut impl Read,
+        on_frame: &mut dyn FnMut(Frame, &mut FrameReader) -> Result<()>,
+    ) -> Result<ReadEnd> {
+        self.pass(src, on_frame, &|| false, false)
     }
 
     /// Like [`FrameReader::read_from`], but makes no further read once
     /// `stop()` holds (frames already buffered are still handed out, so
     /// nothing is left behind that the socket's readiness would not show).
-    ///
-    /// A read that returns less than it asked for means the socket is
-    /// drained: the pass ends there instead of spending a system call to
-    /// hear "would block" (readiness is level-triggered, so more bytes will
-    /// be reported again).
     pub(crate) fn read_until(
         &mut self,
         src: &mut impl Read,
         on_frame: &mut dyn FnMut(Frame, &mut FrameReader) -> Result<()>,
         stop: &dyn Fn() -> bool,
+    ) -> Result<ReadEnd> {
+        self.pass(src, on_frame, stop, true)
+    }
+
+    /// One read pass. With `short_read_ends`, a read that returns less than
+    /// it asked for means the socket is drained: the pass ends there instead
+    /// of spending a system call to hear "would block" (bytes that arrive
+    /// later raise a new readiness event).
+    fn pass(
+        &mut self,
+        src: &mut impl Read,
+        on_frame: &mut dyn FnMut(Frame, &mut FrameReader) -> Result<()>,
+        stop: &dyn Fn() -> bool,
+        short_read_ends: bool,
     ) -> Result<ReadEnd> {
         loop {
             if let Some(large) = &mut self.large {
@@ -129,7 +150,7 @@ impl FrameReader {
                                 },
                                 self,
                             )?;
-                        } else if n < want {
+                        } else if n < want && short_read_ends {
                             return Ok(ReadEnd::WouldBlock);
                         }
                         continue;
@@ -162,7 +183,7 @@ impl FrameReader {
                 Ok(0) => return Err(truncated()),
                 Ok(n) => {
                     self.end += n;
-                    if n < want {
+                    if n < want && short_read_ends {
                         while let Some(frame) = self.parse_one()? {
                             on_frame(frame, self)?;
                         }

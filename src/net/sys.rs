@@ -32,6 +32,11 @@ impl Event {
     pub(crate) fn readable(&self) -> bool {
         self.events & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
     }
+    /// The peer closed its side, or the connection failed: the end of the
+    /// stream follows the bytes still to read.
+    pub(crate) fn closed(&self) -> bool {
+        self.events & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
+    }
     pub(crate) fn writable(&self) -> bool {
         self.events & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
     }

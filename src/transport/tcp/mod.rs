@@ -734,15 +734,25 @@ impl Shared {
         if !ev.readable() {
             return;
         }
-        // A caller waiting for its reply may be reading this connection itself.
+        // A caller waiting for its reply may be reading this connection
+        // itself; it re-arms the connection when done, so this event (edge
+        // triggered, not repeated) is seen again if still due.
         let Some(mut reader) = conn.reader.try_lock() else {
+            if let Err(e) = conn.ensure_read() {
+                self.drop_conn(conn, Some(RpcError::Io(format!("epoll: {e}"))));
+            }
             return;
         };
         let mut stream = &conn.stream;
         // Requests read in one pass are answered in one write (inline
         // handlers answer during the pass; workers may too).
         let corked = !conn.outbound && conn.cork();
-        let result = reader.read_from(&mut stream, &mut |frame, reader| self.on_frame(conn, frame, reader));
+        let mut on_frame = |frame, reader: &mut FrameReader| self.on_frame(conn, frame, reader);
+        let result = if ev.closed() {
+            reader.read_to_end(&mut stream, &mut on_frame)
+        } else {
+            reader.read_from(&mut stream, &mut on_frame)
+        };
         drop(reader);
         let flushed = if corked { conn.uncork() } else { Ok(()) };
         match (result, flushed) {
