@@ -73,6 +73,11 @@ struct Outbox {
 /// What epoll watches this connection for, and who reads it.
 #[derive(Clone, Copy)]
 struct Interest {
+    /// It is in the epoll set. A connection this rank opened joins it only
+    /// once the I/O thread has something to read or write on it: while only
+    /// callers that read their own replies use it, epoll need not be told
+    /// of every packet (measured: ~0.2 us per round trip).
+    registered: bool,
     /// The I/O thread reads it (otherwise only hang-ups are reported).
     read: bool,
     write: bool,
@@ -169,7 +174,9 @@ impl Conn {
                 Handshake::AwaitHello
             }),
             interest: Mutex::new(Interest {
-                read: true,
+                // An accepted connection is registered at once (by `adopt`).
+                registered: !outbound,
+                read: !outbound,
                 write: false,
                 leader: false,
                 wanted: false,
@@ -188,9 +195,14 @@ impl Conn {
         self.peer.store(rank, Ordering::Release);
     }
 
-    fn apply(&self, i: &Interest) -> io::Result<()> {
+    fn apply(&self, i: &mut Interest) -> io::Result<()> {
         let events = EDGE | HANGUP | if i.read { READABLE } else { 0 } | if i.write { WRITABLE } else { 0 };
-        self.epoll.modify(&self.stream, self.token, events)
+        if i.registered {
+            return self.epoll.modify(&self.stream, self.token, events);
+        }
+        self.epoll.add(&self.stream, self.token, events)?;
+        i.registered = true;
+        Ok(())
     }
 
     /// Whether epoll watches for the socket draining (queued bytes to send).
@@ -200,7 +212,7 @@ impl Conn {
             return Ok(());
         }
         i.write = write;
-        self.apply(&i)
+        self.apply(&mut i)
     }
 
     /// Makes sure the I/O thread reads this connection (unless a caller is
@@ -215,7 +227,7 @@ impl Conn {
             return Ok(());
         }
         i.read = true;
-        self.apply(&i)
+        self.apply(&mut i)
     }
 
     /// A caller starts reading this connection itself (it holds `reader`):
@@ -227,7 +239,7 @@ impl Conn {
             return Ok(());
         }
         i.read = false;
-        let applied = self.apply(&i);
+        let applied = self.apply(&mut i);
         if applied.is_err() {
             i.read = true;
         } else {
@@ -238,7 +250,7 @@ impl Conn {
 
     /// The caller is done reading; the I/O thread takes over again if calls
     /// are still in flight on it (an idle connection stays quiet: a hang-up
-    /// is reported either way, and the next call re-arms it).
+    /// is reported if it is registered, and the next call finds it anyway).
     pub(crate) fn end_lead(&self, calls_in_flight: bool) -> io::Result<()> {
         let mut i = self.interest.lock();
         i.leader = false;
@@ -247,7 +259,7 @@ impl Conn {
             return Ok(());
         }
         i.read = true;
-        self.apply(&i)
+        self.apply(&mut i)
     }
 
     /// Sends one frame (see the module docs for who writes when).
@@ -502,7 +514,6 @@ mod tests {
         let (mut server, _) = listener.accept().unwrap();
         client.set_nonblocking(true).unwrap();
         let epoll = Arc::new(Epoll::new().unwrap());
-        epoll.add(&client, 7, READABLE).unwrap();
         let conn = Conn::new(client, 7, true, Some(1), 1 << 30, epoll, std::sync::Weak::new());
         let big = vec![0xABu8; 16 << 20];
         let small = b"tiny-payload".to_vec();

@@ -505,8 +505,8 @@ impl Shared {
             self.epoll.clone(),
             self.me_weak(),
         ));
+        // Registered with epoll when the I/O thread first has to watch it.
         self.conns.lock().insert(conn.token, conn.clone());
-        self.epoll.add(&conn.stream, conn.token, READABLE | EDGE)?;
         Ok(conn)
     }
 
