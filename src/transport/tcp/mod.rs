@@ -522,8 +522,9 @@ impl Shared {
         };
         let dispatch = self.dispatch();
         let in_flight = || dispatch.as_ref().map_or(0, |d| d.calls_in_flight_to(dst));
-        // Spinning never outlasts the caller's own bound.
-        let spin_until = {
+        // Spinning never outlasts the caller's own bound. Read the clock
+        // only once a first look found nothing (it usually finds the reply).
+        let spin_bound = || {
             let full = Instant::now() + SPIN_FOR;
             deadline.map_or(full, |d| d.min(full))
         };
@@ -540,6 +541,7 @@ impl Shared {
             // being woken; a deep one has replies queued anyway, and spinning
             // would only take CPU from the threads producing them.
             if in_flight() <= SPIN_MAX_IN_FLIGHT {
+                let spin_until = spin_bound();
                 while !done() && Instant::now() < spin_until {
                     std::thread::yield_now();
                 }
@@ -555,7 +557,8 @@ impl Shared {
         // runs), is cheaper than sleeping and being woken, above all when the
         // wake-up would cross CPUs.
         let mut spun = None;
-        while spun.is_none() && !done() && Instant::now() < spin_until {
+        let mut spin_until = None;
+        while spun.is_none() && !done() {
             match reader.read_until(
                 &mut stream,
                 &mut |frame, reader| self.on_frame(&conn, frame, reader),
@@ -565,9 +568,10 @@ impl Shared {
                 Ok(ReadEnd::Eof) => spun = Some(Err(None)),
                 Err(e) => spun = Some(Err(Some(e))),
             }
-            if spun.is_none() && !done() {
-                std::thread::yield_now();
+            if spun.is_some() || done() || Instant::now() >= *spin_until.get_or_insert_with(spin_bound) {
+                break;
             }
+            std::thread::yield_now();
         }
         let outcome = if let Some(end) = spun {
             end
