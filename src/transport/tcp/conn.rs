@@ -212,7 +212,11 @@ impl Conn {
             return Ok(());
         }
         i.write = write;
-        self.apply(&mut i)
+        let applied = self.apply(&mut i);
+        if applied.is_err() {
+            i.write = !write;
+        }
+        applied
     }
 
     /// Makes sure the I/O thread reads this connection (unless a caller is
@@ -223,11 +227,37 @@ impl Conn {
             i.wanted = true;
             return Ok(());
         }
-        if i.read {
+        self.watch_reads(&mut i, false)
+    }
+
+    /// The I/O thread had an event for this connection but another thread
+    /// holds the reader. Events are edge-triggered (not repeated), so it
+    /// must be reported again once that thread lets go: a leader re-arms it
+    /// when done; a thread merely holding the reader (just before leading,
+    /// or just after) is covered by a modify now, which reports it again
+    /// while it stays ready.
+    pub(crate) fn rearm(&self) -> io::Result<()> {
+        let mut i = self.interest.lock();
+        if i.leader {
+            i.wanted = true;
             return Ok(());
         }
+        self.watch_reads(&mut i, true)
+    }
+
+    /// Has the I/O thread read the connection; `again` re-polls it even if
+    /// it already does. The flags stay as they were if epoll refuses.
+    fn watch_reads(&self, i: &mut Interest, again: bool) -> io::Result<()> {
+        if i.read && !again {
+            return Ok(());
+        }
+        let was = i.read;
         i.read = true;
-        self.apply(&mut i)
+        let applied = self.apply(i);
+        if applied.is_err() {
+            i.read = was;
+        }
+        applied
     }
 
     /// A caller starts reading this connection itself (it holds `reader`):
@@ -255,11 +285,10 @@ impl Conn {
         let mut i = self.interest.lock();
         i.leader = false;
         let wanted = std::mem::take(&mut i.wanted);
-        if i.read || !(calls_in_flight || wanted) {
+        if !(calls_in_flight || wanted) {
             return Ok(());
         }
-        i.read = true;
-        self.apply(&mut i)
+        self.watch_reads(&mut i, false)
     }
 
     /// Sends one frame (see the module docs for who writes when).
@@ -539,6 +568,34 @@ mod tests {
         let got = reader.join().unwrap();
         let first_difference = got.iter().zip(&expected).position(|(a, b)| a != b);
         assert_eq!(first_difference, None, "of {total} bytes");
+    }
+
+    /// The I/O thread takes an event but another thread holds the reader
+    /// (not leading: about to, or just done). Edge-triggered, the event is
+    /// not repeated by itself; `rearm` must have it reported again.
+    #[test]
+    fn an_event_met_while_the_reader_is_held_is_reported_again() {
+        use std::io::Write;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client.set_nonblocking(true).unwrap();
+        let epoll = Arc::new(Epoll::new().unwrap());
+        let conn = Conn::new(client, 7, true, Some(1), 1 << 20, epoll.clone(), std::sync::Weak::new());
+        conn.ensure_read().unwrap();
+        server.write_all(b"a reply").unwrap();
+        let mut events = Vec::new();
+        epoll.wait(&mut events, 5000).unwrap();
+        assert_eq!(events.iter().map(|e| e.token).collect::<Vec<_>>(), [7]);
+        let held = conn.reader.lock();
+        conn.rearm().unwrap();
+        drop(held);
+        epoll.wait(&mut events, 1000).unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.token).collect::<Vec<_>>(),
+            [7],
+            "the event was lost"
+        );
     }
 
     #[test]

@@ -603,8 +603,10 @@ impl Shared {
         };
         // Hand reading back before letting go of the reader, so a caller
         // that leads next cannot have its flag cleared by this one.
-        let _ = conn.end_lead(in_flight() > 0);
+        let handed_back = conn.end_lead(in_flight() > 0);
         drop(reader);
+        // A connection epoll will not watch cannot serve the calls left on it.
+        let outcome = outcome.and(handed_back.map_err(|e| Some(RpcError::Io(format!("epoll: {e}")))));
         if let Err(why) = outcome {
             self.drop_conn(&conn, why);
         }
@@ -739,10 +741,10 @@ impl Shared {
             return;
         }
         // A caller waiting for its reply may be reading this connection
-        // itself; it re-arms the connection when done, so this event (edge
-        // triggered, not repeated) is seen again if still due.
+        // itself; the event (edge-triggered, not repeated) must then be
+        // reported again once it lets go.
         let Some(mut reader) = conn.reader.try_lock() else {
-            if let Err(e) = conn.ensure_read() {
+            if let Err(e) = conn.rearm() {
                 self.drop_conn(conn, Some(RpcError::Io(format!("epoll: {e}"))));
             }
             return;
