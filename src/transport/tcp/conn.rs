@@ -529,8 +529,20 @@ impl crate::threads::Corked for Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::net::TcpListener;
+
+    /// A connection this rank opened (token 7, not yet in its epoll set),
+    /// the peer's end of it, and the epoll set.
+    fn opened_connection() -> (Conn, TcpStream, Arc<Epoll>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        client.set_nonblocking(true).unwrap();
+        let epoll = Arc::new(Epoll::new().unwrap());
+        let conn = Conn::new(client, 7, true, Some(1), 1 << 30, epoll.clone(), std::sync::Weak::new());
+        (conn, server, epoll)
+    }
 
     /// A large frame the socket takes only part of, with a small frame
     /// queued behind it: the rest of the large one and all of the small one
@@ -538,12 +550,7 @@ mod tests {
     /// resent part of the large one).
     #[test]
     fn a_partly_sent_batch_is_finished_whole_and_in_order() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut server, _) = listener.accept().unwrap();
-        client.set_nonblocking(true).unwrap();
-        let epoll = Arc::new(Epoll::new().unwrap());
-        let conn = Conn::new(client, 7, true, Some(1), 1 << 30, epoll, std::sync::Weak::new());
+        let (conn, mut server, _epoll) = opened_connection();
         let big = vec![0xABu8; 16 << 20];
         let small = b"tiny-payload".to_vec();
         let mut expected = wire::encode_frame(Header::new(Kind::Request), b"big", &big);
@@ -575,13 +582,7 @@ mod tests {
     /// not repeated by itself; `rearm` must have it reported again.
     #[test]
     fn an_event_met_while_the_reader_is_held_is_reported_again() {
-        use std::io::Write;
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut server, _) = listener.accept().unwrap();
-        client.set_nonblocking(true).unwrap();
-        let epoll = Arc::new(Epoll::new().unwrap());
-        let conn = Conn::new(client, 7, true, Some(1), 1 << 20, epoll.clone(), std::sync::Weak::new());
+        let (conn, mut server, epoll) = opened_connection();
         conn.ensure_read().unwrap();
         server.write_all(b"a reply").unwrap();
         let mut events = Vec::new();
