@@ -137,13 +137,20 @@ fn a_world_of_one_calls_itself_over_tcp() {
     agent.shutdown(true, Duration::from_secs(10)).unwrap();
 }
 
-/// Two ranks over TCP in this process, both serving "echo".
+/// Two ranks over TCP in this process, both serving "echo" and
+/// "slow_echo" (which answers after 300 ms: slow enough for a test to put a
+/// completion callback in place before the reply comes).
 fn echo_pair() -> (RpcAgent, RpcAgent) {
     let port = common::free_port();
     let results = join_all(vec![cfg(0, 2, port), cfg(1, 2, port)]);
     let mut agents: Vec<RpcAgent> = results.into_iter().map(|r| r.unwrap()).collect();
     for a in &agents {
         a.register("echo", |x: &[u8]| Ok(x.to_vec())).unwrap();
+        a.register("slow_echo", |x: &[u8]| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(x.to_vec())
+        })
+        .unwrap();
         a.start().unwrap();
     }
     let a1 = agents.pop().unwrap();
@@ -156,11 +163,6 @@ fn a_completion_callback_can_start_calls_on_new_connections() {
     // opens a connection (to this very rank) all the same.
     let (a0, a1) = echo_pair();
     // A reply slow enough that the callback is in place before it comes.
-    a1.register("slow_echo", |x: &[u8]| {
-        std::thread::sleep(Duration::from_millis(200));
-        Ok(x.to_vec())
-    })
-    .unwrap();
     let first = a0.rpc_async(1, "slow_echo", b"first");
     let (tx, rx) = std::sync::mpsc::channel();
     let chained = a0.clone();
@@ -187,11 +189,6 @@ fn a_panicking_completion_callback_does_not_take_the_agent_down() {
     let (a0, a1) = echo_pair();
     // The replies take long enough for the callbacks to be in place first
     // (a callback on a completed call would run here, on the test thread).
-    a1.register("slow_echo", |x: &[u8]| {
-        std::thread::sleep(Duration::from_millis(300));
-        Ok(x.to_vec())
-    })
-    .unwrap();
     // Completed on the I/O loop (nobody waits on it), and on the deadline
     // thread (a call that times out).
     let f = a0.rpc_async(1, "slow_echo", b"x");

@@ -222,12 +222,7 @@ impl Conn {
     /// Makes sure the I/O thread reads this connection (unless a caller is
     /// reading it now, who hands it back when done).
     pub(crate) fn ensure_read(&self) -> io::Result<()> {
-        let mut i = self.interest.lock();
-        if i.leader {
-            i.wanted = true;
-            return Ok(());
-        }
-        self.watch_reads(&mut i, false)
+        self.want_reads(false)
     }
 
     /// The I/O thread had an event for this connection but another thread
@@ -237,12 +232,19 @@ impl Conn {
     /// or just after) is covered by a modify now, which reports it again
     /// while it stays ready.
     pub(crate) fn rearm(&self) -> io::Result<()> {
+        self.want_reads(true)
+    }
+
+    /// A leading caller is asked to hand reading back when done; otherwise
+    /// the I/O thread reads from now on (`again`: re-polled even if it
+    /// already did).
+    fn want_reads(&self, again: bool) -> io::Result<()> {
         let mut i = self.interest.lock();
         if i.leader {
             i.wanted = true;
             return Ok(());
         }
-        self.watch_reads(&mut i, true)
+        self.watch_reads(&mut i, again)
     }
 
     /// Has the I/O thread read the connection; `again` re-polls it even if
