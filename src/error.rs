@@ -129,8 +129,7 @@ impl RpcError {
 
     /// Rebuilds the error a remote rank reported for a call, from the status
     /// and message that travelled in its response.
-    pub(crate) fn from_remote(status: Status, rank: usize, function: &str, message: String) -> RpcError {
-        let function = function.to_string();
+    pub(crate) fn from_remote(status: Status, rank: usize, function: String, message: String) -> RpcError {
         match status {
             Status::NotFound => RpcError::NotFound { rank, function },
             Status::Handler => RpcError::Handler {

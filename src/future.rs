@@ -49,18 +49,16 @@ pub(crate) fn run_callback(cb: Callback) {
 pub(crate) struct Slot {
     state: Mutex<State>,
     done: Condvar,
-    spawner: Option<Spawner>,
 }
 
 impl Slot {
-    pub(crate) fn new(spawner: Option<Spawner>) -> Arc<Slot> {
+    pub(crate) fn new() -> Arc<Slot> {
         Arc::new(Slot {
             state: Mutex::new(State::Pending {
                 callbacks: Vec::new(),
                 next_id: 0,
             }),
             done: Condvar::new(),
-            spawner,
         })
     }
 
@@ -69,13 +67,13 @@ impl Slot {
         Arc::new(Slot {
             state: Mutex::new(State::Done(result.map(Some))),
             done: Condvar::new(),
-            spawner: None,
         })
     }
 
-    /// Writes the outcome and runs the completion callbacks on this thread.
+    /// Writes the outcome and runs the completion callbacks on this thread
+    /// (off the library's threads, through `spawner` if there is one).
     /// Returns false (and drops `result`) when the slot was already complete.
-    pub(crate) fn complete(&self, result: Result<Vec<u8>>) -> bool {
+    pub(crate) fn complete(&self, result: Result<Vec<u8>>, spawner: Option<&Spawner>) -> bool {
         let callbacks = {
             let mut state = self.state.lock();
             let State::Pending { callbacks, .. } = &mut *state else {
@@ -91,7 +89,7 @@ impl Slot {
             // user thread shutting down) callbacks go to the spawner, so a
             // callback never runs inside a user's wait, where it could
             // deadlock on the user's own locks.
-            match &self.spawner {
+            match spawner {
                 Some(spawn) if !crate::threads::is_library() => spawn(cb),
                 _ => run_callback(cb),
             }
@@ -309,12 +307,12 @@ mod tests {
 
     #[test]
     fn completes_once_and_hands_bytes_out_once() {
-        let slot = Slot::new(None);
+        let slot = Slot::new();
         let fut = RpcFuture::new(slot.clone());
         assert!(!fut.is_ready());
         assert!(fut.wait_timeout(Duration::ZERO).is_none());
-        assert!(slot.complete(Ok(vec![1, 2])));
-        assert!(!slot.complete(Ok(vec![3])));
+        assert!(slot.complete(Ok(vec![1, 2]), None));
+        assert!(!slot.complete(Ok(vec![3]), None));
         assert_eq!(fut.wait_timeout(Duration::ZERO), Some(Ok(vec![1, 2])));
         assert_eq!(fut.wait_timeout(Duration::ZERO), Some(Ok(vec![])));
     }
@@ -322,14 +320,14 @@ mod tests {
     #[test]
     fn callbacks_run_once_even_after_the_future_is_dropped() {
         let runs = Arc::new(AtomicUsize::new(0));
-        let slot = Slot::new(None);
+        let slot = Slot::new();
         let fut = RpcFuture::new(slot.clone());
         let r = runs.clone();
         fut.on_complete(move || {
             r.fetch_add(1, Ordering::SeqCst);
         });
         drop(fut);
-        slot.complete(Err(RpcError::Timeout("t".into())));
+        slot.complete(Err(RpcError::Timeout("t".into())), None);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         // Registered after completion: runs at once.
         let r = runs.clone();
@@ -341,14 +339,14 @@ mod tests {
 
     #[test]
     fn wait_any_finds_the_completed_one_or_times_out() {
-        let slots: Vec<_> = (0..3).map(|_| Slot::new(None)).collect();
+        let slots: Vec<_> = (0..3).map(|_| Slot::new()).collect();
         let futs: Vec<_> = slots.iter().map(|s| RpcFuture::new(s.clone())).collect();
         let refs: Vec<&RpcFuture> = futs.iter().collect();
         assert_eq!(RpcFuture::wait_any(&refs, Some(Duration::from_millis(20))), None);
         let s2 = slots[2].clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));
-            s2.complete(Ok(vec![]));
+            s2.complete(Ok(vec![]), None);
         });
         assert_eq!(RpcFuture::wait_any(&refs, None), Some(2));
         t.join().unwrap();

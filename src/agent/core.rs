@@ -22,7 +22,7 @@ use crate::pool::Pool;
 use crate::transport::{Dispatch, Executor, InRequest, OutRequest, Outcome, Transport};
 
 use super::handler::{Body, Handler, Reply, ReplyRoute, Request};
-use super::pending::{Pending, PendingCall};
+use super::pending::{CallName, Pending, PendingCall};
 use super::stats::{Stats, StatsSnapshot};
 
 const RUNNING: u8 = 0;
@@ -42,8 +42,12 @@ thread_local! {
     static IN_HANDLER: Cell<u32> = const { Cell::new(0) };
 }
 
-/// A registered handler and its name as a shared label.
-type Registered = (Arc<Handler>, Arc<str>);
+/// A registered handler and its name, as the label the pool reports a busy
+/// worker by (made once at registration).
+struct Registered {
+    handler: Handler,
+    name: Arc<str>,
+}
 
 /// Rank 0's record of who has arrived at each barrier and at shutdown.
 #[derive(Default)]
@@ -64,7 +68,7 @@ pub(crate) struct Core {
     me: Weak<Core>,
     /// Each handler with its name as a shared label (what the pool reports
     /// a busy worker as running), made once at registration.
-    registry: RwLock<FastMap<String, Registered>>,
+    registry: RwLock<FastMap<Box<[u8]>, Arc<Registered>>>,
     pending: Arc<Pending>,
     next_id: AtomicU64,
     state: AtomicU8,
@@ -173,15 +177,21 @@ impl Core {
     pub(crate) fn register(&self, name: &str, handler: Handler) -> Result<()> {
         check_name(name).map_err(|why| RpcError::InvalidArgument(format!("function name {why}")))?;
         let mut registry = self.registry.write();
-        if registry.contains_key(name) {
+        if registry.contains_key(name.as_bytes()) {
             return Err(RpcError::Exists(name.to_string()));
         }
-        registry.insert(name.to_string(), (Arc::new(handler), name.into()));
+        registry.insert(
+            name.as_bytes().into(),
+            Arc::new(Registered {
+                handler,
+                name: name.into(),
+            }),
+        );
         Ok(())
     }
 
     pub(crate) fn unregister(&self, name: &str) -> Result<()> {
-        match self.registry.write().remove(name) {
+        match self.registry.write().remove(name.as_bytes()) {
             Some(_) => Ok(()),
             None => Err(RpcError::NotFound {
                 rank: self.rank,
@@ -224,12 +234,12 @@ impl Core {
             return Err(e);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let slot = Slot::new(Some(self.spawner.clone()));
+        let slot = Slot::new();
         let started = Instant::now();
         let deadline = timeout.map(|t| started + t);
         let call = PendingCall {
             dst,
-            function: function.into(),
+            function: CallName::new(function),
             internal,
             started,
             deadline,
@@ -252,6 +262,7 @@ impl Core {
             function,
             internal,
             timeout,
+            deadline,
             args,
             will_wait,
         };
@@ -305,7 +316,7 @@ impl Core {
             };
             counter.fetch_add(1, Ordering::Relaxed);
         }
-        call.slot.complete(outcome);
+        call.slot.complete(outcome, Some(&self.spawner));
     }
 
     fn expire(&self, call: PendingCall) {
@@ -340,19 +351,31 @@ impl Core {
     }
 
     fn dispatch(&self, request: InRequest) {
-        let found = self.registry.read().get(&request.function).cloned();
-        let Some((handler, label)) = found else {
-            let message = format!("rank {} has no function named '{}'", self.rank, request.function);
+        let found = self.registry.read().get(&request.function[..]).cloned();
+        let Some(handler) = found else {
+            let message = format!("rank {} has no function named '{}'", self.rank, request.name());
             return self.route(&request).send(Err((Status::NotFound, message)));
         };
-        if handler.options.inline {
+        if handler.handler.options.inline {
             return self.run_handler(handler, request);
         }
+        let label = handler.name.clone();
         let me = self.me.clone();
         let job = Box::new(move || {
-            if let Some(core) = me.upgrade() {
-                core.run_handler(handler, request);
+            let Some(core) = me.upgrade() else { return };
+            // A request that waited in the queue past its deadline is not
+            // run (an inline one runs as it arrives).
+            if request.deadline.is_some_and(|d| Instant::now() >= d) {
+                log_at!(
+                    Debug,
+                    Some(core.rank),
+                    "dropped a call to '{}' from rank {}: its deadline passed before it ran",
+                    request.name(),
+                    request.src
+                );
+                return;
             }
+            core.run_handler(handler, request);
         });
         // On the I/O loop, a pass's only request is kept to run on this very
         // thread once the loop has moved to an idle one (no wake-up between
@@ -369,17 +392,7 @@ impl Core {
         }
     }
 
-    fn run_handler(&self, handler: Arc<Handler>, request: InRequest) {
-        if request.deadline.is_some_and(|d| Instant::now() >= d) {
-            log_at!(
-                Debug,
-                Some(self.rank),
-                "dropped a call to '{}' from rank {}: its deadline passed before it ran",
-                request.function,
-                request.src
-            );
-            return;
-        }
+    fn run_handler(&self, handler: Arc<Registered>, request: InRequest) {
         if self.state.load(Ordering::Acquire) == CLOSED {
             return self
                 .route(&request)
@@ -387,11 +400,11 @@ impl Core {
         }
         let mut reply = Reply::new(self.route(&request));
         IN_HANDLER.set(IN_HANDLER.get() + 1);
-        let result = catch_unwind(AssertUnwindSafe(|| match &handler.body {
+        let result = catch_unwind(AssertUnwindSafe(|| match &handler.handler.body {
             Body::Borrowed(func) => {
                 let view = Request {
                     src_rank: request.src,
-                    function: &request.function,
+                    function: &handler.name,
                     args: &request.args,
                 };
                 func(&view, &mut reply)
@@ -417,8 +430,8 @@ impl Core {
     fn serve_internal(&self, request: InRequest) {
         let route = self.route(&request);
         let mut g = self.gatherings.lock();
-        let complete = match (self.rank, request.function.as_str()) {
-            (0, BARRIER) if request.args.len() == 8 => {
+        let complete = match (self.rank, &request.function[..]) {
+            (0, f) if f == BARRIER.as_bytes() && request.args.len() == 8 => {
                 let generation = u64::from_le_bytes(request.args[..8].try_into().expect("8 bytes"));
                 if g.barrier_done.is_some_and(|done| generation <= done) {
                     drop(g);
@@ -439,7 +452,7 @@ impl Core {
                     None
                 }
             }
-            (0, SHUTDOWN) => {
+            (0, f) if f == SHUTDOWN.as_bytes() => {
                 g.shutdown.insert(request.src, route);
                 if g.shutdown.len() == self.world_size {
                     Some(std::mem::take(&mut g.shutdown))
@@ -449,7 +462,7 @@ impl Core {
             }
             _ => {
                 drop(g);
-                let message = format!("rank {} has no internal function '{}'", self.rank, request.function);
+                let message = format!("rank {} has no internal function '{}'", self.rank, request.name());
                 return route.send(Err((Status::NotFound, message)));
             }
         };
@@ -641,7 +654,8 @@ impl Dispatch for Core {
             // Abandoned, timed out, or not this peer's to answer.
             return;
         };
-        let outcome = outcome.map_err(|(status, message)| RpcError::from_remote(status, from, &call.function, message));
+        let outcome = outcome
+            .map_err(|(status, message)| RpcError::from_remote(status, from, call.function.to_string(), message));
         self.complete(call, outcome);
     }
 

@@ -15,14 +15,6 @@ pub(crate) struct Frame {
     pub payload: Vec<u8>,
 }
 
-impl Frame {
-    /// The function name, taken out of the frame (no copy).
-    pub(crate) fn take_name(&mut self) -> Result<String> {
-        String::from_utf8(std::mem::take(&mut self.name))
-            .map_err(|_| RpcError::Protocol("function name is not UTF-8".into()))
-    }
-}
-
 /// Frames whose payload is at most this go through the scratch buffer.
 const SCRATCH: usize = 64 * 1024;
 /// The scratch buffer of a connection still in its handshake: enough for
@@ -273,6 +265,27 @@ fn blocking_error(e: io::Error) -> RpcError {
     }
 }
 
+/// Copies the bytes of `parts` from byte `skip` on into `out` (as many as
+/// fit); returns how many it copied.
+pub(crate) fn gather_from<P: AsRef<[u8]>>(parts: &[P], mut skip: usize, out: &mut [u8]) -> usize {
+    let mut at = 0;
+    for p in parts {
+        let p = p.as_ref();
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        let n = (p.len() - skip).min(out.len() - at);
+        out[at..at + n].copy_from_slice(&p[skip..skip + n]);
+        at += n;
+        skip = 0;
+        if at == out.len() {
+            break;
+        }
+    }
+    at
+}
+
 /// Fills `out` with the slices of `parts` from byte `skip` on (as many as
 /// fit); returns how many it filled.
 pub(crate) fn slices_from<'a, P: AsRef<[u8]>>(parts: &'a [P], mut skip: usize, out: &mut [IoSlice<'a>]) -> usize {
@@ -398,5 +411,19 @@ mod tests {
         assert_eq!(drain(data).err().unwrap().status(), crate::Status::Protocol);
         let end = drain(frame(1, "f", 10)).unwrap();
         assert_eq!(end, ReadEnd::Eof);
+    }
+
+    #[test]
+    fn gathering_copies_parts_from_any_offset() {
+        let parts: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; (i as usize % 5) + 1]).collect();
+        let flat = parts.concat();
+        for skip in [0, 1, 4, 50, flat.len() - 1, flat.len()] {
+            for room in [0, 1, 7, 512] {
+                let mut out = vec![0u8; room];
+                let n = gather_from(&parts, skip, &mut out);
+                assert_eq!(n, room.min(flat.len() - skip));
+                assert_eq!(&out[..n], &flat[skip..skip + n]);
+            }
+        }
     }
 }

@@ -108,28 +108,9 @@ impl Epoll {
 }
 
 /// Sends several buffers with MSG_NOSIGNAL (a peer that went away gives
-/// EPIPE instead of killing the process): `sendmsg` for large frames,
-/// `send` of one buffer for small ones.
+/// EPIPE instead of killing the process), with one `sendmsg`.
 pub(crate) fn send_vectored(fd: &impl AsRawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     const MAX_IOV: usize = 64;
-    /// Up to this many bytes in several pieces are gathered into one buffer:
-    /// plain `send` of one buffer skips copying in and checking an iovec
-    /// array, measurably cheaper per small frame (~0.2-0.4 us per round trip
-    /// here).
-    const GATHER: usize = 512;
-    if let [one] = bufs {
-        return send_one(fd, one);
-    }
-    let total: usize = bufs.iter().map(|b| b.len()).sum();
-    if total <= GATHER {
-        let mut gathered = [0u8; GATHER];
-        let mut at = 0;
-        for b in bufs {
-            gathered[at..at + b.len()].copy_from_slice(b);
-            at += b.len();
-        }
-        return send_one(fd, &gathered[..at]);
-    }
     let bufs = &bufs[..bufs.len().min(MAX_IOV)];
     // SAFETY: an all-zero msghdr is valid (no name, no control data).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -147,7 +128,7 @@ pub(crate) fn send_vectored(fd: &impl AsRawFd, bufs: &[IoSlice<'_>]) -> io::Resu
 }
 
 /// `send` of one buffer with MSG_NOSIGNAL.
-fn send_one(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
+pub(crate) fn send_one(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for reads of its length for the duration of
     // the call; the kernel only reads it.
     let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };

@@ -42,9 +42,9 @@ impl Transport for LocalTransport {
         target.on_request(InRequest {
             src: self.me,
             id: request.id,
-            function: request.function.to_string(),
+            function: request.function.as_bytes().to_vec(),
             internal: request.internal,
-            deadline: request.timeout.map(|t| Instant::now() + t),
+            deadline: request.deadline,
             args: request.args.to_vec(),
             reply_to: Arc::new(LocalReply {
                 caller: self.agents[self.me].clone(),

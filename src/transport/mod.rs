@@ -17,6 +17,8 @@ pub(crate) struct OutRequest<'a> {
     pub internal: bool,
     /// Time left to the caller's deadline (`None`: no deadline).
     pub timeout: Option<Duration>,
+    /// That deadline on this rank's clock.
+    pub deadline: Option<Instant>,
     pub args: &'a [u8],
     /// The caller waits for the reply right away (and so may read it itself).
     pub will_wait: bool,
@@ -26,12 +28,20 @@ pub(crate) struct OutRequest<'a> {
 pub(crate) struct InRequest {
     pub src: usize,
     pub id: u64,
-    pub function: String,
+    /// The name as it came (unchecked bytes: it is only looked up).
+    pub function: Vec<u8>,
     pub internal: bool,
     /// The caller's deadline on this rank's clock.
     pub deadline: Option<Instant>,
     pub args: Vec<u8>,
     pub reply_to: Arc<dyn ReplySink>,
+}
+
+impl InRequest {
+    /// The function name, for messages.
+    pub fn name(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.function)
+    }
 }
 
 /// The outcome a destination sends back: the reply bytes, or a status and

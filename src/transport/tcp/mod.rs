@@ -338,7 +338,7 @@ impl Shared {
         let (Some(executor), Some(shared)) = (self.executor.upgrade(), self.this.upgrade()) else {
             return Err(RpcError::Shutdown(format!("rank {} is shut down", self.me)));
         };
-        let deadline = request.timeout.map(|t| Instant::now() + t);
+        let deadline = request.deadline;
         let (id, function, internal, args) = (
             request.id,
             request.function.to_string(),
@@ -353,6 +353,7 @@ impl Shared {
                     function: &function,
                     internal,
                     timeout: deadline.map(|d| d.saturating_duration_since(Instant::now())),
+                    deadline,
                     args: &args,
                     will_wait: false,
                 };
@@ -368,8 +369,7 @@ impl Shared {
     }
 
     fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
-        let deadline = request.timeout.map(|t| Instant::now() + t);
-        let conn = self.conn_to(dst, deadline)?;
+        let conn = self.conn_to(dst, request.deadline)?;
         let mut header = Header::new(Kind::Request);
         header.request_id = request.id;
         header.flags = if request.internal { FLAG_INTERNAL } else { 0 };
@@ -779,11 +779,10 @@ impl Shared {
         let h = frame.header;
         match (h.kind, conn.outbound) {
             (Kind::Request, false) => {
-                let function = frame.take_name()?;
                 dispatch.on_request(InRequest {
                     src: peer,
                     id: h.request_id,
-                    function,
+                    function: std::mem::take(&mut frame.name),
                     internal: h.flags & FLAG_INTERNAL != 0,
                     deadline: (h.timeout_us > 0).then(|| Instant::now() + Duration::from_micros(h.timeout_us)),
                     args: frame.payload,
