@@ -52,22 +52,33 @@ static inline size_t max_payload(void) {
     return getenv("RPCAGENT_TEST_SMALL") ? (size_t)1 << 20 : (size_t)64 << 20;
 }
 
-/* A port that was free a moment ago. */
+/* A port that was free a moment ago. It is taken below the kernel's
+ * ephemeral range (32768 and up by default), where the ranks' own listeners
+ * get their ports: asking the kernel for one (port 0) could hand out a port
+ * a rank then took before rank 0 bound it for the rendezvous. */
 static inline int free_port(void) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof a;
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) != 0) {
-        perror("free_port");
-        exit(1);
+    static unsigned next = 0;
+    unsigned start = (unsigned)getpid() % 97 * 120;
+    for (int tries = 0; tries < 12000; tries++) {
+        int port = 20000 + (int)((start + next++) % 12000);
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a;
+        memset(&a, 0, sizeof a);
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        a.sin_port = htons((unsigned short)port);
+        if (fd < 0) {
+            perror("free_port");
+            exit(1);
+        }
+        int ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
+        close(fd);
+        if (ok) {
+            return port;
+        }
     }
-    int port = ntohs(a.sin_port);
-    close(fd);
-    return port;
+    fprintf(stderr, "free_port: no free port between 20000 and 31999\n");
+    exit(1);
 }
 
 typedef void (*rank_body)(void);

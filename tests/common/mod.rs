@@ -3,6 +3,7 @@
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// `n` bytes of a pattern that differs with `seed`, so a misrouted or
@@ -41,9 +42,21 @@ pub fn rank_process() -> Option<(String, rpcagent::RpcAgent)> {
     Some((scenario, rpcagent::RpcAgent::init(config).unwrap()))
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago. It is taken below the kernel's
+/// ephemeral range (32768 and up by default), where the listeners and
+/// outgoing connections of the tests running alongside get their ports:
+/// asking the kernel for one (port 0) let another test take it before the
+/// test bound it. Each call tries the next port, so tests in one process
+/// never share one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id() % 97 * 120;
+    loop {
+        let port = 20_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
 }
 
 /// Runs `scenario` as a world of `n` separate processes: this test binary

@@ -29,6 +29,21 @@ fn echo(agent: &RpcAgent) {
     agent.register("echo", |args: &[u8]| Ok(args.to_vec())).unwrap();
 }
 
+/// Every rank calls every rank once, waiting for each reply at once, then
+/// the world shuts down gracefully: rank 0's goodbye races the other ranks'
+/// shutdown replies, which must still be read (the callers waiting for them
+/// read only their own connections).
+pub fn quick_goodbye(agent: &RpcAgent) {
+    echo(agent);
+    agent.start().unwrap();
+    for dst in 0..agent.world_size() {
+        assert_eq!(agent.rpc_sync(dst, "echo", b"hi").unwrap(), b"hi");
+    }
+    agent
+        .shutdown(true, Duration::from_secs(10))
+        .expect("graceful shutdown right after the last calls");
+}
+
 /// Every rank calls every rank, itself included, with every payload size.
 pub fn mesh(agent: &RpcAgent) {
     echo(agent);

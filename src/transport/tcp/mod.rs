@@ -908,6 +908,7 @@ impl Shared {
             }
             RpcError::PeerLost { rank, reason }
         };
+        let mut ending = None;
         {
             let peer = &self.peers[rank];
             let mut st = peer.state.lock();
@@ -916,13 +917,24 @@ impl Shared {
                 // connection (and every call on it) down at once.
                 if let PeerState::Ready(out) = std::mem::replace(&mut *st, PeerState::Lost(error.clone()))
                     && !Arc::ptr_eq(&out, conn)
-                    && !graceful
                 {
-                    self.conns.lock().remove(&out.token);
-                    out.close();
+                    if graceful {
+                        ending = Some(out);
+                    } else {
+                        self.conns.lock().remove(&out.token);
+                        out.close();
+                    }
                 }
                 peer.changed.notify_all();
             }
+        }
+        // The outgoing connection ends by itself, but only if somebody reads
+        // it: a caller waiting for a reply no longer finds it through the
+        // peer (see `drive`), so the I/O thread must.
+        if let Some(out) = ending
+            && let Err(e) = out.ensure_read()
+        {
+            self.drop_conn(&out, Some(RpcError::Io(format!("epoll: {e}"))));
         }
         if graceful && !conn.outbound {
             return;
