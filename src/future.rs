@@ -2,6 +2,7 @@
 //! thread that reads the response, the timer, or a failure), and the
 //! [`RpcFuture`] handle over it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,9 @@ pub(crate) fn run_callback(cb: Callback) {
 /// One call's outcome, written once.
 pub(crate) struct Slot {
     state: Mutex<State>,
+    /// Set once `state` is `Done`: a waiter polling for its reply looks
+    /// here without taking the lock.
+    ready: AtomicBool,
     done: Condvar,
 }
 
@@ -58,6 +62,7 @@ impl Slot {
                 callbacks: Vec::new(),
                 next_id: 0,
             }),
+            ready: AtomicBool::new(false),
             done: Condvar::new(),
         })
     }
@@ -66,6 +71,7 @@ impl Slot {
     pub(crate) fn completed(result: Result<Vec<u8>>) -> Arc<Slot> {
         Arc::new(Slot {
             state: Mutex::new(State::Done(result.map(Some))),
+            ready: AtomicBool::new(true),
             done: Condvar::new(),
         })
     }
@@ -81,6 +87,7 @@ impl Slot {
             };
             let callbacks = std::mem::take(callbacks);
             *state = State::Done(result.map(Some));
+            self.ready.store(true, Ordering::Release);
             callbacks
         };
         self.done.notify_all();
@@ -98,7 +105,7 @@ impl Slot {
     }
 
     pub(crate) fn is_ready(&self) -> bool {
-        matches!(*self.state.lock(), State::Done(_))
+        self.ready.load(Ordering::Acquire)
     }
 
     /// Runs `cb` once the slot completes; at once, on this thread, if it has.

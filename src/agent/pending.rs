@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -60,8 +61,7 @@ struct Table {
     calls: FastMap<u64, PendingCall>,
     deadlines: BTreeSet<(Instant, u64)>,
     user_calls: usize,
-    /// Calls in flight to each rank.
-    per_dst: Vec<usize>,
+
     stopped: bool,
     /// No call may be added any more.
     closed: bool,
@@ -71,6 +71,9 @@ struct Table {
 
 pub(crate) struct Pending {
     table: Mutex<Table>,
+    /// Calls in flight to each rank, changed under the table's lock, read
+    /// without it (on every call, by the caller deciding how to wait).
+    per_dst: Vec<AtomicUsize>,
     /// Wakes the deadline thread (earlier deadline, or stop).
     wake: Condvar,
     /// Wakes those waiting for the user calls to drain.
@@ -80,10 +83,8 @@ pub(crate) struct Pending {
 impl Pending {
     pub(crate) fn new(world_size: usize) -> Pending {
         Pending {
-            table: Mutex::new(Table {
-                per_dst: vec![0; world_size],
-                ..Table::default()
-            }),
+            table: Mutex::new(Table::default()),
+            per_dst: (0..world_size).map(|_| AtomicUsize::new(0)).collect(),
             wake: Condvar::new(),
             drained: Condvar::new(),
         }
@@ -91,7 +92,7 @@ impl Pending {
 
     /// Calls in flight to `dst`.
     pub(crate) fn in_flight_to(&self, dst: usize) -> usize {
-        self.table.lock().per_dst.get(dst).copied().unwrap_or(0)
+        self.per_dst.get(dst).map_or(0, |n| n.load(Ordering::Acquire))
     }
 
     /// Adds a call; gives it back once the table is closed (the agent shut
@@ -101,7 +102,7 @@ impl Pending {
         if t.closed {
             return Err(call);
         }
-        t.per_dst[call.dst] += 1;
+        self.per_dst[call.dst].fetch_add(1, Ordering::AcqRel);
         if let Some(d) = call.deadline {
             t.deadlines.insert((d, id));
             // Wake the deadline thread only if it would sleep past this one.
@@ -132,19 +133,19 @@ impl Pending {
             return None;
         }
         let call = t.calls.remove(&id)?;
-        Self::forget(&mut t, id, &call);
+        self.forget(&mut t, id, &call);
         if t.user_calls == 0 {
             self.drained.notify_all();
         }
         Some(call)
     }
 
-    fn forget(t: &mut Table, id: u64, call: &PendingCall) {
+    fn forget(&self, t: &mut Table, id: u64, call: &PendingCall) {
         if let Some(d) = call.deadline {
             t.deadlines.remove(&(d, id));
         }
         t.user_calls -= !call.internal as usize;
-        t.per_dst[call.dst] -= 1;
+        self.per_dst[call.dst].fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Removes every call matching `pred`.
@@ -155,7 +156,7 @@ impl Pending {
             .into_iter()
             .filter_map(|id| {
                 let call = t.calls.remove(&id)?;
-                Self::forget(&mut t, id, &call);
+                self.forget(&mut t, id, &call);
                 Some(call)
             })
             .collect();
@@ -212,7 +213,7 @@ impl Pending {
                     t.deadlines.pop_first();
                     if let Some(call) = t.calls.remove(&id) {
                         t.user_calls -= !call.internal as usize;
-                        t.per_dst[call.dst] -= 1;
+                        me.per_dst[call.dst].fetch_sub(1, Ordering::AcqRel);
                         due.push(call);
                     }
                 }

@@ -185,6 +185,9 @@ pub(crate) struct Shared {
     executor: Weak<dyn Executor>,
     /// Connections with corked batches, flushed by the I/O loop.
     corked: Mutex<Vec<Arc<Conn>>>,
+    /// `corked` may hold some (the I/O loop looks here on every pass
+    /// instead of taking the lock).
+    has_corks: AtomicBool,
     /// The I/O loop sleeps with its long timeout (a new cork must tell it).
     io_loop_idle: AtomicBool,
     /// The I/O loop is running (or queued to run) somewhere.
@@ -248,6 +251,7 @@ impl TcpTransport {
             stopping: AtomicBool::new(false),
             executor: Arc::downgrade(dispatch) as Weak<dyn Executor>,
             corked: Mutex::new(Vec::new()),
+            has_corks: AtomicBool::new(false),
             io_loop_idle: AtomicBool::new(false),
             io_loop: Mutex::new(true),
             io_loop_done: Condvar::new(),
@@ -409,7 +413,11 @@ impl Shared {
             return;
         }
         crate::threads::note_corked(conn.clone());
-        self.corked.lock().push(conn.clone());
+        {
+            let mut corked = self.corked.lock();
+            corked.push(conn.clone());
+            self.has_corks.store(true, Ordering::SeqCst);
+        }
         if self.io_loop_idle.load(Ordering::SeqCst) {
             let _ = io::Write::write(&mut &self.waker_tx, &[1]);
         }
@@ -628,7 +636,7 @@ impl Shared {
             // Idle first, then look: a cork added after the look sees the
             // flag and nudges the loop.
             self.io_loop_idle.store(true, Ordering::SeqCst);
-            let corks = !self.corked.lock().is_empty();
+            let corks = self.has_corks.load(Ordering::SeqCst);
             if corks {
                 self.io_loop_idle.store(false, Ordering::SeqCst);
             }
@@ -666,7 +674,7 @@ impl Shared {
                 last_sweep = Instant::now();
                 self.close_stale_handshakes();
             }
-            if !nudged_only {
+            if !nudged_only && self.has_corks.swap(false, Ordering::SeqCst) {
                 let corked = std::mem::take(&mut *self.corked.lock());
                 for c in corked {
                     if let Err(e) = c.flush_cork() {
