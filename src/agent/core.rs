@@ -207,9 +207,28 @@ impl Core {
         }
         let early = self.early.lock().take();
         for request in early.into_iter().flatten() {
-            self.dispatch(request);
+            if !self.gave_up(&request) {
+                self.dispatch(request);
+            }
         }
         Ok(())
+    }
+
+    /// True (and logged) when the caller's deadline passed before `request`
+    /// ran: it waited before `start`, or in the pool's queue. A request
+    /// dispatched as it arrives is not checked (no clock read per call).
+    fn gave_up(&self, request: &InRequest) -> bool {
+        if request.deadline.is_none_or(|d| Instant::now() < d) {
+            return false;
+        }
+        log_at!(
+            Debug,
+            Some(self.rank),
+            "dropped a call to '{}' from rank {}: its deadline passed before it ran",
+            request.name(),
+            request.src
+        );
+        true
     }
 
     // ---- calling ----
@@ -362,20 +381,11 @@ impl Core {
         let label = handler.name.clone();
         let me = self.me.clone();
         let job = Box::new(move || {
-            let Some(core) = me.upgrade() else { return };
-            // A request that waited in the queue past its deadline is not
-            // run (an inline one runs as it arrives).
-            if request.deadline.is_some_and(|d| Instant::now() >= d) {
-                log_at!(
-                    Debug,
-                    Some(core.rank),
-                    "dropped a call to '{}' from rank {}: its deadline passed before it ran",
-                    request.name(),
-                    request.src
-                );
-                return;
+            if let Some(core) = me.upgrade()
+                && !core.gave_up(&request)
+            {
+                core.run_handler(handler, request);
             }
-            core.run_handler(handler, request);
         });
         // On the I/O loop, a pass's only request is kept to run on this very
         // thread once the loop has moved to an idle one (no wake-up between

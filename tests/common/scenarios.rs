@@ -212,20 +212,41 @@ pub fn nested(agent: &RpcAgent) {
 /// Rank 1 starts late; rank 0's call made before that waits and is served.
 pub fn early_call(agent: &RpcAgent) {
     echo(agent);
+    // An early call whose caller gave up before the start is not run then,
+    // even by an inline handler.
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    agent
+        .register_with("count_inline", HandlerOptions { inline: true }, move |_, _| {
+            r.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
     if agent.rank() == 1 {
         std::thread::sleep(Duration::from_millis(500));
         agent.start().unwrap();
     } else {
         agent.start().unwrap();
+        let err = agent
+            .rpc_sync_timeout(1, "count_inline", b"", Some(Duration::from_millis(50)))
+            .unwrap_err();
+        assert_eq!(err.status(), Status::Timeout, "{err}");
         let started = Instant::now();
         assert_eq!(agent.rpc_sync(1, "echo", b"early").unwrap(), b"early");
         assert!(
-            started.elapsed() >= Duration::from_millis(250),
+            started.elapsed() >= Duration::from_millis(200),
             "the call was answered before rank 1 started ({:?})",
             started.elapsed()
         );
     }
     agent.barrier(LONG).unwrap();
+    if agent.rank() == 1 {
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            0,
+            "an early call whose caller gave up was run"
+        );
+    }
     leave(agent);
 }
 

@@ -373,12 +373,18 @@ impl Shared {
     }
 
     fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
-        let conn = self.conn_to(dst, request.deadline)?;
+        let (conn, waited) = self.conn_to(dst, request.deadline)?;
+        // The destination gets the time left: opening the connection may
+        // have taken some of it.
+        let timeout = match request.deadline {
+            Some(d) if waited => Some(d.saturating_duration_since(Instant::now())),
+            _ => request.timeout,
+        };
         let mut header = Header::new(Kind::Request);
         header.request_id = request.id;
         header.flags = if request.internal { FLAG_INTERNAL } else { 0 };
         // 0 means "no deadline" on the wire, so a deadline due now is 1 µs.
-        header.timeout_us = request.timeout.map_or(0, |t| (t.as_micros() as u64).max(1));
+        header.timeout_us = timeout.map_or(0, |t| (t.as_micros() as u64).max(1));
         // A thread issuing calls while others to this rank are in flight
         // corks them: they leave together when it waits (or within about a
         // millisecond), in one write instead of one each.
@@ -423,15 +429,18 @@ impl Shared {
         }
     }
 
-    /// The connection this rank's calls to `dst` go out on, opened on first use.
-    fn conn_to(&self, dst: usize, deadline: Option<Instant>) -> Result<Arc<Conn>> {
+    /// The connection this rank's calls to `dst` go out on, opened on first
+    /// use, and whether this call had to wait for it.
+    fn conn_to(&self, dst: usize, deadline: Option<Instant>) -> Result<(Arc<Conn>, bool)> {
         let peer = &self.peers[dst];
         let mut st = peer.state.lock();
+        let mut waited = false;
         loop {
             match &*st {
-                PeerState::Ready(c) => return Ok(c.clone()),
+                PeerState::Ready(c) => return Ok((c.clone(), waited)),
                 PeerState::Lost(e) => return Err(e.clone()),
                 PeerState::Connecting => {
+                    waited = true;
                     let timed_out = match deadline {
                         Some(d) => peer.changed.wait_until(&mut st, d).timed_out(),
                         None => {
@@ -448,21 +457,26 @@ impl Shared {
                     drop(st);
                     let result = self.connect(dst, deadline);
                     st = peer.state.lock();
-                    *st = match &result {
-                        _ if self.stopping.load(Ordering::Acquire) => {
-                            PeerState::Lost(RpcError::Shutdown(format!("rank {} is shut down", self.me)))
-                        }
-                        Ok(c) => PeerState::Ready(c.clone()),
-                        // A slow network is not a dead peer: the next call tries again.
-                        Err(RpcError::Timeout(_)) => PeerState::Idle,
-                        Err(e) => PeerState::Lost(e.clone()),
-                    };
+                    // A rank lost meanwhile (its connection to us failed)
+                    // stays lost.
+                    if !matches!(*st, PeerState::Lost(_)) {
+                        *st = match &result {
+                            _ if self.stopping.load(Ordering::Acquire) => {
+                                PeerState::Lost(RpcError::Shutdown(format!("rank {} is shut down", self.me)))
+                            }
+                            Ok(c) => PeerState::Ready(c.clone()),
+                            // A slow network is not a dead peer: the next call tries again.
+                            Err(RpcError::Timeout(_)) => PeerState::Idle,
+                            Err(e) => PeerState::Lost(e.clone()),
+                        };
+                    }
                     peer.changed.notify_all();
                     if let (Ok(c), PeerState::Lost(e)) = (&result, &*st) {
+                        self.conns.lock().remove(&c.token);
                         c.close();
                         return Err(e.clone());
                     }
-                    return result;
+                    return result.map(|c| (c, true));
                 }
             }
         }
@@ -787,6 +801,11 @@ impl Shared {
         let h = frame.header;
         match (h.kind, conn.outbound) {
             (Kind::Request, false) => {
+                // Names are UTF-8 on both sides: anything else is a broken
+                // peer (ASCII, the usual case, is checked in a few steps).
+                if !frame.name.is_ascii() && std::str::from_utf8(&frame.name).is_err() {
+                    return Err(RpcError::Protocol("function name is not UTF-8".into()));
+                }
                 dispatch.on_request(InRequest {
                     src: peer,
                     id: h.request_id,
