@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use rpcagent::{Config, HandlerOptions, RpcAgent, RpcFuture};
 
+#[path = "../tests/common/port.rs"]
+mod port;
+use port::free_port;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--role") {
@@ -111,10 +115,6 @@ fn spawn(role: &str, env: &[(&str, String)]) -> Child {
         cmd.env(k, v);
     }
     cmd.spawn().unwrap()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 // ---------- raw TCP echo ----------

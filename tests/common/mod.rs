@@ -1,9 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// `n` bytes of a pattern that differs with `seed`, so a misrouted or
@@ -40,23 +38,6 @@ pub fn rank_process() -> Option<(String, rpcagent::RpcAgent)> {
     let scenario = std::env::var("RPCAGENT_TEST_SCENARIO").ok()?;
     let config = rpcagent::Config::from_env().unwrap();
     Some((scenario, rpcagent::RpcAgent::init(config).unwrap()))
-}
-
-/// A port that was free a moment ago. It is taken below the kernel's
-/// ephemeral range (32768 and up by default), where the listeners and
-/// outgoing connections of the tests running alongside get their ports:
-/// asking the kernel for one (port 0) let another test take it before the
-/// test bound it. Each call tries the next port, so tests in one process
-/// never share one.
-pub fn free_port() -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let start = std::process::id() % 97 * 120;
-    loop {
-        let port = 20_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
-        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
-            return port as u16;
-        }
-    }
 }
 
 /// Runs `scenario` as a world of `n` separate processes: this test binary
@@ -199,4 +180,6 @@ fn finish(scenario: &str, children: Vec<Child>, limit: Duration, killed: &[usize
     assert!(!failed, "scenario '{scenario}' failed (after {:?})", started.elapsed());
 }
 
+mod port;
 pub mod scenarios;
+pub use port::free_port;
