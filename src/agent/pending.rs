@@ -61,7 +61,6 @@ struct Table {
     calls: FastMap<u64, PendingCall>,
     deadlines: BTreeSet<(Instant, u64)>,
     user_calls: usize,
-
     stopped: bool,
     /// No call may be added any more.
     closed: bool,
@@ -140,6 +139,8 @@ impl Pending {
         Some(call)
     }
 
+    /// Drops the bookkeeping of a call taken out of the table (its deadline
+    /// entry may already be gone).
     fn forget(&self, t: &mut Table, id: u64, call: &PendingCall) {
         if let Some(d) = call.deadline {
             t.deadlines.remove(&(d, id));
@@ -212,8 +213,7 @@ impl Pending {
                     }
                     t.deadlines.pop_first();
                     if let Some(call) = t.calls.remove(&id) {
-                        t.user_calls -= !call.internal as usize;
-                        me.per_dst[call.dst].fetch_sub(1, Ordering::AcqRel);
+                        me.forget(&mut t, id, &call);
                         due.push(call);
                     }
                 }

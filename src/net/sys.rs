@@ -16,6 +16,9 @@ pub(crate) const HANGUP: u32 = libc::EPOLLRDHUP as u32;
 /// which reports it again if it is still ready.
 pub(crate) const EDGE: u32 = libc::EPOLLET as u32;
 
+/// At most this many buffers go to one vectored send.
+pub(crate) const MAX_IOV: usize = 64;
+
 /// An epoll instance.
 pub(crate) struct Epoll {
     fd: OwnedFd,
@@ -110,7 +113,6 @@ impl Epoll {
 /// Sends several buffers with MSG_NOSIGNAL (a peer that went away gives
 /// EPIPE instead of killing the process), with one `sendmsg`.
 pub(crate) fn send_vectored(fd: &impl AsRawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-    const MAX_IOV: usize = 64;
     let bufs = &bufs[..bufs.len().min(MAX_IOV)];
     // SAFETY: an all-zero msghdr is valid (no name, no control data).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };

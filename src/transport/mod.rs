@@ -28,7 +28,8 @@ pub(crate) struct OutRequest<'a> {
 pub(crate) struct InRequest {
     pub src: usize,
     pub id: u64,
-    /// The name as it came (unchecked bytes: it is only looked up).
+    /// The name (UTF-8, which the transport checked), kept as bytes: it is
+    /// looked up as they are.
     pub function: Vec<u8>,
     pub internal: bool,
     /// The caller's deadline on this rank's clock.

@@ -24,14 +24,12 @@ use crate::transport::Outcome;
 use crate::wire::{self, Header, Kind};
 
 use crate::net::framing::{FrameReader, gather_from, slices_from};
-use crate::net::sys::{self, EDGE, Epoll, HANGUP, READABLE, WRITABLE};
+use crate::net::sys::{self, EDGE, Epoll, HANGUP, MAX_IOV, READABLE, WRITABLE};
 
 const NO_PEER: usize = usize::MAX;
 /// How long a thread that may wait blocks on a full socket before it hands
 /// the rest to the I/O thread.
 const WAIT_FOR_SOCKET: Duration = Duration::from_millis(200);
-/// At most this many buffers per vectored write.
-const MAX_IOV: usize = 64;
 /// Up to this many bytes left to write are copied into one buffer and sent
 /// with one plain `send`.
 const GATHER: usize = 512;

@@ -578,49 +578,36 @@ impl Shared {
         // it a few times, yielding the CPU in between (so a peer on this CPU
         // runs), is cheaper than sleeping and being woken, above all when the
         // wake-up would cross CPUs.
-        let mut spun = None;
         let mut spin_until = None;
-        while spun.is_none() && !done() {
+        let outcome = loop {
+            if done() || self.stopping.load(Ordering::Acquire) {
+                break Ok(());
+            }
             match reader.read_until(
                 &mut stream,
                 &mut |frame, reader| self.on_frame(&conn, frame, reader),
                 done,
             ) {
                 Ok(ReadEnd::WouldBlock) => {}
-                Ok(ReadEnd::Eof) => spun = Some(Err(None)),
-                Err(e) => spun = Some(Err(Some(e))),
+                Ok(ReadEnd::Eof) => break Err(None),
+                Err(e) => break Err(Some(e)),
             }
-            if spun.is_some() || done() || Instant::now() >= *spin_until.get_or_insert_with(spin_bound) {
-                break;
+            if done() {
+                break Ok(());
             }
-            std::thread::yield_now();
-        }
-        let outcome = if let Some(end) = spun {
-            end
-        } else {
-            loop {
-                if done() || self.stopping.load(Ordering::Acquire) {
-                    break Ok(());
-                }
-                let slice = match deadline {
-                    Some(d) if d <= Instant::now() => break Ok(()),
-                    Some(d) => (d - Instant::now()).min(LEAD_SLICE),
-                    None => LEAD_SLICE,
-                };
-                match sys::wait_readable(&conn.stream, slice) {
-                    Ok(true) => {}
-                    Ok(false) => continue,
-                    Err(_) => break Ok(()),
-                }
-                match reader.read_until(
-                    &mut stream,
-                    &mut |frame, reader| self.on_frame(&conn, frame, reader),
-                    done,
-                ) {
-                    Ok(ReadEnd::WouldBlock) => {}
-                    Ok(ReadEnd::Eof) => break Err(None),
-                    Err(e) => break Err(Some(e)),
-                }
+            let now = Instant::now();
+            if now < *spin_until.get_or_insert_with(spin_bound) {
+                std::thread::yield_now();
+                continue;
+            }
+            // Then sleep on the socket, a slice at a time.
+            let slice = match deadline {
+                Some(d) if d <= now => break Ok(()),
+                Some(d) => (d - now).min(LEAD_SLICE),
+                None => LEAD_SLICE,
+            };
+            if sys::wait_readable(&conn.stream, slice).is_err() {
+                break Ok(());
             }
         };
         // Hand reading back before letting go of the reader, so a caller
