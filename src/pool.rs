@@ -223,6 +223,16 @@ impl Pool {
         Ok(())
     }
 
+    /// Jobs are queued and no worker is idle to take them (cheap when the
+    /// queue is empty: no lock).
+    pub(crate) fn starved(&self) -> bool {
+        if !self.shared.has_work.load(Ordering::Relaxed) {
+            return false;
+        }
+        let q = self.shared.queue.lock();
+        !q.jobs.is_empty() && q.sleeping <= q.waking as usize && self.shared.spinning.load(Ordering::Acquire) == 0
+    }
+
     pub(crate) fn busy(&self) -> Busy {
         let busy = self.shared.busy.lock();
         let uncounted = busy.iter().flatten().filter(|(_, _, counted)| !counted).count();

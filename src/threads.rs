@@ -1,8 +1,9 @@
 //! What the calling thread is to the library. Library threads (workers, the
-//! I/O loop, the deadline thread) may run completion callbacks directly; the
-//! thread running the I/O loop must never wait on a socket, and may keep one
-//! request to run itself once it has handed the loop to an idle thread (so a
-//! request on a quiet agent is served without a wake-up in between).
+//! I/O loop, the deadline thread) may run completion callbacks directly. An
+//! I/O thread (the one running the I/O loop, or a responder serving one
+//! connection for it) must never wait on a socket, and may keep one request
+//! to run itself once it has handed its reading back (so a request on a
+//! quiet agent is served without a wake-up in between).
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ pub(crate) trait Corked {
 thread_local! {
     static LIBRARY: Cell<bool> = const { Cell::new(false) };
     static IO_LOOP: Cell<bool> = const { Cell::new(false) };
+    static RESPONDER: Cell<bool> = const { Cell::new(false) };
     /// A library thread that must never block (the deadline thread).
     static NO_BLOCK: Cell<bool> = const { Cell::new(false) };
     /// A worker with more jobs waiting (its replies may wait for company).
@@ -25,8 +27,8 @@ thread_local! {
     static KEPT: RefCell<Kept> = const { RefCell::new(Kept::Nothing) };
 }
 
-/// What the I/O loop kept during the current read pass.
-enum Kept {
+/// What an I/O thread kept during the current read pass.
+pub(crate) enum Kept {
     Nothing,
     One(Arc<str>, Work),
     /// Several requests came in one pass: the pool serves them all.
@@ -51,6 +53,16 @@ pub(crate) fn is_io_loop() -> bool {
     IO_LOOP.get()
 }
 
+/// Whether the calling thread serves one connection for the I/O loop.
+pub(crate) fn set_responder(on: bool) {
+    RESPONDER.set(on);
+}
+
+/// Whether the calling thread runs the I/O loop or is a responder.
+pub(crate) fn is_io_thread() -> bool {
+    IO_LOOP.get() || RESPONDER.get()
+}
+
 /// Marks the calling thread as one that must never block.
 pub(crate) fn mark_no_block() {
     NO_BLOCK.set(true);
@@ -58,10 +70,10 @@ pub(crate) fn mark_no_block() {
 
 /// Whether the calling thread may block (on a connect, a full socket).
 pub(crate) fn may_block() -> bool {
-    !IO_LOOP.get() && !NO_BLOCK.get()
+    !is_io_thread() && !NO_BLOCK.get()
 }
 
-/// On the I/O loop: keeps `work` to run on this thread after the current
+/// On an I/O thread: keeps `work` to run on this thread after the current
 /// read pass if it is the pass's only request; otherwise hands back what is
 /// to be queued instead (this one, and the one kept before, if any).
 pub(crate) fn keep(label: Arc<str>, work: Work) -> Vec<(Arc<str>, Work)> {
@@ -79,11 +91,8 @@ pub(crate) fn keep(label: Arc<str>, work: Work) -> Vec<(Arc<str>, Work)> {
 }
 
 /// The work kept during the last read pass (and a fresh pass begins).
-pub(crate) fn take_kept() -> Option<(Arc<str>, Work)> {
-    KEPT.with(|k| match std::mem::replace(&mut *k.borrow_mut(), Kept::Nothing) {
-        Kept::One(label, work) => Some((label, work)),
-        _ => None,
-    })
+pub(crate) fn take_kept() -> Kept {
+    KEPT.with(|k| std::mem::replace(&mut *k.borrow_mut(), Kept::Nothing))
 }
 
 /// Set by a worker before each job: whether more jobs wait behind it.

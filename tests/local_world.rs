@@ -56,6 +56,20 @@ fn expired_requests_are_dropped_not_run() {
 }
 
 #[test]
+fn pool_work_is_served_beside_a_stream_of_inline_calls() {
+    run_local(
+        3,
+        Config::default().worker_threads(1),
+        scenarios::pool_work_beside_an_inline_stream,
+    );
+}
+
+#[test]
+fn a_pooled_handler_can_wait_for_a_later_inline_call() {
+    run_local(2, Config::default(), scenarios::pool_call_waits_for_a_later_inline_call);
+}
+
+#[test]
 fn futures_poll_wait_any_and_call_back() {
     let agents = RpcAgent::local_world(2).unwrap();
     let gate = Arc::new(parking_lot::Mutex::new(Vec::<rpcagent::Deferred>::new()));

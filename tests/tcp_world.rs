@@ -27,6 +27,8 @@ fn rank_main() {
         "early_call" => scenarios::early_call,
         "many_in_flight" => scenarios::many_in_flight,
         "expired_work_dropped" => scenarios::expired_work_dropped,
+        "pool_work_beside_an_inline_stream" => scenarios::pool_work_beside_an_inline_stream,
+        "pool_call_waits_for_a_later_inline_call" => scenarios::pool_call_waits_for_a_later_inline_call,
         other => panic!("unknown scenario {other}"),
     };
     body(&agent);
@@ -74,6 +76,21 @@ fn ten_thousand_calls_in_flight_without_new_threads() {
 #[test]
 fn expired_requests_are_dropped_not_run() {
     run_world("expired_work_dropped", 2, LIMIT, &[("RPCAGENT_WORKER_THREADS", "1")]);
+}
+
+#[test]
+fn pool_work_is_served_beside_a_stream_of_inline_calls() {
+    run_world(
+        "pool_work_beside_an_inline_stream",
+        3,
+        LIMIT,
+        &[("RPCAGENT_WORKER_THREADS", "1")],
+    );
+}
+
+#[test]
+fn a_pooled_handler_can_wait_for_a_later_inline_call_on_its_connection() {
+    run_world("pool_call_waits_for_a_later_inline_call", 2, LIMIT, &[]);
 }
 
 fn cfg(rank: usize, world: usize, port: u16) -> Config {

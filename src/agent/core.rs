@@ -387,10 +387,10 @@ impl Core {
                 core.run_handler(handler, request);
             }
         });
-        // On the I/O loop, a pass's only request is kept to run on this very
-        // thread once the loop has moved to an idle one (no wake-up between
+        // On an I/O thread, a pass's only request is kept to run on this very
+        // thread once its reading has moved to another (no wake-up between
         // reading a request and serving it); under load the pool serves all.
-        let queued = if crate::threads::is_io_loop() {
+        let queued = if crate::threads::is_io_thread() {
             crate::threads::keep(label, job)
         } else {
             vec![(label, job as crate::pool::Work)]
@@ -620,6 +620,10 @@ impl Executor for Core {
 
     fn move_io(&self, job: crate::pool::Work) -> std::result::Result<(), crate::pool::Work> {
         self.pool.submit_first_if_idle(self.io_label.clone(), job)
+    }
+
+    fn starved(&self) -> bool {
+        self.pool.starved()
     }
 
     fn submit(&self, label: Arc<str>, job: crate::pool::Work) -> std::result::Result<(), crate::pool::Work> {

@@ -1,7 +1,10 @@
-//! The few system calls std does not offer: epoll, and sends that cannot
-//! raise SIGPIPE (a C host program may not ignore it).
+//! The few system calls std does not offer: epoll, sends that cannot raise
+//! SIGPIPE (a C host program may not ignore it), and reads and writes that
+//! never wait whatever the socket's mode (a connection served by a
+//! responder stays in blocking mode so that one thread may wait in `recv`).
 
 use std::io::{self, IoSlice};
+use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 pub(crate) const READABLE: u32 = libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32;
@@ -110,8 +113,9 @@ impl Epoll {
     }
 }
 
-/// Sends several buffers with MSG_NOSIGNAL (a peer that went away gives
-/// EPIPE instead of killing the process), with one `sendmsg`.
+/// Sends several buffers with one `sendmsg`, without waiting (MSG_DONTWAIT)
+/// and with MSG_NOSIGNAL (a peer that went away gives EPIPE instead of
+/// killing the process).
 pub(crate) fn send_vectored(fd: &impl AsRawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     let bufs = &bufs[..bufs.len().min(MAX_IOV)];
     // SAFETY: an all-zero msghdr is valid (no name, no control data).
@@ -121,7 +125,7 @@ pub(crate) fn send_vectored(fd: &impl AsRawFd, bufs: &[IoSlice<'_>]) -> io::Resu
     msg.msg_iovlen = bufs.len() as _;
     // SAFETY: `msg` points at `bufs`, which are valid for reads for the
     // duration of the call; the kernel only reads them.
-    let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -129,15 +133,71 @@ pub(crate) fn send_vectored(fd: &impl AsRawFd, bufs: &[IoSlice<'_>]) -> io::Resu
     }
 }
 
-/// `send` of one buffer with MSG_NOSIGNAL.
+/// `send` of one buffer, without waiting and with MSG_NOSIGNAL.
 pub(crate) fn send_one(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for reads of its length for the duration of
     // the call; the kernel only reads it.
-    let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// Reads a socket with `recv`. Every read is without waiting
+/// (MSG_DONTWAIT), except, for [`Recv::waiting`], the first one: it blocks
+/// until bytes come or the socket's receive timeout passes.
+pub(crate) struct Recv<'a> {
+    fd: &'a TcpStream,
+    wait_first: bool,
+    timed_out: bool,
+}
+
+impl<'a> Recv<'a> {
+    pub(crate) fn no_wait(fd: &'a TcpStream) -> Recv<'a> {
+        Recv {
+            fd,
+            wait_first: false,
+            timed_out: false,
+        }
+    }
+
+    /// For a socket in blocking mode with a receive timeout.
+    pub(crate) fn waiting(fd: &'a TcpStream) -> Recv<'a> {
+        Recv {
+            fd,
+            wait_first: true,
+            timed_out: false,
+        }
+    }
+
+    /// The first read waited its whole timeout and got nothing.
+    pub(crate) fn timed_out(&self) -> bool {
+        self.timed_out
+    }
+}
+
+impl io::Read for Recv<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let wait = std::mem::take(&mut self.wait_first);
+        let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
+        // SAFETY: `buf` is valid for writes of its length for the duration
+        // of the call; the descriptor is open (borrowed from the stream).
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        self.timed_out = wait && e.kind() == io::ErrorKind::WouldBlock;
+        Err(e)
     }
 }
 

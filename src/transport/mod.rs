@@ -84,6 +84,9 @@ pub(crate) trait Executor: Send + Sync {
     /// Moves the I/O loop `job` to an idle library thread, if one is idle
     /// now; otherwise gives `job` back.
     fn move_io(&self, job: crate::pool::Work) -> Result<(), crate::pool::Work>;
+    /// Work is queued that no idle thread is there to take: a thread the
+    /// transport borrowed should give itself back.
+    fn starved(&self) -> bool;
     /// Queues work on the pool; gives it back if the pool has stopped.
     fn submit(&self, label: Arc<str>, job: crate::pool::Work) -> Result<(), crate::pool::Work>;
 }

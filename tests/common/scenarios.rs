@@ -355,3 +355,118 @@ pub fn expired_work_dropped(agent: &RpcAgent) {
     agent.barrier(LONG).unwrap();
     leave(agent);
 }
+
+/// Rank 1 has one worker. Rank 0 calls an inline handler on it back to back
+/// (rank 1 may then give that connection a thread of its own), and while
+/// that stream runs, rank 2 calls a pooled handler there: it must be served,
+/// not wait for the stream to pause.
+pub fn pool_work_beside_an_inline_stream(agent: &RpcAgent) {
+    let worked = Arc::new(AtomicUsize::new(0));
+    let w = worked.clone();
+    agent
+        .register_with("ping", HandlerOptions { inline: true }, move |_, reply| {
+            reply.set(vec![w.load(Ordering::SeqCst) as u8]);
+            Ok(())
+        })
+        .unwrap();
+    let w = worked.clone();
+    agent
+        .register("work", move |_: &[u8]| {
+            w.store(1, Ordering::SeqCst);
+            Ok(b"worked".to_vec())
+        })
+        .unwrap();
+    let pings = Arc::new(AtomicUsize::new(0));
+    let p = pings.clone();
+    agent
+        .register_with("progress", HandlerOptions { inline: true }, move |_, reply| {
+            reply.set((p.load(Ordering::SeqCst) as u64).to_le_bytes().to_vec());
+            Ok(())
+        })
+        .unwrap();
+    agent.start().unwrap();
+    agent.barrier(LONG).unwrap();
+    match agent.rank() {
+        0 => {
+            let until = Instant::now() + Duration::from_secs(30);
+            let mut seen = false;
+            while !seen && Instant::now() < until {
+                seen = agent.rpc_sync(1, "ping", b"").unwrap() == [1];
+                pings.fetch_add(1, Ordering::SeqCst);
+            }
+            assert!(seen, "rank 2's pooled call was not served while the stream ran");
+        }
+        2 => {
+            // Call once the stream is well under way.
+            let progress = || u64::from_le_bytes(agent.rpc_sync(0, "progress", b"").unwrap().try_into().unwrap());
+            while progress() < 1000 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let reply = agent
+                .rpc_sync_timeout(1, "work", b"", Some(Duration::from_secs(10)))
+                .expect("a pooled call beside an inline stream");
+            assert_eq!(reply, b"worked");
+        }
+        _ => {}
+    }
+    agent.barrier(LONG).unwrap();
+    leave(agent);
+}
+
+/// Rank 0 calls rank 1 inline back to back, then a pooled handler that
+/// waits for later inline calls on the same connection: reading that
+/// connection must go on while the pooled handler runs.
+pub fn pool_call_waits_for_a_later_inline_call(agent: &RpcAgent) {
+    // (handler running, door open)
+    let state = Arc::new((Mutex::new((false, false)), parking_lot::Condvar::new()));
+    agent
+        .register_with("ping", HandlerOptions { inline: true }, |_, _| Ok(()))
+        .unwrap();
+    let s = state.clone();
+    agent
+        .register_with("running", HandlerOptions { inline: true }, move |_, reply| {
+            reply.set(vec![s.0.lock().0 as u8]);
+            Ok(())
+        })
+        .unwrap();
+    let s = state.clone();
+    agent
+        .register_with("open", HandlerOptions { inline: true }, move |_, _| {
+            s.0.lock().1 = true;
+            s.1.notify_all();
+            Ok(())
+        })
+        .unwrap();
+    let s = state.clone();
+    agent
+        .register("wait_open", move |_: &[u8]| {
+            let mut st = s.0.lock();
+            *st = (true, false);
+            let until = Instant::now() + Duration::from_secs(10);
+            while !st.1 && !s.1.wait_until(&mut st, until).timed_out() {}
+            let opened = st.1;
+            *st = (false, false);
+            Ok(vec![opened as u8])
+        })
+        .unwrap();
+    agent.start().unwrap();
+    agent.barrier(LONG).unwrap();
+    if agent.rank() == 0 {
+        let short = Some(Duration::from_secs(5));
+        for round in 0..3 {
+            for _ in 0..200 {
+                agent.rpc_sync(1, "ping", b"").unwrap();
+            }
+            let waiting = agent.rpc_async(1, "wait_open", b"");
+            while agent
+                .rpc_sync_timeout(1, "running", b"", short)
+                .unwrap_or_else(|e| panic!("round {round}: an inline call behind a running pooled one: {e}"))
+                != [1]
+            {}
+            agent.rpc_sync_timeout(1, "open", b"", short).unwrap();
+            assert_eq!(waiting.wait().unwrap(), [1], "round {round}");
+        }
+    }
+    agent.barrier(LONG).unwrap();
+    leave(agent);
+}
