@@ -1,9 +1,10 @@
 //! What the calling thread is to the library. Library threads (workers, the
 //! I/O loop, the deadline thread) may run completion callbacks directly. An
 //! I/O thread (the one running the I/O loop, or a responder serving one
-//! connection for it) must never wait on a socket, and may keep one request
-//! to run itself once it has handed its reading back (so a request on a
-//! quiet agent is served without a wake-up in between).
+//! connection for it) never waits to connect or to write (a responder waits
+//! only to read its connection), and may keep one request to run itself
+//! once it has handed its reading on (so a request on a quiet agent is
+//! served without a wake-up in between).
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;

@@ -5,9 +5,11 @@
 //! socket (a caller, a worker) does; the I/O thread never does: what the
 //! socket will not take yet is copied once and finished by the I/O thread.
 //!
-//! Reading is done by whoever holds `reader`: the I/O thread, or a caller
+//! Reading is done by whoever holds `reader`: the I/O thread; a caller
 //! waiting for its own reply, which then reads the socket itself instead of
-//! being woken by the I/O thread.
+//! being woken by the I/O thread; or, on an accepted connection, a responder
+//! waiting for the next requests. The last two "lead": epoll stops watching
+//! the connection for data meanwhile.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -82,10 +84,10 @@ struct Interest {
     /// The I/O thread reads it (otherwise only hang-ups are reported).
     read: bool,
     write: bool,
-    /// A caller is reading it for its reply.
+    /// A caller (for its reply) or a responder is reading it.
     leader: bool,
-    /// Someone needed the I/O thread reading while a caller led: it takes
-    /// over when the caller is done.
+    /// Someone needed the I/O thread reading while another thread led: it takes
+    /// over when the leader is done.
     wanted: bool,
 }
 
@@ -236,7 +238,7 @@ impl Conn {
         self.want_reads(true)
     }
 
-    /// A leading caller is asked to hand reading back when done; otherwise
+    /// A leader is asked to hand reading back when done; otherwise
     /// the I/O thread reads from now on (`again`: re-polled even if it
     /// already did).
     fn want_reads(&self, again: bool) -> io::Result<()> {
@@ -263,8 +265,8 @@ impl Conn {
         applied
     }
 
-    /// A caller starts reading this connection itself (it holds `reader`):
-    /// the I/O thread stops watching it for data.
+    /// A caller or a responder starts reading this connection itself (it
+    /// holds `reader`): the I/O thread stops watching it for data.
     pub(crate) fn begin_lead(&self) -> io::Result<()> {
         let mut i = self.interest.lock();
         if !i.read {
@@ -281,7 +283,7 @@ impl Conn {
         applied
     }
 
-    /// The caller is done reading; the I/O thread takes over again if calls
+    /// The leader is done reading; the I/O thread takes over again if calls
     /// are still in flight on it (an idle connection stays quiet: a hang-up
     /// is reported if it is registered, and the next call finds it anyway).
     pub(crate) fn end_lead(&self, calls_in_flight: bool) -> io::Result<()> {

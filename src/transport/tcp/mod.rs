@@ -70,9 +70,10 @@ const SPIN_MAX_IN_FLIGHT: usize = 32;
 /// whether its call completed some other way.
 const LEAD_SLICE: Duration = Duration::from_millis(100);
 /// A responder that has waited this long for a request gives its connection
-/// back to the I/O loop (and its thread back to the pool). Also how long a
-/// job may wait for a thread while the responder waits, when every other
-/// pool thread is busy.
+/// back to the I/O loop (and its thread back to the pool). The kernel rounds
+/// it up to its timer tick (4 ms at 250 Hz): that long, plus one pass, is
+/// how long a job may wait for a thread while the responder waits, when
+/// every other pool thread is busy.
 const RESPONDER_IDLE: Duration = Duration::from_millis(2);
 /// Bound on opening a connection when the call has no deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -754,12 +755,15 @@ impl Shared {
     /// one request of a pass it then serves itself, as the loop would), when
     /// the pool has work and no idle thread, or at shutdown.
     fn respond(&self, conn: &Arc<Conn>) {
-        crate::threads::set_responder(true);
+        let responding = Responding::new(self, conn);
         let kept = self.serve_requests(conn);
-        crate::threads::set_responder(false);
-        self.responder.store(false, Ordering::Release);
-        if let Kept::One(_, job) = kept {
-            job();
+        drop(responding);
+        if let Kept::One(label, job) = kept {
+            // Older jobs waiting for a thread go first.
+            match self.executor.upgrade() {
+                Some(ex) if ex.starved() => drop(ex.submit(label, job)),
+                _ => job(),
+            }
         }
     }
 
@@ -775,11 +779,16 @@ impl Shared {
             if self.stopping.load(Ordering::Acquire) || starved() {
                 break (Ok(()), Kept::Nothing);
             }
-            // Replies to the requests of one read leave in one write.
-            let corked = conn.cork();
+            // Replies to the requests of one read leave in one write. The
+            // writer role is taken once bytes came, not for the wait: other
+            // threads' frames must not queue behind it meanwhile.
+            let mut corked = None;
             let mut stream = sys::Recv::waiting(&conn.stream);
-            let result = reader.read_from(&mut stream, &mut |frame, reader| self.on_frame(conn, frame, reader));
-            let flushed = if corked { conn.uncork() } else { Ok(()) };
+            let result = reader.read_from(&mut stream, &mut |frame, reader| {
+                corked.get_or_insert_with(|| conn.cork());
+                self.on_frame(conn, frame, reader)
+            });
+            let flushed = if corked == Some(true) { conn.uncork() } else { Ok(()) };
             let kept = crate::threads::take_kept();
             match (result, flushed) {
                 (Ok(ReadEnd::WouldBlock), Ok(())) => {}
@@ -1063,5 +1072,30 @@ impl Shared {
         if let Some(d) = self.dispatch() {
             d.on_peer_lost(rank, error);
         }
+    }
+}
+
+/// A responder's claims, given up however it ends (a panic in the code
+/// around the handlers included, or the connection would never be read
+/// again).
+struct Responding<'a> {
+    shared: &'a Shared,
+    conn: &'a Conn,
+}
+
+impl<'a> Responding<'a> {
+    fn new(shared: &'a Shared, conn: &'a Conn) -> Responding<'a> {
+        crate::threads::set_responder(true);
+        Responding { shared, conn }
+    }
+}
+
+impl Drop for Responding<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.conn.end_lead(true);
+        }
+        crate::threads::set_responder(false);
+        self.shared.responder.store(false, Ordering::Release);
     }
 }
