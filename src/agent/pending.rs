@@ -2,7 +2,8 @@
 //! in order; and the one thread that fails calls whose deadline passed, so a
 //! call ends at its deadline whether or not anybody waits on it.
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -56,10 +57,17 @@ pub(crate) struct PendingCall {
     pub slot: Arc<Slot>,
 }
 
+/// Deadline entries of completed calls the heap may hold before it is swept.
+const STALE_DEADLINES: usize = 64;
+
 #[derive(Default)]
 struct Table {
     calls: FastMap<u64, PendingCall>,
-    deadlines: BTreeSet<(Instant, u64)>,
+    /// Deadlines, earliest first. A completed call leaves its entry behind
+    /// (taking it out of a heap costs more than the call's whole table work);
+    /// the deadline thread skips such entries, and a sweep drops them once
+    /// they outnumber the calls in flight.
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     user_calls: usize,
     stopped: bool,
     /// No call may be added any more.
@@ -103,7 +111,7 @@ impl Pending {
         }
         self.per_dst[call.dst].fetch_add(1, Ordering::AcqRel);
         if let Some(d) = call.deadline {
-            t.deadlines.insert((d, id));
+            t.deadlines.push(Reverse((d, id)));
             // Wake the deadline thread only if it would sleep past this one.
             if t.sleeping_until.is_none_or(|until| d < until) {
                 t.sleeping_until = Some(d);
@@ -132,18 +140,18 @@ impl Pending {
             return None;
         }
         let call = t.calls.remove(&id)?;
-        self.forget(&mut t, id, &call);
+        self.forget(&mut t, &call);
         if t.user_calls == 0 {
             self.drained.notify_all();
         }
         Some(call)
     }
 
-    /// Drops the bookkeeping of a call taken out of the table (its deadline
-    /// entry may already be gone).
-    fn forget(&self, t: &mut Table, id: u64, call: &PendingCall) {
-        if let Some(d) = call.deadline {
-            t.deadlines.remove(&(d, id));
+    /// Drops the bookkeeping of a call taken out of the table.
+    fn forget(&self, t: &mut Table, call: &PendingCall) {
+        if t.deadlines.len() > 2 * t.calls.len() + STALE_DEADLINES {
+            let Table { calls, deadlines, .. } = t;
+            deadlines.retain(|Reverse((_, id))| calls.contains_key(id));
         }
         t.user_calls -= !call.internal as usize;
         self.per_dst[call.dst].fetch_sub(1, Ordering::AcqRel);
@@ -157,7 +165,7 @@ impl Pending {
             .into_iter()
             .filter_map(|id| {
                 let call = t.calls.remove(&id)?;
-                self.forget(&mut t, id, &call);
+                self.forget(&mut t, &call);
                 Some(call)
             })
             .collect();
@@ -207,13 +215,13 @@ impl Pending {
             let mut t = me.table.lock();
             while !t.stopped {
                 let now = Instant::now();
-                while let Some(&(when, id)) = t.deadlines.first() {
+                while let Some(&Reverse((when, id))) = t.deadlines.peek() {
                     if when > now {
                         break;
                     }
-                    t.deadlines.pop_first();
+                    t.deadlines.pop();
                     if let Some(call) = t.calls.remove(&id) {
-                        me.forget(&mut t, id, &call);
+                        me.forget(&mut t, &call);
                         due.push(call);
                     }
                 }
@@ -232,8 +240,8 @@ impl Pending {
                 }
                 let until = t
                     .deadlines
-                    .first()
-                    .map_or(next_tick, |(when, _)| (*when).min(next_tick));
+                    .peek()
+                    .map_or(next_tick, |Reverse((when, _))| (*when).min(next_tick));
                 t.sleeping_until = Some(until);
                 me.wake.wait_until(&mut t, until);
                 t.sleeping_until = None;
@@ -244,5 +252,61 @@ impl Pending {
     pub(crate) fn stop(&self) {
         self.table.lock().stopped = true;
         self.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(deadline: Instant) -> PendingCall {
+        PendingCall {
+            dst: 0,
+            function: CallName::new("f"),
+            internal: false,
+            started: Instant::now(),
+            deadline: Some(deadline),
+            slot: Slot::new(),
+        }
+    }
+
+    #[test]
+    fn completed_calls_leave_no_lasting_deadline_entries() {
+        let pending = Pending::new(1);
+        let far = Instant::now() + Duration::from_secs(3600);
+        for id in 0..10_000 {
+            assert!(pending.insert(id, call(far)).is_ok());
+            assert!(pending.remove(id).is_some());
+        }
+        assert!(pending.table.lock().deadlines.len() <= STALE_DEADLINES + 1);
+    }
+
+    /// Sweeps of completed calls' entries keep those of calls in flight.
+    #[test]
+    fn a_call_in_flight_still_expires_after_sweeps() {
+        let pending = Arc::new(Pending::new(1));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = pending
+            .spawn_deadline_thread(
+                "test-deadlines".into(),
+                Duration::from_secs(60),
+                move |c| {
+                    let _ = tx.send(c.started);
+                },
+                || {},
+            )
+            .unwrap();
+        let soon = call(Instant::now() + Duration::from_millis(300));
+        let marker = soon.started;
+        assert!(pending.insert(u64::MAX, soon).is_ok());
+        let far = Instant::now() + Duration::from_secs(3600);
+        for id in 0..10_000 {
+            assert!(pending.insert(id, call(far)).is_ok());
+            assert!(pending.remove(id).is_some());
+        }
+        let expired = rx.recv_timeout(Duration::from_secs(10)).expect("the call expired");
+        assert_eq!(expired, marker);
+        pending.stop();
+        thread.join().unwrap();
     }
 }

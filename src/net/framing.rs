@@ -79,6 +79,11 @@ impl FrameReader {
         }
     }
 
+    /// Bytes of further frames are already read (behind the one just handed out).
+    pub(crate) fn has_buffered(&self) -> bool {
+        self.end > self.start
+    }
+
     /// Reads what `src` has, handing every complete frame to `on_frame`
     /// (an error from it stops the pass), until the socket has nothing more
     /// or closes. Errors: bad bytes, a truncated frame, or an I/O error.

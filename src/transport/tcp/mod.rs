@@ -779,13 +779,12 @@ impl Shared {
             if self.stopping.load(Ordering::Acquire) || starved() {
                 break (Ok(()), Kept::Nothing);
             }
-            // Replies to the requests of one read leave in one write. The
-            // writer role is taken once bytes came, not for the wait: other
+            // Corked only once requests came, not for the wait: other
             // threads' frames must not queue behind it meanwhile.
             let mut corked = None;
             let mut stream = sys::Recv::waiting(&conn.stream);
             let result = reader.read_from(&mut stream, &mut |frame, reader| {
-                corked.get_or_insert_with(|| conn.cork());
+                cork_for_batch(conn, &mut corked, reader);
                 self.on_frame(conn, frame, reader)
             });
             let flushed = if corked == Some(true) { conn.uncork() } else { Ok(()) };
@@ -870,12 +869,11 @@ impl Shared {
             return false;
         };
         let mut stream = sys::Recv::no_wait(&conn.stream);
-        // Requests read in one pass are answered in one write (inline
-        // handlers answer during the pass; workers may too).
-        let corked = !conn.outbound && conn.cork();
+        let mut corked = None;
         let mut requests = false;
         let mut on_frame = |frame: Frame, reader: &mut FrameReader| {
             requests |= frame.header.kind == Kind::Request;
+            cork_for_batch(conn, &mut corked, reader);
             self.on_frame(conn, frame, reader)
         };
         let result = if ev.closed() {
@@ -884,7 +882,7 @@ impl Shared {
             reader.read_from(&mut stream, &mut on_frame)
         };
         drop(reader);
-        let flushed = if corked { conn.uncork() } else { Ok(()) };
+        let flushed = if corked == Some(true) { conn.uncork() } else { Ok(()) };
         match (result, flushed) {
             (Ok(ReadEnd::WouldBlock), Ok(())) => return requests && !conn.outbound && conn.peer().is_some(),
             (Ok(ReadEnd::Eof), _) => self.drop_conn(conn, None),
@@ -1072,6 +1070,17 @@ impl Shared {
         if let Some(d) = self.dispatch() {
             d.on_peer_lost(rank, error);
         }
+    }
+}
+
+/// Requests read in one pass are answered in one write: once a frame on an
+/// accepted connection has more bytes behind it, the pass takes the writer
+/// role (`corked`: whether it got it), and replies made meanwhile (inline
+/// handlers' during the pass, workers' too) queue until the pass ends. A
+/// lone request's reply goes straight out, with no queue to pass through.
+fn cork_for_batch(conn: &Conn, corked: &mut Option<bool>, reader: &FrameReader) {
+    if corked.is_none() && !conn.outbound && reader.has_buffered() {
+        *corked = Some(conn.cork());
     }
 }
 
