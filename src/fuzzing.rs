@@ -1,10 +1,61 @@
-//! Entry points for the fuzz target and the property tests: everything that
-//! reads bytes from the network, run over arbitrary input. Not a stable API.
+//! Entry points for the fuzz target and the tests: everything that reads
+//! bytes from the network, run over arbitrary input; and a member of a world
+//! that has no agent, to send a world's ranks any bytes after a handshake
+//! they accept. Not a stable API.
 
 use std::io::{self, Read};
+use std::net::TcpStream;
 
+use crate::config::Config;
+use crate::error::{Result, RpcError};
 use crate::net::framing::{FrameReader, ReadEnd};
 use crate::wire::{self, Challenge, Hello, Join, Kind, Table};
+
+/// A rank that joined its world with no agent behind it.
+pub struct RawMember {
+    config: Config,
+    table: Table,
+}
+
+impl RawMember {
+    /// Joins the world `config` describes (its rank must not be 0, which
+    /// hosts the rendezvous), publishing `listen_addr` as its own.
+    pub fn join(config: Config, listen_addr: &str) -> Result<RawMember> {
+        if config.rank == 0 {
+            return Err(RpcError::InvalidArgument("rank 0 hosts the rendezvous".into()));
+        }
+        let master = crate::transport::tcp::resolve(&config.master_host, config.master_port)?;
+        let join = Join {
+            rank: config.rank as u32,
+            world_size: config.world_size as u32,
+            name: config.worker_name(),
+            addr: listen_addr.into(),
+        };
+        let table = crate::rendezvous::rendezvous(&config, master, join)?;
+        Ok(RawMember { config, table })
+    }
+
+    /// Opens a connection to rank `to` and completes the handshake; the
+    /// stream is left blocking.
+    pub fn connect(&self, to: usize) -> Result<TcpStream> {
+        let (_, addr) = self
+            .table
+            .ranks
+            .get(to)
+            .ok_or_else(|| RpcError::InvalidArgument(format!("no rank {to}")))?;
+        let mut stream = TcpStream::connect(addr.as_str())?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        let hello = Hello {
+            rank: self.config.rank as u32,
+            world_size: self.config.world_size as u32,
+            token: self.table.token,
+            nonce: crate::auth::random_bytes()?,
+        };
+        let key = self.config.secret.clone().unwrap_or_default();
+        crate::auth::client(&mut stream, &key, &hello, to as u32, addr)?;
+        Ok(stream)
+    }
+}
 
 /// Hands out `data` in pieces of `step` bytes, then "would block".
 struct Pieces<'a> {

@@ -1,5 +1,6 @@
 //! Failures provoked for real: a rank SIGKILLed while serving, garbage sent
-//! to every listening port, wrong and missing secrets.
+//! to every listening port, bad frames from a rank past its handshake, wrong
+//! and missing secrets.
 
 mod common;
 
@@ -16,12 +17,16 @@ const LONG: Duration = Duration::from_secs(60);
 #[test]
 #[ignore = "one rank of a multi-process test; started by the other tests"]
 fn rank_main() {
+    if common::rank_scenario().as_deref() == Some("bad_member") && std::env::var("RANK").as_deref() == Ok("2") {
+        return bad_member();
+    }
     let Some((scenario, agent)) = common::rank_process() else {
         return;
     };
     match scenario.as_str() {
         "killed_peer" => killed_peer(&agent),
         "garbage" => garbage(&agent),
+        "bad_member" => serve_beside_a_bad_member(&agent),
         "with_secret" => common::scenarios::nested(&agent),
         other => panic!("unknown scenario {other}"),
     }
@@ -114,6 +119,105 @@ fn killed_peer(agent: &RpcAgent) {
 #[test]
 fn a_killed_rank_fails_calls_at_once_and_the_rest_go_on() {
     World::new("killed_peer", 3, Duration::from_secs(60)).killed(&[2]).run();
+}
+
+// ---- bad frames from a member of the world ----
+
+/// Frames a rank that passed the handshake may still get wrong; each must
+/// close its connection (and only that).
+fn bad_member_frames() -> Vec<(&'static str, Vec<u8>)> {
+    let request = |name: &[u8], payload: &[u8]| {
+        let mut h = Header::new(Kind::Request);
+        h.request_id = 7;
+        wire::encode_frame(h, name, payload)
+    };
+    vec![
+        ("a function name that is not UTF-8", request(&[0x66, 0xff, 0xfe], b"x")),
+        (
+            "a response on a connection that carries requests",
+            wire::encode_frame(Header::new(Kind::Response), b"", b"x"),
+        ),
+        (
+            "a greeting after the handshake",
+            wire::encode_frame(Header::new(Kind::Hello), b"", &[0; 40]),
+        ),
+        (
+            "a request above the message size limit",
+            header(Kind::Request, rpcagent::DEFAULT_MAX_MESSAGE_BYTES + 1),
+        ),
+        ("random bytes", common::pattern(4096, 7)),
+    ]
+}
+
+/// Rank 2 of `bad_member`: a process that joins the world with no agent,
+/// proves it is served like any rank, then sends rank 0 each bad frame on a
+/// connection of its own and waits for rank 0 to close it. Then it tells
+/// rank 1 it is done.
+fn bad_member() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = Config::from_env().unwrap();
+    let member = rpcagent::fuzzing::RawMember::join(config, &listener.local_addr().unwrap().to_string()).unwrap();
+    let call = |to: usize, function: &str, payload: &[u8]| {
+        let mut s = member.connect(to).unwrap();
+        let mut h = Header::new(Kind::Request);
+        h.request_id = 1;
+        s.write_all(&wire::encode_frame(h, function.as_bytes(), payload))
+            .unwrap();
+        let mut head = [0u8; wire::HEADER_LEN];
+        s.read_exact(&mut head).unwrap();
+        let h = wire::decode_header(&head, 1 << 20).unwrap();
+        assert_eq!((h.kind, h.request_id, h.status), (Kind::Response, 1, 0), "{function}");
+        let mut body = vec![0u8; h.body_len() as usize];
+        s.read_exact(&mut body).unwrap();
+        body
+    };
+    assert_eq!(call(0, "echo", b"probe"), b"probe", "a member's call");
+    for (what, bytes) in bad_member_frames() {
+        let mut s = member.connect(0).unwrap();
+        s.write_all(&bytes).unwrap();
+        let mut sink = [0u8; 4096];
+        loop {
+            match s.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("rank 0 kept the connection open after {what}: {e}"),
+            }
+        }
+    }
+    call(1, "bad_member_done", b"");
+}
+
+/// Ranks 0 and 1 of `bad_member`: rank 0 serves while rank 2 misbehaves;
+/// once rank 2 is done, rank 1 checks rank 0 still serves it.
+fn serve_beside_a_bad_member(agent: &RpcAgent) {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    agent.register("echo", |a: &[u8]| Ok(a.to_vec())).unwrap();
+    for name in ["bad_member_done", "finish"] {
+        let d = done.clone();
+        agent
+            .register(name, move |_: &[u8]| {
+                d.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(vec![])
+            })
+            .unwrap();
+    }
+    agent.start().unwrap();
+    let until = Instant::now() + LONG;
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(Instant::now() < until, "rank 2 never finished");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if agent.rank() == 1 {
+        assert_eq!(agent.rpc_sync(0, "echo", b"still serving").unwrap(), b"still serving");
+        agent.rpc_sync(0, "finish", b"").unwrap();
+    }
+    agent.shutdown(false, Duration::from_secs(5)).unwrap();
+}
+
+#[test]
+fn a_member_sending_bad_frames_loses_only_that_connection() {
+    World::new("bad_member", 3, Duration::from_secs(90)).run();
 }
 
 // ---- garbage against every listening port ----

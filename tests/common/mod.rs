@@ -35,9 +35,14 @@ pub fn thread_count() -> usize {
 /// In a rank process started by [`World::run`]: its scenario's name and the
 /// agent it joined the world with. `None` in the test harness itself.
 pub fn rank_process() -> Option<(String, rpcagent::RpcAgent)> {
-    let scenario = std::env::var("RPCAGENT_TEST_SCENARIO").ok()?;
+    let scenario = rank_scenario()?;
     let config = rpcagent::Config::from_env().unwrap();
     Some((scenario, rpcagent::RpcAgent::init(config).unwrap()))
+}
+
+/// In a rank process: its scenario's name (before it joins the world).
+pub fn rank_scenario() -> Option<String> {
+    std::env::var("RPCAGENT_TEST_SCENARIO").ok()
 }
 
 /// Runs `scenario` as a world of `n` separate processes: this test binary
