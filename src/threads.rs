@@ -96,6 +96,14 @@ pub(crate) fn take_kept() -> Kept {
     KEPT.with(|k| std::mem::replace(&mut *k.borrow_mut(), Kept::Nothing))
 }
 
+/// Runs a job this thread kept, once it has left its I/O duty: as a worker
+/// that knows of no jobs waiting (the flag is stale from when the I/O job
+/// began), so its reply is not held back for company.
+pub(crate) fn run_kept(job: Work) {
+    MORE_WORK.set(false);
+    job();
+}
+
 /// Set by a worker before each job: whether more jobs wait behind it.
 pub(crate) fn set_more_work(more: bool) {
     MORE_WORK.set(more);

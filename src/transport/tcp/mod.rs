@@ -703,7 +703,7 @@ impl Shared {
                     Some(ex) => match ex.move_io(self.clone().io_loop_job()) {
                         Ok(()) => {
                             crate::threads::set_io_loop(false);
-                            job();
+                            crate::threads::run_kept(job);
                             return;
                         }
                         // Nobody idle: the loop stays here, the pool queues the job
@@ -762,7 +762,7 @@ impl Shared {
             // Older jobs waiting for a thread go first.
             match self.executor.upgrade() {
                 Some(ex) if ex.starved() => drop(ex.submit(label, job)),
-                _ => job(),
+                _ => crate::threads::run_kept(job),
             }
         }
     }
@@ -812,6 +812,9 @@ impl Shared {
     fn accept_all(&self) {
         loop {
             match self.listener.accept() {
+                // Closing: the connection map is (being) emptied for the
+                // last time, so nothing new may join it.
+                Ok(_) if self.stopping.load(Ordering::Acquire) => {}
                 Ok((stream, from)) => {
                     if let Err(e) = self.adopt(stream) {
                         log_at!(Warn, Some(self.me), "could not take a connection from {from}: {e}");
