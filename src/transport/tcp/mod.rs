@@ -39,10 +39,12 @@ impl super::ReplySink for Conn {
         // A failed send means the connection is broken; its reader sees that
         // and reports the peer, so there is nothing more to do here.
         if crate::threads::more_work() && !crate::threads::is_io_thread() {
-            if let (Ok(starts), Some(owner)) = (self.send_corked(header, &[], payload), self.owner.upgrade())
+            // Only the reply that starts a batch needs the batch recorded.
+            if let Ok(true) = self.send_corked(header, &[], payload)
+                && let Some(owner) = self.owner.upgrade()
                 && let Some(me) = owner.conns.lock().get(&self.token).cloned()
             {
-                owner.corked(&me, starts);
+                owner.corked(&me, true);
             }
         } else {
             let _ = self.send(header, &[], payload, conn::mode_here());
