@@ -270,20 +270,28 @@ fn blocking_error(e: io::Error) -> RpcError {
     }
 }
 
-/// Copies the bytes of `parts` from byte `skip` on into `out` (as many as
-/// fit); returns how many it copied.
-pub(crate) fn gather_from<P: AsRef<[u8]>>(parts: &[P], mut skip: usize, out: &mut [u8]) -> usize {
-    let mut at = 0;
-    for p in parts {
+/// The bytes of `parts` from byte `skip` on, part by part (no empty ones).
+fn pieces_from<P: AsRef<[u8]>>(parts: &[P], mut skip: usize) -> impl Iterator<Item = &[u8]> {
+    parts.iter().filter_map(move |p| {
         let p = p.as_ref();
         if skip >= p.len() {
             skip -= p.len();
-            continue;
+            return None;
         }
-        let n = (p.len() - skip).min(out.len() - at);
-        out[at..at + n].copy_from_slice(&p[skip..skip + n]);
-        at += n;
+        let piece = &p[skip..];
         skip = 0;
+        Some(piece)
+    })
+}
+
+/// Copies the bytes of `parts` from byte `skip` on into `out` (as many as
+/// fit); returns how many it copied.
+pub(crate) fn gather_from<P: AsRef<[u8]>>(parts: &[P], skip: usize, out: &mut [u8]) -> usize {
+    let mut at = 0;
+    for piece in pieces_from(parts, skip) {
+        let n = piece.len().min(out.len() - at);
+        out[at..at + n].copy_from_slice(&piece[..n]);
+        at += n;
         if at == out.len() {
             break;
         }
@@ -293,20 +301,11 @@ pub(crate) fn gather_from<P: AsRef<[u8]>>(parts: &[P], mut skip: usize, out: &mu
 
 /// Fills `out` with the slices of `parts` from byte `skip` on (as many as
 /// fit); returns how many it filled.
-pub(crate) fn slices_from<'a, P: AsRef<[u8]>>(parts: &'a [P], mut skip: usize, out: &mut [IoSlice<'a>]) -> usize {
+pub(crate) fn slices_from<'a, P: AsRef<[u8]>>(parts: &'a [P], skip: usize, out: &mut [IoSlice<'a>]) -> usize {
     let mut n = 0;
-    for p in parts {
-        let p = p.as_ref();
-        if skip >= p.len() {
-            skip -= p.len();
-            continue;
-        }
-        if n == out.len() {
-            break;
-        }
-        out[n] = IoSlice::new(&p[skip..]);
+    for (slot, piece) in out.iter_mut().zip(pieces_from(parts, skip)) {
+        *slot = IoSlice::new(piece);
         n += 1;
-        skip = 0;
     }
     n
 }

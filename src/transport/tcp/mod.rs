@@ -789,13 +789,10 @@ impl Shared {
                 cork_for_batch(conn, &mut corked, reader);
                 self.on_frame(conn, frame, reader)
             });
-            let flushed = if corked == Some(true) { conn.uncork() } else { Ok(()) };
+            let ended = end_pass(conn, corked, result);
             let kept = crate::threads::take_kept();
-            match (result, flushed) {
-                (Ok(ReadEnd::WouldBlock), Ok(())) => {}
-                (Ok(ReadEnd::Eof), _) => break (Err(None), kept),
-                (Err(e), _) => break (Err(Some(e)), kept),
-                (_, Err(e)) => break (Err(Some(RpcError::Io(format!("sending failed: {e}")))), kept),
+            if let Err(why) = ended {
+                break (Err(why), kept);
             }
             if stream.timed_out() || !matches!(kept, Kept::Nothing) {
                 break (Ok(()), kept);
@@ -887,14 +884,13 @@ impl Shared {
             reader.read_from(&mut stream, &mut on_frame)
         };
         drop(reader);
-        let flushed = if corked == Some(true) { conn.uncork() } else { Ok(()) };
-        match (result, flushed) {
-            (Ok(ReadEnd::WouldBlock), Ok(())) => return requests && !conn.outbound && conn.peer().is_some(),
-            (Ok(ReadEnd::Eof), _) => self.drop_conn(conn, None),
-            (Err(e), _) => self.drop_conn(conn, Some(e)),
-            (_, Err(e)) => self.drop_conn(conn, Some(RpcError::Io(format!("sending failed: {e}")))),
+        match end_pass(conn, corked, result) {
+            Ok(()) => requests && !conn.outbound && conn.peer().is_some(),
+            Err(why) => {
+                self.drop_conn(conn, why);
+                false
+            }
         }
-        false
     }
 
     fn on_frame(&self, conn: &Arc<Conn>, mut frame: Frame, reader: &mut FrameReader) -> Result<()> {
@@ -1086,6 +1082,18 @@ impl Shared {
 fn cork_for_batch(conn: &Conn, corked: &mut Option<bool>, reader: &FrameReader) {
     if corked.is_none() && !conn.outbound && reader.has_buffered() {
         *corked = Some(conn.cork());
+    }
+}
+
+/// Ends a read pass: sends what it corked, and says whether the connection
+/// lives on (`Err` as `drop_conn` takes it: `None` when the peer closed it).
+fn end_pass(conn: &Conn, corked: Option<bool>, read: Result<ReadEnd>) -> std::result::Result<(), Option<RpcError>> {
+    let flushed = if corked == Some(true) { conn.uncork() } else { Ok(()) };
+    match (read, flushed) {
+        (Ok(ReadEnd::WouldBlock), Ok(())) => Ok(()),
+        (Ok(ReadEnd::Eof), _) => Err(None),
+        (Err(e), _) => Err(Some(e)),
+        (_, Err(e)) => Err(Some(RpcError::Io(format!("sending failed: {e}")))),
     }
 }
 
