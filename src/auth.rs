@@ -28,10 +28,11 @@ type HmacSha256 = Hmac<Sha256>;
 const SERVER_LABEL: &[u8] = b"rpcagent/1 server proof";
 const CLIENT_LABEL: &[u8] = b"rpcagent/1 client proof";
 
-/// `N` bytes from the kernel's random source.
+/// `N` bytes from the kernel's random source (`getrandom(2)`: no file to
+/// open per handshake, and none to be missing inside a container).
 pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut out = [0u8; N];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut out)?;
+    getrandom::fill(&mut out).map_err(|e| RpcError::Io(format!("no random bytes from the kernel: {e}")))?;
     Ok(out)
 }
 

@@ -22,7 +22,6 @@ pub mod ffi;
 mod future;
 #[doc(hidden)]
 pub mod fuzzing;
-mod hash;
 pub mod log;
 mod net;
 mod pool;

@@ -16,10 +16,10 @@ use parking_lot::{Mutex, RwLock};
 use crate::config::{Config, check_name};
 use crate::error::{Result, RpcError, Status};
 use crate::future::{Progress, RpcFuture, Slot, Spawner};
-use crate::hash::FastMap;
 use crate::log::log_at;
 use crate::pool::Pool;
 use crate::transport::{Dispatch, Executor, InRequest, OutRequest, Outcome, Transport};
+use rustc_hash::FxHashMap;
 
 use super::handler::{Body, Handler, Reply, ReplyRoute, Request};
 use super::pending::{CallName, Pending, PendingCall};
@@ -68,7 +68,7 @@ pub(crate) struct Core {
     me: Weak<Core>,
     /// Each handler with its name as a shared label (what the pool reports
     /// a busy worker as running), made once at registration.
-    registry: RwLock<FastMap<Box<[u8]>, Arc<Registered>>>,
+    registry: RwLock<FxHashMap<Box<[u8]>, Arc<Registered>>>,
     pending: Arc<Pending>,
     next_id: AtomicU64,
     state: AtomicU8,
@@ -105,7 +105,7 @@ impl Core {
             world_size: config.world_size,
             names,
             me: me.clone(),
-            registry: RwLock::new(FastMap::default()),
+            registry: RwLock::new(FxHashMap::default()),
             pending: Arc::new(Pending::new(config.world_size)),
             next_id: AtomicU64::new(1),
             state: AtomicU8::new(RUNNING),

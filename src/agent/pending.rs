@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::future::Slot;
-use crate::hash::FastMap;
+use rustc_hash::FxHashMap;
 
 /// A function name kept with its call for error messages: a short one is
 /// held inline, so most calls allocate nothing for it.
@@ -62,7 +62,7 @@ const STALE_DEADLINES: usize = 64;
 
 #[derive(Default)]
 struct Table {
-    calls: FastMap<u64, PendingCall>,
+    calls: FxHashMap<u64, PendingCall>,
     /// Deadlines, earliest first. A completed call leaves its entry behind
     /// (taking it out of a heap costs more than the call's whole table work);
     /// the deadline thread skips such entries, and a sweep drops them once

@@ -16,10 +16,10 @@ use parking_lot::{Condvar, Mutex};
 use crate::auth::{self, Step};
 use crate::config::Config;
 use crate::error::{Result, RpcError};
-use crate::hash::FastMap;
 use crate::log::log_at;
 use crate::rendezvous;
 use crate::wire::{self, FLAG_INTERNAL, Header, Hello, Kind, MAX_HANDSHAKE_PAYLOAD, NONCE_LEN, Table};
+use rustc_hash::FxHashMap;
 
 use super::{Dispatch, Executor, InRequest, OutRequest, Transport};
 
@@ -181,7 +181,7 @@ pub(crate) struct Shared {
     listen_addr: SocketAddr,
     waker: UnixStream,
     waker_tx: UnixStream,
-    conns: Mutex<FastMap<u64, Arc<Conn>>>,
+    conns: Mutex<FxHashMap<u64, Arc<Conn>>>,
     /// Accepted connections still in their handshake: while there are
     /// some, the I/O loop wakes periodically to time them out (otherwise it
     /// sleeps with no timer, which costs less on every wake-up).
@@ -255,7 +255,7 @@ impl TcpTransport {
             listen_addr: world.listen_addr,
             waker,
             waker_tx,
-            conns: Mutex::new(FastMap::default()),
+            conns: Mutex::new(FxHashMap::default()),
             handshaking: AtomicUsize::new(0),
             next_token: AtomicU64::new(2),
             peers,
