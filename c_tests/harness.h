@@ -52,6 +52,23 @@ static inline size_t max_payload(void) {
     return getenv("RPCAGENT_TEST_SMALL") ? (size_t)1 << 20 : (size_t)64 << 20;
 }
 
+/* Whether a loopback port can be bound right now. */
+static inline int port_is_free(int port) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons((unsigned short)port);
+    if (fd < 0) {
+        perror("port_is_free");
+        exit(1);
+    }
+    int ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    close(fd);
+    return ok;
+}
+
 /* A port that was free a moment ago. It is taken below the kernel's
  * ephemeral range (32768 and up by default), where the ranks' own listeners
  * get their ports: asking the kernel for one (port 0) could hand out a port
@@ -61,19 +78,7 @@ static inline int free_port(void) {
     unsigned start = (unsigned)getpid() % 97 * 120;
     for (int tries = 0; tries < 12000; tries++) {
         int port = 20000 + (int)((start + next++) % 12000);
-        int fd = socket(AF_INET, SOCK_STREAM, 0);
-        struct sockaddr_in a;
-        memset(&a, 0, sizeof a);
-        a.sin_family = AF_INET;
-        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        a.sin_port = htons((unsigned short)port);
-        if (fd < 0) {
-            perror("free_port");
-            exit(1);
-        }
-        int ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
-        close(fd);
-        if (ok) {
+        if (port_is_free(port)) {
             return port;
         }
     }

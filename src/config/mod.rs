@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use crate::error::{Result, RpcError};
 
+mod slurm;
+use slurm::{Hostlist, step_port};
+
 /// Default master port, as torch uses.
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 /// Default call deadline.
@@ -129,9 +132,19 @@ impl Config {
                 return Err(bad_var(key, &v, "is empty"));
             }
             self.master_host = v;
+        } else if let Some((key, v)) = first(&["SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST"]) {
+            // Under srun, rank 0 runs on the step's first host.
+            self.master_host = Hostlist::parse(&v).map_err(|why| bad_var(key, &v, &why))?.first();
         }
         if let Some((key, v)) = first(&["RPCAGENT_MASTER_PORT", "MASTER_PORT"]) {
             self.master_port = parse_number(key, &v)?;
+        } else if let Some((key, v)) = first(&["SLURM_JOB_ID", "SLURM_JOBID"]) {
+            let job: u64 = parse_number(key, &v)?;
+            let step: u64 = match first(&["SLURM_STEP_ID", "SLURM_STEPID"]) {
+                Some((key, v)) => parse_number(key, &v)?,
+                None => 0,
+            };
+            self.master_port = step_port(job, step);
         }
         if let Some((key, v)) = first(&["RPCAGENT_NAME"]) {
             check_name(&v).map_err(|why| bad_var(key, &v, &why))?;
@@ -381,6 +394,53 @@ mod tests {
             assert_eq!(err.status(), crate::Status::InvalidArgument);
             assert!(err.to_string().contains(key), "{err} should name {key}");
         }
+    }
+
+    #[test]
+    fn slurm_steps_need_no_master_variables() {
+        let step = [
+            ("SLURM_PROCID", "3"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_STEP_NODELIST", "gpu[07-08],cpu3"),
+            ("SLURM_JOB_NODELIST", "gpu[01-08],cpu3"),
+            ("SLURM_JOB_ID", "4321"),
+            ("SLURM_STEP_ID", "1"),
+        ];
+        let cfg = from(&step).unwrap();
+        assert_eq!((cfg.rank, cfg.world_size), (3, 4));
+        assert_eq!((cfg.master_host.as_str(), cfg.master_port), ("gpu07", 15000 + 3210 + 1));
+
+        // The job's list serves when the step's is missing (inside sbatch).
+        let cfg = from(&[("SLURM_JOB_NODELIST", "n[001-004]"), ("SLURM_JOBID", "17")]).unwrap();
+        assert_eq!((cfg.master_host.as_str(), cfg.master_port), ("n001", 15170));
+
+        // What the user sets wins, and without Slurm nothing changes.
+        let mut set = step.to_vec();
+        set.extend([("MASTER_ADDR", "head"), ("MASTER_PORT", "29501")]);
+        let cfg = from(&set).unwrap();
+        assert_eq!((cfg.master_host.as_str(), cfg.master_port), ("head", 29501));
+        let cfg = from(&[("RANK", "1"), ("WORLD_SIZE", "2")]).unwrap();
+        assert_eq!(
+            (cfg.master_host.as_str(), cfg.master_port),
+            ("127.0.0.1", DEFAULT_MASTER_PORT)
+        );
+    }
+
+    #[test]
+    fn malformed_slurm_variables_name_the_variable() {
+        for (key, value) in [
+            ("SLURM_STEP_NODELIST", "gpu[01-04"),
+            ("SLURM_STEP_NODELIST", "gpu[04-01]"),
+            ("SLURM_STEP_NODELIST", ""),
+            ("SLURM_JOB_NODELIST", "a,,b"),
+            ("SLURM_JOB_ID", "12x"),
+        ] {
+            let err = from(&[(key, value), ("SLURM_STEP_ID", "0")]).unwrap_err();
+            assert_eq!(err.status(), crate::Status::InvalidArgument);
+            assert!(err.to_string().contains(key), "{err} should name {key}");
+        }
+        let err = from(&[("SLURM_JOB_ID", "12"), ("SLURM_STEP_ID", "batch")]).unwrap_err();
+        assert!(err.to_string().contains("SLURM_STEP_ID"), "{err}");
     }
 
     #[test]
