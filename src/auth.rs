@@ -75,8 +75,66 @@ pub(crate) fn refused_frame(e: &RpcError) -> (Header, Vec<u8>) {
     (header, text.into_bytes())
 }
 
-/// The client side, on a blocking stream whose timeouts bound each step.
-/// Returns the server's `Welcome`. `server` names the peer in errors.
+/// The client side of one connection, fed frame by frame: no I/O, so the
+/// event loop steps it for any number of connections at once (and the
+/// tests step it against [`Handshake`] in memory).
+pub(crate) enum ClientHandshake {
+    /// `Hello` sent; waiting for the server's challenge.
+    AwaitChallenge {
+        hello: Hello,
+    },
+    /// `Proof` sent; waiting for the welcome.
+    AwaitWelcome,
+    Done,
+}
+
+/// What the client does after a handshake frame.
+pub(crate) enum ClientStep {
+    /// Send this `Proof` payload and wait for the welcome.
+    Proof(Vec<u8>),
+    /// The server proved itself and let this rank in; its `Welcome`.
+    Welcomed(Hello),
+}
+
+impl ClientHandshake {
+    /// Begins the exchange: the machine, and the `Hello` payload to send first.
+    pub(crate) fn start(hello: Hello) -> (ClientHandshake, Vec<u8>) {
+        let payload = hello.encode();
+        (ClientHandshake::AwaitChallenge { hello }, payload)
+    }
+
+    /// Takes the server's next frame. `server_rank` is the rank the client
+    /// meant to reach (the proofs are bound to it); `server` names the peer
+    /// in errors.
+    pub(crate) fn step(&mut self, key: &[u8], server_rank: u32, frame: &Frame, server: &str) -> Result<ClientStep> {
+        if frame.header.kind == Kind::Refused {
+            *self = ClientHandshake::Done;
+            return Err(refusal(frame));
+        }
+        match (std::mem::replace(self, ClientHandshake::Done), frame.header.kind) {
+            (ClientHandshake::AwaitChallenge { hello }, Kind::Challenge) => {
+                let challenge = Challenge::decode(&frame.payload)?;
+                mac(key, SERVER_LABEL, &hello, &challenge.nonce, server_rank)
+                    .verify_slice(&challenge.mac)
+                    .map_err(|_| mismatch(server))?;
+                let proof = mac(key, CLIENT_LABEL, &hello, &challenge.nonce, server_rank)
+                    .finalize()
+                    .into_bytes();
+                *self = ClientHandshake::AwaitWelcome;
+                Ok(ClientStep::Proof(proof.to_vec()))
+            }
+            (ClientHandshake::AwaitWelcome, Kind::Welcome) => Ok(ClientStep::Welcomed(Hello::decode(&frame.payload)?)),
+            (ClientHandshake::AwaitChallenge { .. }, kind) => Err(RpcError::Protocol(format!(
+                "{server} answered the greeting with {kind:?}"
+            ))),
+            (_, kind) => Err(RpcError::Protocol(format!("{server} answered the proof with {kind:?}"))),
+        }
+    }
+}
+
+/// The client side on a blocking stream whose timeouts bound each step
+/// (for tools and tests that hold one connection). Returns the server's
+/// `Welcome`. `server` names the peer in errors.
 pub(crate) fn client(
     stream: &mut (impl Read + Write),
     key: &[u8],
@@ -84,31 +142,14 @@ pub(crate) fn client(
     server_rank: u32,
     server: &str,
 ) -> Result<Hello> {
-    write_frame_blocking(stream, Header::new(Kind::Hello), &[], &hello.encode())?;
-    let frame = read_frame_blocking(stream, MAX_HANDSHAKE_PAYLOAD)?;
-    let challenge = match frame.header.kind {
-        Kind::Challenge => Challenge::decode(&frame.payload)?,
-        Kind::Refused => return Err(refusal(&frame)),
-        other => {
-            return Err(RpcError::Protocol(format!(
-                "{server} answered the greeting with {other:?}"
-            )));
+    let (mut machine, payload) = ClientHandshake::start(hello.clone());
+    write_frame_blocking(stream, Header::new(Kind::Hello), &[], &payload)?;
+    loop {
+        let frame = read_frame_blocking(stream, MAX_HANDSHAKE_PAYLOAD)?;
+        match machine.step(key, server_rank, &frame, server)? {
+            ClientStep::Proof(proof) => write_frame_blocking(stream, Header::new(Kind::Proof), &[], &proof)?,
+            ClientStep::Welcomed(welcome) => return Ok(welcome),
         }
-    };
-    mac(key, SERVER_LABEL, hello, &challenge.nonce, server_rank)
-        .verify_slice(&challenge.mac)
-        .map_err(|_| mismatch(server))?;
-    let proof = mac(key, CLIENT_LABEL, hello, &challenge.nonce, server_rank)
-        .finalize()
-        .into_bytes();
-    write_frame_blocking(stream, Header::new(Kind::Proof), &[], &proof)?;
-    let frame = read_frame_blocking(stream, MAX_HANDSHAKE_PAYLOAD)?;
-    match frame.header.kind {
-        Kind::Welcome => Ok(Hello::decode(&frame.payload)?),
-        Kind::Refused => Err(refusal(&frame)),
-        other => Err(RpcError::Protocol(format!(
-            "{server} answered the proof with {other:?}"
-        ))),
     }
 }
 
@@ -178,8 +219,8 @@ mod tests {
         }
     }
 
-    /// Runs the whole exchange in memory; returns the client's and the
-    /// server's outcome.
+    /// Runs the whole exchange in memory, both machines stepping each
+    /// other's frames; returns the client's and the server's outcome.
     fn exchange(client_key: &[u8], server_key: &[u8]) -> (Result<()>, Result<()>) {
         let hello = Hello {
             rank: 3,
@@ -187,23 +228,47 @@ mod tests {
             token: [9; 16],
             nonce: random_bytes().unwrap(),
         };
+        let (mut client, hello_payload) = ClientHandshake::start(hello);
         let mut server = Handshake::AwaitHello;
         let Step::Challenge(payload) = server
-            .step(server_key, 0, &frame(Kind::Hello, hello.encode()), |_| Ok(()))
+            .step(server_key, 0, &frame(Kind::Hello, hello_payload), |_| Ok(()))
             .unwrap()
         else {
             panic!("expected a challenge")
         };
-        let challenge = Challenge::decode(&payload).unwrap();
-        let client_ok = mac(client_key, SERVER_LABEL, &hello, &challenge.nonce, 0).verify_slice(&challenge.mac);
-        let proof = mac(client_key, CLIENT_LABEL, &hello, &challenge.nonce, 0)
-            .finalize()
-            .into_bytes()
-            .to_vec();
-        let server_outcome = server
-            .step(server_key, 0, &frame(Kind::Proof, proof), |_| Ok(()))
-            .map(drop);
-        (client_ok.map_err(|_| mismatch("server")), server_outcome)
+        let proof = match client.step(client_key, 0, &frame(Kind::Challenge, payload), "server") {
+            Ok(ClientStep::Proof(proof)) => proof,
+            Ok(ClientStep::Welcomed(_)) => panic!("welcomed before proving"),
+            Err(e) => return (Err(e), Err(mismatch("not asked"))),
+        };
+        let server_outcome = server.step(server_key, 0, &frame(Kind::Proof, proof), |_| Ok(()));
+        let client_outcome = match &server_outcome {
+            Ok(_) => {
+                let welcome = Hello {
+                    rank: 0,
+                    world_size: 4,
+                    token: [9; 16],
+                    nonce: [0; NONCE_LEN],
+                };
+                match client.step(client_key, 0, &frame(Kind::Welcome, welcome.encode()), "server") {
+                    Ok(ClientStep::Welcomed(w)) => {
+                        assert_eq!(w.rank, 0);
+                        Ok(())
+                    }
+                    other => panic!("expected the welcome, got {:?}", other.map(|_| ())),
+                }
+            }
+            Err(e) => {
+                let (header, text) = refused_frame(e);
+                let refused = Frame {
+                    header,
+                    name: vec![],
+                    payload: text,
+                };
+                client.step(client_key, 0, &refused, "server").map(drop)
+            }
+        };
+        (client_outcome, server_outcome.map(drop))
     }
 
     #[test]
@@ -219,8 +284,35 @@ mod tests {
         for (a, b) in [(&b"one"[..], &b"two"[..]), (b"", b"two"), (b"one", b"")] {
             let (c, s) = exchange(a, b);
             assert_eq!(c.unwrap_err().status(), Status::Auth);
+            // The client stops at the server's challenge, before proving.
             assert_eq!(s.unwrap_err().status(), Status::Auth);
         }
+    }
+
+    #[test]
+    fn a_client_refuses_frames_out_of_order() {
+        let hello = Hello {
+            rank: 1,
+            world_size: 2,
+            token: [0; 16],
+            nonce: [1; NONCE_LEN],
+        };
+        for kind in [Kind::Welcome, Kind::Request, Kind::Hello] {
+            let (mut client, _) = ClientHandshake::start(hello.clone());
+            let err = client.step(b"k", 0, &frame(kind, vec![]), "rank 0").err().unwrap();
+            assert_eq!(err.status(), Status::Protocol, "{kind:?}");
+            assert!(err.to_string().contains("rank 0"), "{err}");
+        }
+        // A refusal carries the server's reason and status.
+        let (mut client, _) = ClientHandshake::start(hello);
+        let (header, text) = refused_frame(&RpcError::Init("world is full".into()));
+        let refused = Frame {
+            header,
+            name: vec![],
+            payload: text,
+        };
+        let err = client.step(b"k", 0, &refused, "rank 0").err().unwrap();
+        assert_eq!(err, RpcError::Init("world is full".into()));
     }
 
     #[test]
