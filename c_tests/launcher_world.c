@@ -1,20 +1,27 @@
-/* Started by mpirun with nothing but its environment: every rank calls
- * every rank. */
+/* Started by a launcher (Open MPI's mpirun or Slurm's srun) with nothing but
+ * its environment: every rank calls every rank, and the rank the library
+ * chose is the one the launcher gave. */
 #include "harness.h"
 
 static int32_t whoami(void *u, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
-    (void)u;
     (void)req;
     uint32_t me = *(uint32_t *)u;
     return rpcagent_reply_set(reply, (const uint8_t *)&me, sizeof me);
 }
 
 int main(void) {
-    CHECK(getenv("OMPI_COMM_WORLD_RANK") != NULL);
+    /* Open MPI first, as the library reads them: an mpirun inside a Slurm
+     * job also inherits the job's SLURM_PROCID. */
+    const char *rank_var = "OMPI_COMM_WORLD_RANK", *size_var = "OMPI_COMM_WORLD_SIZE";
+    if (getenv(rank_var) == NULL) {
+        rank_var = "SLURM_PROCID";
+        size_var = "SLURM_NTASKS";
+    }
+    CHECK(getenv(rank_var) != NULL && getenv(size_var) != NULL);
     rpcagent_t *agent = join_from_env();
     uint32_t me = rpcagent_rank(agent), n = rpcagent_world_size(agent);
-    CHECK(me == (uint32_t)atoi(getenv("OMPI_COMM_WORLD_RANK")));
-    CHECK(n == (uint32_t)atoi(getenv("OMPI_COMM_WORLD_SIZE")));
+    CHECK(me == (uint32_t)atoi(getenv(rank_var)));
+    CHECK(n == (uint32_t)atoi(getenv(size_var)));
     CHECK_OK(rpcagent_register(agent, "whoami", whoami, &me, NULL, 0));
     CHECK_OK(rpcagent_start(agent));
     for (uint32_t dst = 0; dst < n; dst++) {
@@ -25,6 +32,6 @@ int main(void) {
     }
     CHECK_OK(rpcagent_shutdown(agent, 1, 30000));
     rpcagent_free(agent);
-    printf("mpi rank %u of %u: called every rank\n", me, n);
+    printf("launcher rank %u of %u: called every rank\n", me, n);
     return 0;
 }
