@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::error::{Result, RpcError};
 use crate::log::log_at;
 use crate::net::framing::{Frame, FrameReader, ReadEnd, read_frame_blocking, write_frame_blocking};
-use crate::net::sys::{Epoll, READABLE};
+use crate::net::sys::{self, Epoll, READABLE};
 use crate::wire::{self, Header, Hello, Join, Kind, MAX_HANDSHAKE_PAYLOAD, Table};
 
 /// A connection that has not announced itself by then is closed.
@@ -78,11 +78,11 @@ impl Guest {
 }
 
 fn bind_master(master: SocketAddr) -> Result<TcpListener> {
-    let bound = match TcpListener::bind(master) {
+    let bound = match sys::listen(master) {
         // The master name may resolve to an address of another interface
         // than the one it arrives on: listen on all of them then.
         Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => {
-            TcpListener::bind((Ipv4Addr::UNSPECIFIED, master.port()))
+            sys::listen((Ipv4Addr::UNSPECIFIED, master.port()).into())
         }
         other => other,
     };
@@ -121,10 +121,17 @@ fn host(config: &Config, master: SocketAddr, me: Join, deadline: Instant) -> Res
             if ev.token == 0 {
                 loop {
                     match listener.accept() {
-                        Ok((stream, _)) => {
-                            stream.set_nonblocking(true)?;
+                        Ok((stream, from)) => {
+                            // One guest's socket failing is that guest's
+                            // problem: the others still meet here.
                             let _ = stream.set_nodelay(true);
-                            epoll.add(&stream, next_token, READABLE)?;
+                            let watched = stream
+                                .set_nonblocking(true)
+                                .and_then(|()| epoll.add(&stream, next_token, READABLE));
+                            if let Err(e) = watched {
+                                log_at!(Warn, Some(0), "rendezvous could not take a connection from {from}: {e}");
+                                continue;
+                            }
                             let guest = Guest {
                                 stream,
                                 reader: FrameReader::new(MAX_HANDSHAKE_PAYLOAD),

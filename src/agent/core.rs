@@ -690,8 +690,4 @@ impl Dispatch for Core {
     fn calls_in_flight_to(&self, rank: usize) -> usize {
         self.pending.in_flight_to(rank)
     }
-
-    fn fail_call(&self, id: u64, error: RpcError) {
-        self.finish(id, Err(error));
-    }
 }

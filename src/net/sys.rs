@@ -216,6 +216,35 @@ fn set_option(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: l
     check(ret).map(drop)
 }
 
+/// A listening socket on `addr` whose queue of connections not yet
+/// accepted holds 4096 (the kernel may cap it at `somaxconn`): when every
+/// rank of a large world opens a connection here at once, a short queue
+/// drops the excess, and each dropped connect waits a second or more to
+/// try again. Like std's, it sets `SO_REUSEADDR`.
+pub(crate) fn listen(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Starts a TCP connection to `addr` without waiting for it: the socket is
+/// non-blocking, and epoll reports it writable once the connection is made
+/// (or failed: `take_error` then says why).
+pub(crate) fn connect_started(addr: std::net::SocketAddr) -> io::Result<std::net::TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(socket.into())
+}
+
 /// Makes the kernel declare the connection dead when the peer stays silent
 /// for about `timeout`: keepalive probes while idle, and a user timeout for
 /// data that is never acknowledged (a host gone, a cable cut).

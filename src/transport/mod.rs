@@ -101,6 +101,4 @@ pub(crate) trait Dispatch: Send + Sync {
     fn max_message_bytes(&self) -> u64;
     /// Calls this rank has in flight to `rank`.
     fn calls_in_flight_to(&self, rank: usize) -> usize;
-    /// Call `id` could not be sent after all.
-    fn fail_call(&self, id: u64, error: crate::RpcError);
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::auth::Handshake;
+use crate::auth::{ClientHandshake, Handshake};
 use crate::error::Status;
 use crate::transport::Outcome;
 use crate::wire::{self, Header, Kind};
@@ -91,19 +91,34 @@ struct Interest {
     wanted: bool,
 }
 
+/// Where a connection is in its handshake (stepped by the I/O loop only).
+pub(crate) enum Greeting {
+    /// Accepted: the server side, fed the client's frames.
+    Serve(Handshake),
+    /// Opened by this rank: the non-blocking `connect` has not finished.
+    Connecting,
+    /// Opened by this rank: `Hello` sent; the client side, fed the server's frames.
+    Greet(ClientHandshake),
+    /// Authenticated: `peer` is set.
+    Done,
+}
+
 pub(crate) struct Conn {
     pub stream: TcpStream,
     pub token: u64,
     /// We opened it (our calls go out on it) or accepted it (we serve on it).
     pub outbound: bool,
+    /// The rank we opened it to (outbound connections only): known before
+    /// the handshake names the peer.
+    pub opened_to: Option<usize>,
     pub opened: Instant,
+    /// The authenticated rank on the other end (`NO_PEER` until then).
     peer: AtomicUsize,
     /// The peer said it is closing on purpose.
     pub goodbye: AtomicBool,
     out: Mutex<Outbox>,
     pub reader: Mutex<FrameReader>,
-    /// The server side of the handshake (accepted connections).
-    pub handshake: Mutex<Handshake>,
+    pub greeting: Mutex<Greeting>,
     interest: Mutex<Interest>,
     epoll: Arc<Epoll>,
     /// The transport, told about corked replies.
@@ -153,33 +168,38 @@ enum Wrote {
 }
 
 impl Conn {
+    /// A connection in its handshake: accepted (`opened_to` is `None`), or
+    /// opened by this rank to `opened_to` with its `connect` under way.
+    /// Until the handshake is done, frames are read up to `max_payload`.
     pub(crate) fn new(
         stream: TcpStream,
         token: u64,
-        outbound: bool,
-        peer: Option<usize>,
+        opened_to: Option<usize>,
         max_payload: u64,
         epoll: Arc<Epoll>,
         owner: std::sync::Weak<super::Shared>,
     ) -> Conn {
+        let outbound = opened_to.is_some();
         Conn {
             stream,
             token,
             outbound,
+            opened_to,
             opened: Instant::now(),
-            peer: AtomicUsize::new(peer.unwrap_or(NO_PEER)),
+            peer: AtomicUsize::new(NO_PEER),
             goodbye: AtomicBool::new(false),
             out: Mutex::new(Outbox::default()),
             reader: Mutex::new(FrameReader::new(max_payload)),
-            handshake: Mutex::new(if outbound {
-                Handshake::Done
+            greeting: Mutex::new(if outbound {
+                Greeting::Connecting
             } else {
-                Handshake::AwaitHello
+                Greeting::Serve(Handshake::AwaitHello)
             }),
             interest: Mutex::new(Interest {
-                // An accepted connection is registered at once (by `adopt`).
-                registered: !outbound,
-                read: !outbound,
+                // Both kinds join the epoll set at once (`watch_handshake`),
+                // watched for reading: the handshake's frames come that way.
+                registered: false,
+                read: true,
                 write: false,
                 leader: false,
                 wanted: false,
@@ -187,6 +207,20 @@ impl Conn {
             epoll,
             owner,
         }
+    }
+
+    /// Adds the connection to the epoll set for its handshake: readable,
+    /// and for one this rank opened also writable (its `connect` finishing).
+    pub(crate) fn watch_handshake(&self) -> io::Result<()> {
+        let mut i = self.interest.lock();
+        i.write = self.outbound;
+        self.apply(&mut i)
+    }
+
+    /// The `connect` of an opened connection finished: stop watching for
+    /// writable until something is queued.
+    pub(crate) fn connected(&self) -> io::Result<()> {
+        self.watch_writable(false)
     }
 
     /// The rank on the other end, once the handshake has named it.
@@ -291,6 +325,14 @@ impl Conn {
         i.leader = false;
         let wanted = std::mem::take(&mut i.wanted);
         if !(calls_in_flight || wanted) {
+            // A connection this rank opened, that only callers reading their
+            // own replies use, leaves the epoll set: epoll then hears of none
+            // of its packets (measured: ~0.2 us per round trip). It joins
+            // again when the I/O thread has to read or write it.
+            if self.outbound && i.registered && !i.write {
+                self.epoll.delete(&self.stream)?;
+                i.registered = false;
+            }
             return Ok(());
         }
         self.watch_reads(&mut i, false)
@@ -548,15 +590,19 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::TcpListener;
 
-    /// A connection this rank opened (token 7, not yet in its epoll set),
-    /// the peer's end of it, and the epoll set.
+    /// A connection this rank opened (token 7, its handshake done, not yet
+    /// in its epoll set), the peer's end of it, and the epoll set.
     fn opened_connection() -> (Conn, TcpStream, Arc<Epoll>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
         client.set_nonblocking(true).unwrap();
         let epoll = Arc::new(Epoll::new().unwrap());
-        let conn = Conn::new(client, 7, true, Some(1), 1 << 30, epoll.clone(), std::sync::Weak::new());
+        let conn = Conn::new(client, 7, Some(1), 1 << 30, epoll.clone(), std::sync::Weak::new());
+        // As if the handshake had been done, and before it joins epoll.
+        conn.set_peer(1);
+        *conn.greeting.lock() = Greeting::Done;
+        conn.interest.lock().read = false;
         (conn, server, epoll)
     }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::auth::{self, Step};
+use crate::auth::{self, ClientHandshake, ClientStep, Step};
 use crate::config::Config;
 use crate::error::{Result, RpcError};
 use crate::log::log_at;
@@ -26,10 +26,10 @@ use super::{Dispatch, Executor, InRequest, OutRequest, Transport};
 mod conn;
 
 use crate::net::framing::{Frame, FrameReader, ReadEnd};
-use crate::net::sys::{self, EDGE, Epoll, Event, READABLE};
+use crate::net::sys::{self, Epoll, Event, READABLE};
 
 use crate::threads::Kept;
-use conn::{Conn, Mode};
+use conn::{Conn, Greeting, Mode};
 
 impl super::ReplySink for Conn {
     /// A worker with more jobs waiting corks its reply: the next replies
@@ -77,8 +77,6 @@ const LEAD_SLICE: Duration = Duration::from_millis(100);
 /// how long a job may wait for a thread while the responder waits, when
 /// every other pool thread is busy.
 const RESPONDER_IDLE: Duration = Duration::from_millis(2);
-/// Bound on opening a connection when the call has no deadline.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const LISTENER: u64 = 0;
 const WAKER: u64 = 1;
 
@@ -135,7 +133,7 @@ pub(crate) fn join_world(config: &Config) -> Result<JoinedWorld> {
         Some(host) => resolve(host, 0)?.ip(),
         None => local_ip_towards(master)?,
     };
-    let listener = TcpListener::bind((ip, 0)).map_err(|e| RpcError::Init(format!("cannot listen on {ip}: {e}")))?;
+    let listener = sys::listen((ip, 0).into()).map_err(|e| RpcError::Init(format!("cannot listen on {ip}: {e}")))?;
     let listen_addr = listener.local_addr()?;
     let join = wire::Join {
         rank: config.rank as u32,
@@ -151,18 +149,73 @@ pub(crate) fn join_world(config: &Config) -> Result<JoinedWorld> {
     })
 }
 
+/// How this rank's calls reach one peer. Lock order: a peer's `state`
+/// (never two at once), then `Shared::opening`, then `Shared::conns`, then
+/// a connection's own locks. The I/O loop takes the first three while it
+/// holds a connection's `reader` (stepping a handshake); that is safe
+/// because every other taker of a `reader` only tries it (`try_lock`).
 enum PeerState {
     Idle,
-    Connecting,
+    /// The I/O loop opens `conn` (connect, handshake), or will once fewer
+    /// than [`MAX_OPENING`] connections are opening (`None`); calls made
+    /// meanwhile wait in `queued`, in order, and leave when it is ready.
+    Connecting {
+        conn: Option<Arc<Conn>>,
+        queued: Vec<Queued>,
+    },
     Ready(Arc<Conn>),
     /// Worlds have a fixed membership: a rank whose connection failed stays lost.
     Lost(RpcError),
 }
 
+/// A request waiting for its connection to open.
+struct Queued {
+    id: u64,
+    internal: bool,
+    function: Box<str>,
+    args: Vec<u8>,
+    deadline: Option<Instant>,
+}
+
+impl Queued {
+    fn of(request: &OutRequest<'_>) -> Queued {
+        Queued {
+            id: request.id,
+            internal: request.internal,
+            function: request.function.into(),
+            args: request.args.to_vec(),
+            deadline: request.deadline,
+        }
+    }
+}
+
+/// At most this many connections of one rank are in their handshake at
+/// once; the next rank's waits its turn. When every rank of a large world
+/// calls every other at once, handshakes without a bound pile up on each
+/// server faster than it can answer them, until they pass their 5 s limit
+/// (seen with 256 ranks on 2 cores); taken in turns they finish in a few
+/// round trips each.
+const MAX_OPENING: usize = 32;
+
+/// Queued requests whose calls expired are dropped once the queue holds
+/// this many (then at each doubling): a peer that never answers its
+/// handshake holds no more than its live calls.
+const PRUNE_QUEUED_AT: usize = 64;
+
 struct Peer {
     addr: SocketAddr,
     state: Mutex<PeerState>,
-    changed: Condvar,
+}
+
+/// The header of request `id`; `timeout` is the time left to its deadline
+/// (`None`: no deadline).
+fn request_header(id: u64, internal: bool, timeout: Option<Duration>) -> Header {
+    let mut header = Header::new(Kind::Request);
+    header.request_id = id;
+    header.flags = if internal { FLAG_INTERNAL } else { 0 };
+    // 0 means "no deadline" on the wire, so a deadline due now is 1 µs.
+    header.timeout_us = timeout.map_or(0, |t| (t.as_micros() as u64).max(1));
+    header
 }
 
 pub(crate) struct Shared {
@@ -182,9 +235,15 @@ pub(crate) struct Shared {
     waker: UnixStream,
     waker_tx: UnixStream,
     conns: Mutex<FxHashMap<u64, Arc<Conn>>>,
-    /// Accepted connections still in their handshake: while there are
-    /// some, the I/O loop wakes periodically to time them out (otherwise it
-    /// sleeps with no timer, which costs less on every wake-up).
+    /// Connections opening now, and the ranks waiting for their turn to
+    /// open one (see [`MAX_OPENING`]). Taken after a peer's `state`, never
+    /// while holding `conns`.
+    opening: Mutex<Opening>,
+    /// Connections still in their handshake, accepted or opened: while
+    /// there are some, the I/O loop wakes periodically to time them out
+    /// (otherwise it sleeps with no timer, which costs less on every
+    /// wake-up). Counted up when one joins `conns`, down exactly once: when
+    /// its handshake ends, or when `drop_conn` takes it out of `conns` first.
     handshaking: AtomicUsize,
     next_token: AtomicU64,
     peers: Vec<Peer>,
@@ -205,6 +264,12 @@ pub(crate) struct Shared {
     /// The I/O loop is running (or queued to run) somewhere.
     io_loop: Mutex<bool>,
     io_loop_done: Condvar,
+}
+
+#[derive(Default)]
+struct Opening {
+    now: usize,
+    waiting: std::collections::VecDeque<usize>,
 }
 
 pub(crate) struct TcpTransport {
@@ -229,7 +294,6 @@ impl TcpTransport {
                 Ok(Peer {
                     addr,
                     state: Mutex::new(PeerState::Idle),
-                    changed: Condvar::new(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -256,6 +320,7 @@ impl TcpTransport {
             waker,
             waker_tx,
             conns: Mutex::new(FxHashMap::default()),
+            opening: Mutex::new(Opening::default()),
             handshaking: AtomicUsize::new(0),
             next_token: AtomicU64::new(2),
             peers,
@@ -280,11 +345,6 @@ impl TcpTransport {
 
 impl Transport for TcpTransport {
     fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
-        // Opening a connection blocks (connect, handshake); the I/O loop and
-        // the deadline thread must not, so there it happens on the pool.
-        if !crate::threads::may_block() && !self.shared.is_ready(dst) {
-            return self.shared.send_later(dst, request);
-        }
         self.shared.send_request(dst, request)
     }
 
@@ -320,7 +380,6 @@ impl Transport for TcpTransport {
             if !matches!(*st, PeerState::Lost(_)) {
                 *st = PeerState::Lost(RpcError::Shutdown(format!("rank {} is shut down", shared.me)));
             }
-            p.changed.notify_all();
         }
     }
 
@@ -333,71 +392,70 @@ impl Transport for TcpTransport {
     }
 }
 
-fn remaining(deadline: Option<Instant>) -> Duration {
-    deadline.map_or(CONNECT_TIMEOUT, |d| {
-        d.saturating_duration_since(Instant::now()).min(CONNECT_TIMEOUT)
-    })
-}
-
 impl Shared {
     fn dispatch(&self) -> Option<Arc<dyn Dispatch>> {
         self.dispatch.upgrade()
     }
 
-    /// Whether calls to `dst` go out on an open connection.
-    fn is_ready(&self, dst: usize) -> bool {
-        matches!(*self.peers[dst].state.lock(), PeerState::Ready(_))
-    }
-
-    /// Sends `request` from a pool thread (the caller may not block to
-    /// open the connection); a failure fails the call there.
-    fn send_later(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
-        let (Some(executor), Some(shared)) = (self.executor.upgrade(), self.this.upgrade()) else {
-            return Err(RpcError::Shutdown(format!("rank {} is shut down", self.me)));
-        };
-        let deadline = request.deadline;
-        let (id, function, internal, args) = (
-            request.id,
-            request.function.to_string(),
-            request.internal,
-            request.args.to_vec(),
-        );
-        let submitted = executor.submit(
-            "(connect)".into(),
-            Box::new(move || {
-                let request = OutRequest {
-                    id,
-                    function: &function,
-                    internal,
-                    timeout: deadline.map(|d| d.saturating_duration_since(Instant::now())),
-                    deadline,
-                    args: &args,
-                    will_wait: false,
-                };
-                if let Err(e) = shared.send_request(dst, &request)
-                    && let Some(d) = shared.dispatch()
-                {
-                    d.fail_call(id, e);
-                }
-            }),
-        );
-        // A stopped pool belongs to an agent that is shutting down.
-        submitted.map_err(|_| RpcError::Shutdown(format!("rank {} is shut down", self.me)))
-    }
-
+    /// Sends `request` on the connection to `dst`, or queues it while that
+    /// connection opens (starting it if this is the first call). Never
+    /// waits for a connection.
     fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
-        let (conn, waited) = self.conn_to(dst, request.deadline)?;
-        // The destination gets the time left: opening the connection may
-        // have taken some of it.
-        let timeout = match request.deadline {
-            Some(d) if waited => Some(d.saturating_duration_since(Instant::now())),
-            _ => request.timeout,
+        // A request that must wait is copied before the peer's lock is taken
+        // (it may be large): found not ready, the lock is let go, the copy
+        // made, and the state looked at again.
+        let mut waiting: Option<Queued> = None;
+        let conn = loop {
+            let mut st = self.peers[dst].state.lock();
+            if !matches!(*st, PeerState::Ready(_) | PeerState::Lost(_)) && waiting.is_none() {
+                drop(st);
+                waiting = Some(Queued::of(request));
+                continue;
+            }
+            match &mut *st {
+                PeerState::Ready(conn) => break conn.clone(),
+                PeerState::Lost(e) => return Err(e.clone()),
+                PeerState::Connecting { queued, .. } => {
+                    if queued.len() >= PRUNE_QUEUED_AT && queued.len().is_power_of_two() {
+                        let now = Instant::now();
+                        queued.retain(|q| q.deadline.is_none_or(|d| d > now));
+                    }
+                    queued.extend(waiting);
+                    return Ok(());
+                }
+                PeerState::Idle => {
+                    let conn = {
+                        let mut opening = self.opening.lock();
+                        if opening.now < MAX_OPENING {
+                            opening.now += 1;
+                            None
+                        } else {
+                            opening.waiting.push_back(dst);
+                            Some(None)
+                        }
+                    };
+                    let conn = match conn {
+                        Some(waits) => waits,
+                        None => match self.open(dst) {
+                            Ok(conn) => Some(conn),
+                            Err(e) => {
+                                // A shut-down transport refuses for good too.
+                                *st = PeerState::Lost(e.clone());
+                                drop(st);
+                                self.done_opening();
+                                return Err(e);
+                            }
+                        },
+                    };
+                    *st = PeerState::Connecting {
+                        conn,
+                        queued: waiting.into_iter().collect(),
+                    };
+                    return Ok(());
+                }
+            }
         };
-        let mut header = Header::new(Kind::Request);
-        header.request_id = request.id;
-        header.flags = if request.internal { FLAG_INTERNAL } else { 0 };
-        // 0 means "no deadline" on the wire, so a deadline due now is 1 µs.
-        header.timeout_us = timeout.map_or(0, |t| (t.as_micros() as u64).max(1));
+        let header = request_header(request.id, request.internal, request.timeout);
         // A thread issuing calls while others to this rank are in flight
         // corks them: they leave together when it waits (or within about a
         // millisecond), in one write instead of one each.
@@ -442,107 +500,138 @@ impl Shared {
         }
     }
 
-    /// The connection this rank's calls to `dst` go out on, opened on first
-    /// use, and whether this call had to wait for it.
-    fn conn_to(&self, dst: usize, deadline: Option<Instant>) -> Result<(Arc<Conn>, bool)> {
-        let peer = &self.peers[dst];
-        let mut st = peer.state.lock();
-        let mut waited = false;
-        loop {
-            match &*st {
-                PeerState::Ready(c) => return Ok((c.clone(), waited)),
-                PeerState::Lost(e) => return Err(e.clone()),
-                PeerState::Connecting => {
-                    waited = true;
-                    let timed_out = match deadline {
-                        Some(d) => peer.changed.wait_until(&mut st, d).timed_out(),
-                        None => {
-                            peer.changed.wait(&mut st);
-                            false
-                        }
-                    };
-                    if timed_out && matches!(*st, PeerState::Connecting) {
-                        return Err(RpcError::Timeout(format!("timed out connecting to rank {dst}")));
-                    }
-                }
-                PeerState::Idle => {
-                    *st = PeerState::Connecting;
-                    drop(st);
-                    let result = self.connect(dst, deadline);
-                    st = peer.state.lock();
-                    // A rank lost meanwhile (its connection to us failed)
-                    // stays lost.
-                    if !matches!(*st, PeerState::Lost(_)) {
-                        *st = match &result {
-                            _ if self.stopping.load(Ordering::Acquire) => {
-                                PeerState::Lost(RpcError::Shutdown(format!("rank {} is shut down", self.me)))
-                            }
-                            Ok(c) => PeerState::Ready(c.clone()),
-                            // A slow network is not a dead peer: the next call tries again.
-                            Err(RpcError::Timeout(_)) => PeerState::Idle,
-                            Err(e) => PeerState::Lost(e.clone()),
-                        };
-                    }
-                    peer.changed.notify_all();
-                    if let (Ok(c), PeerState::Lost(e)) = (&result, &*st) {
-                        self.conns.lock().remove(&c.token);
-                        c.close();
-                        return Err(e.clone());
-                    }
-                    return result.map(|c| (c, true));
-                }
-            }
-        }
-    }
-
-    /// Opens and greets a connection to `dst` (on the calling thread).
-    fn connect(&self, dst: usize, deadline: Option<Instant>) -> Result<Arc<Conn>> {
+    /// Starts opening a connection to `dst`: a non-blocking `connect`,
+    /// which the I/O loop carries on from (see `on_connect_event`).
+    fn open(&self, dst: usize) -> Result<Arc<Conn>> {
         let addr = self.peers[dst].addr;
         let lost = |why: String| RpcError::PeerLost { rank: dst, reason: why };
-        let mut stream = TcpStream::connect_timeout(&addr, remaining(deadline).max(Duration::from_millis(1))).map_err(
-            |e| match e.kind() {
-                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
-                    RpcError::Timeout(format!("timed out connecting to rank {dst} at {addr}"))
-                }
-                _ => lost(format!("cannot connect to {addr}: {e}")),
-            },
-        )?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(remaining(deadline).max(Duration::from_millis(1))))?;
+        // Socket options wait for the I/O loop (`on_connect_event`): the
+        // caller pays only for starting the connect.
+        let stream = sys::connect_started(addr).map_err(|e| lost(format!("cannot connect to {addr}: {e}")))?;
+        let conn = Arc::new(Conn::new(
+            stream,
+            self.next_token.fetch_add(1, Ordering::Relaxed),
+            Some(dst),
+            MAX_HANDSHAKE_PAYLOAD,
+            self.epoll.clone(),
+            self.me_weak(),
+        ));
+        {
+            // Checked under the map's lock: `close` empties the map for the
+            // last time after it set `closing`, so nothing joins it later.
+            let mut conns = self.conns.lock();
+            if self.closing.load(Ordering::Acquire) {
+                return Err(RpcError::Shutdown(format!("rank {} is shut down", self.me)));
+            }
+            conns.insert(conn.token, conn.clone());
+            self.handshaking.fetch_add(1, Ordering::AcqRel);
+        }
+        if let Err(e) = conn.watch_handshake() {
+            if self.conns.lock().remove(&conn.token).is_some() {
+                self.handshaking.fetch_sub(1, Ordering::AcqRel);
+            }
+            conn.close();
+            return Err(lost(format!("epoll refused the connection to {addr}: {e}")));
+        }
+        Ok(conn)
+    }
+
+    /// An event on a connection this rank is opening whose `connect` has
+    /// not finished: once it has, send `Hello`. Errors fail the connection.
+    fn on_connect_event(&self, conn: &Arc<Conn>, dst: usize) -> Result<()> {
+        let addr = self.peers[dst].addr;
+        if let Some(e) = conn.stream.take_error()? {
+            return Err(RpcError::PeerLost {
+                rank: dst,
+                reason: format!("cannot connect to {addr}: {e}"),
+            });
+        }
+        conn.connected()?;
+        conn.stream.set_nodelay(true)?;
+        sys::detect_silent_peer(&conn.stream, self.peer_timeout)?;
         let hello = Hello {
             rank: self.me as u32,
             world_size: self.world_size as u32,
             token: self.token,
             nonce: auth::random_bytes()?,
         };
-        let who = format!("rank {dst} at {addr}");
-        let welcome = auth::client(&mut stream, &self.key, &hello, dst as u32, &who).map_err(|e| match e {
-            RpcError::Timeout(_) => RpcError::Timeout(format!("timed out greeting {who}")),
-            // A secret mismatch does not heal: the rank stays unreachable.
-            RpcError::Auth(_) => e,
-            other => lost(format!("handshake with {addr} failed: {other}")),
-        })?;
-        if welcome.rank as usize != dst || welcome.token != self.token {
-            return Err(lost(format!(
-                "{addr} is not rank {dst} of this world (it answered as rank {})",
-                welcome.rank
-            )));
+        let (machine, payload) = ClientHandshake::start(hello);
+        *conn.greeting.lock() = Greeting::Greet(machine);
+        conn.send(Header::new(Kind::Hello), &[], &payload, Mode::NoWait)?;
+        Ok(())
+    }
+
+    /// The connection to `dst` finished its handshake: it carries this
+    /// rank's calls from now on, the queued ones first, in order.
+    fn on_connected(&self, dst: usize, conn: &Arc<Conn>) -> Result<()> {
+        let corked = {
+            let mut st = self.peers[dst].state.lock();
+            match &mut *st {
+                PeerState::Connecting {
+                    conn: Some(opening),
+                    queued,
+                } if Arc::ptr_eq(opening, conn) => {
+                    let queued = std::mem::take(queued);
+                    *st = PeerState::Ready(conn.clone());
+                    // Corked under the peer's lock: a call that finds the
+                    // connection ready sends behind them (a frame sent on a
+                    // connection with a corked batch goes after it).
+                    let now = Instant::now();
+                    queued
+                        .iter()
+                        .filter(|q| q.deadline.is_none_or(|d| d > now))
+                        .try_for_each(|q| {
+                            let header = request_header(q.id, q.internal, q.deadline.map(|d| d - now));
+                            conn.send_corked(header, q.function.as_bytes(), &q.args).map(drop)
+                        })
+                }
+                // The rank was lost meanwhile, or the transport is closing:
+                // whoever changed the state closes the connection (and
+                // passed the opening turn on).
+                _ => return Ok(()),
+            }
+        };
+        // The queued calls leave before the next rank's connect starts.
+        let sent = corked.and_then(|()| conn.flush_cork());
+        self.done_opening();
+        Ok(sent?)
+    }
+
+    /// A connection left its handshake (ready, failed, or its rank lost):
+    /// the next rank waiting for its turn starts opening one.
+    fn done_opening(&self) {
+        loop {
+            let next = {
+                let mut opening = self.opening.lock();
+                debug_assert!(opening.now > 0, "a connection left its handshake twice");
+                opening.now = opening.now.saturating_sub(1);
+                match opening.waiting.pop_front() {
+                    Some(dst) => {
+                        opening.now += 1;
+                        dst
+                    }
+                    None => return,
+                }
+            };
+            let mut st = self.peers[next].state.lock();
+            // Lost or shut down while it waited: its turn passes on.
+            let PeerState::Connecting { conn: conn @ None, .. } = &mut *st else {
+                continue;
+            };
+            match self.open(next) {
+                Ok(opened) => {
+                    *conn = Some(opened);
+                    return;
+                }
+                Err(e) => {
+                    *st = PeerState::Lost(e.clone());
+                    drop(st);
+                    if let Some(d) = self.dispatch() {
+                        d.on_peer_lost(next, e);
+                    }
+                }
+            }
         }
-        stream.set_read_timeout(None)?;
-        stream.set_nonblocking(true)?;
-        sys::detect_silent_peer(&stream, self.peer_timeout)?;
-        let conn = Arc::new(Conn::new(
-            stream,
-            self.next_token.fetch_add(1, Ordering::Relaxed),
-            true,
-            Some(dst),
-            self.max_payload,
-            self.epoll.clone(),
-            self.me_weak(),
-        ));
-        // Registered with epoll when the I/O thread first has to watch it.
-        self.conns.lock().insert(conn.token, conn.clone());
-        Ok(conn)
     }
 
     /// A caller waiting for a reply from `dst` reads that connection itself
@@ -839,7 +928,6 @@ impl Shared {
         let conn = Arc::new(Conn::new(
             stream,
             self.next_token.fetch_add(1, Ordering::Relaxed),
-            false,
             None,
             MAX_HANDSHAKE_PAYLOAD,
             self.epoll.clone(),
@@ -847,11 +935,23 @@ impl Shared {
         ));
         self.conns.lock().insert(conn.token, conn.clone());
         self.handshaking.fetch_add(1, Ordering::AcqRel);
-        self.epoll.add(&conn.stream, conn.token, READABLE | EDGE)
+        conn.watch_handshake()
     }
 
     /// Handles one readiness event; true if it served requests.
     fn on_event(&self, conn: &Arc<Conn>, ev: Event) -> bool {
+        if let Some(dst) = conn.opened_to
+            && conn.peer().is_none()
+            && matches!(*conn.greeting.lock(), Greeting::Connecting)
+        {
+            if !ev.writable() {
+                return false;
+            }
+            if let Err(e) = self.on_connect_event(conn, dst) {
+                self.drop_conn(conn, Some(e));
+                return false;
+            }
+        }
         if ev.writable()
             && let Err(e) = conn.flush()
         {
@@ -895,7 +995,10 @@ impl Shared {
 
     fn on_frame(&self, conn: &Arc<Conn>, mut frame: Frame, reader: &mut FrameReader) -> Result<()> {
         let Some(peer) = conn.peer() else {
-            return self.greet(conn, frame, reader);
+            return match conn.opened_to {
+                Some(dst) => self.greet_server(conn, dst, frame, reader),
+                None => self.greet(conn, frame, reader),
+            };
         };
         let dispatch = self
             .dispatch()
@@ -938,6 +1041,36 @@ impl Shared {
         Ok(())
     }
 
+    /// Frames on a connection this rank is opening to `dst`, before it is
+    /// authenticated: the client side of the handshake.
+    fn greet_server(&self, conn: &Arc<Conn>, dst: usize, frame: Frame, reader: &mut FrameReader) -> Result<()> {
+        let addr = self.peers[dst].addr;
+        let who = format!("rank {dst} at {addr}");
+        let step = match &mut *conn.greeting.lock() {
+            Greeting::Greet(machine) => machine.step(&self.key, dst as u32, &frame, &who),
+            _ => Err(RpcError::Protocol(format!(
+                "{who} sent a frame before the connection was open"
+            ))),
+        };
+        match step? {
+            ClientStep::Proof(proof) => conn.send(Header::new(Kind::Proof), &[], &proof, Mode::NoWait)?,
+            ClientStep::Welcomed(welcome) => {
+                if welcome.rank as usize != dst || welcome.token != self.token {
+                    return Err(RpcError::Protocol(format!(
+                        "{addr} is not rank {dst} of this world (it answered as rank {})",
+                        welcome.rank
+                    )));
+                }
+                reader.set_max_payload(self.max_payload);
+                *conn.greeting.lock() = Greeting::Done;
+                conn.set_peer(dst);
+                self.handshaking.fetch_sub(1, Ordering::AcqRel);
+                self.on_connected(dst, conn)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Frames on an accepted connection before it is authenticated: the
     /// server side of the handshake. A failure is told to the peer, then
     /// the connection closes.
@@ -956,7 +1089,10 @@ impl Shared {
             }
             Ok(())
         };
-        let step = conn.handshake.lock().step(&self.key, self.me as u32, &frame, admit);
+        let step = match &mut *conn.greeting.lock() {
+            Greeting::Serve(handshake) => handshake.step(&self.key, self.me as u32, &frame, admit),
+            _ => Err(RpcError::Protocol("a handshake frame after the handshake".into())),
+        };
         match step {
             Ok(Step::Challenge(payload)) => conn.send(Header::new(Kind::Challenge), &[], &payload, Mode::NoWait)?,
             Ok(Step::Authenticated(hello)) => {
@@ -968,6 +1104,7 @@ impl Shared {
                 };
                 conn.send(Header::new(Kind::Welcome), &[], &welcome.encode(), Mode::NoWait)?;
                 reader.set_max_payload(self.max_payload);
+                *conn.greeting.lock() = Greeting::Done;
                 conn.set_peer(hello.rank as usize);
                 self.handshaking.fetch_sub(1, Ordering::AcqRel);
             }
@@ -980,22 +1117,35 @@ impl Shared {
         Ok(())
     }
 
+    /// Closes connections whose handshake outlived its limit: 5 s for one
+    /// accepted (the failure promises'), and the peer timeout for one this
+    /// rank opened, whose peer is then lost like a peer silent on an open
+    /// connection (a stopped process, a host gone before it answered).
     fn close_stale_handshakes(&self) {
+        let limit = |c: &Conn| match c.opened_to {
+            Some(_) => self.peer_timeout,
+            None => HANDSHAKE_TIMEOUT,
+        };
         let stale: Vec<Arc<Conn>> = self
             .conns
             .lock()
             .values()
-            .filter(|c| c.peer().is_none() && c.opened.elapsed() >= HANDSHAKE_TIMEOUT)
+            .filter(|c| c.peer().is_none() && c.opened.elapsed() >= limit(c))
             .cloned()
             .collect();
         for c in stale {
-            self.drop_conn(
-                &c,
-                Some(RpcError::Protocol(format!(
-                    "no handshake within {} s",
-                    HANDSHAKE_TIMEOUT.as_secs()
-                ))),
-            );
+            let why = match c.opened_to {
+                Some(dst) => RpcError::PeerLost {
+                    rank: dst,
+                    reason: format!(
+                        "rank {dst} at {} did not answer the handshake within {} s",
+                        self.peers[dst].addr,
+                        limit(&c).as_secs()
+                    ),
+                },
+                None => RpcError::Protocol(format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs())),
+            };
+            self.drop_conn(&c, Some(why));
         }
     }
 
@@ -1015,8 +1165,10 @@ impl Shared {
         conn.close();
         let stopping = self.stopping.load(Ordering::Acquire);
         let Some(rank) = conn.peer() else {
-            // Only accepted connections lack a peer.
             self.handshaking.fetch_sub(1, Ordering::AcqRel);
+            if let Some(dst) = conn.opened_to {
+                return self.open_failed(conn, dst, why);
+            }
             if !stopping {
                 let addr = conn.stream.peer_addr().map_or("?".into(), |a| a.to_string());
                 let why = why.map_or("closed before its handshake".into(), |e| e.to_string());
@@ -1038,24 +1190,41 @@ impl Shared {
             RpcError::PeerLost { rank, reason }
         };
         let mut ending = None;
+        let mut opened_one = false;
+        let mut calls_queued = false;
         {
             let peer = &self.peers[rank];
             let mut st = peer.state.lock();
             if !matches!(*st, PeerState::Lost(_)) {
                 // New calls fail from now on; a crash takes the outgoing
                 // connection (and every call on it) down at once.
-                if let PeerState::Ready(out) = std::mem::replace(&mut *st, PeerState::Lost(error.clone()))
-                    && !Arc::ptr_eq(&out, conn)
-                {
-                    if graceful {
-                        ending = Some(out);
-                    } else {
-                        self.conns.lock().remove(&out.token);
-                        out.close();
+                match std::mem::replace(&mut *st, PeerState::Lost(error.clone())) {
+                    PeerState::Ready(out) if !Arc::ptr_eq(&out, conn) => {
+                        if graceful {
+                            ending = Some(out);
+                        } else {
+                            self.conns.lock().remove(&out.token);
+                            out.close();
+                        }
                     }
+                    // Its queued calls fail with the rest below, even when
+                    // the peer left in order: nothing will answer them.
+                    PeerState::Connecting { conn, .. } => {
+                        calls_queued = true;
+                        if let Some(out) = conn {
+                            if self.conns.lock().remove(&out.token).is_some() {
+                                self.handshaking.fetch_sub(1, Ordering::AcqRel);
+                            }
+                            out.close();
+                            opened_one = true;
+                        }
+                    }
+                    _ => {}
                 }
-                peer.changed.notify_all();
             }
+        }
+        if opened_one {
+            self.done_opening();
         }
         // The outgoing connection ends by itself, but only if somebody reads
         // it: a caller waiting for a reply no longer finds it through the
@@ -1065,11 +1234,51 @@ impl Shared {
         {
             self.drop_conn(&out, Some(RpcError::Io(format!("epoll: {e}"))));
         }
-        if graceful && !conn.outbound {
+        if graceful && !conn.outbound && !calls_queued {
             return;
         }
         if let Some(d) = self.dispatch() {
             d.on_peer_lost(rank, error);
+        }
+    }
+}
+
+impl Shared {
+    /// A connection this rank was opening to `dst` failed before its
+    /// handshake finished (`conn` is closed already): the rank is lost, and
+    /// every call to it fails. A wrong secret fails them with `AUTH`.
+    fn open_failed(&self, conn: &Arc<Conn>, dst: usize, why: Option<RpcError>) {
+        let addr = self.peers[dst].addr;
+        let error = match why {
+            Some(RpcError::Auth(m)) => RpcError::Auth(m),
+            Some(e @ RpcError::PeerLost { .. }) => e,
+            Some(e) => RpcError::PeerLost {
+                rank: dst,
+                reason: format!("opening a connection to {addr} failed: {e}"),
+            },
+            None => RpcError::PeerLost {
+                rank: dst,
+                reason: format!("{addr} closed the connection during the handshake"),
+            },
+        };
+        {
+            let mut st = self.peers[dst].state.lock();
+            match &*st {
+                PeerState::Connecting {
+                    conn: Some(opening), ..
+                } if Arc::ptr_eq(opening, conn) => {
+                    *st = PeerState::Lost(error.clone());
+                }
+                // Lost or closed meanwhile: that already failed the calls.
+                _ => return,
+            }
+        }
+        self.done_opening();
+        if !self.stopping.load(Ordering::Acquire) {
+            log_at!(Warn, Some(self.me), "{error}");
+        }
+        if let Some(d) = self.dispatch() {
+            d.on_peer_lost(dst, error);
         }
     }
 }
