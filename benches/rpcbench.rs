@@ -16,6 +16,9 @@ use rpcagent::{Config, HandlerOptions, RpcAgent, RpcFuture};
 mod port;
 use port::free_port;
 
+#[path = "scale/mesh.rs"]
+mod mesh;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--role") {
@@ -23,6 +26,8 @@ fn main() {
             "raw-server" => raw_server(),
             "rpc-server" => rpc_server(),
             "world-rank" => world_rank(),
+            "mesh-rank" => mesh::raw_rank(),
+            "sweep-rank" => mesh::rpc_rank(),
             other => panic!("unknown role {other}"),
         }
         return;
@@ -52,6 +57,9 @@ fn main() {
     }
     if wanted("world") {
         world(&mut table, quick);
+    }
+    if wanted("scale") {
+        mesh::scale(&mut table, quick);
     }
 }
 
@@ -109,6 +117,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 fn spawn(role: &str, env: &[(&str, String)]) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args(["--role", role])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     for (k, v) in env {
