@@ -24,7 +24,7 @@ impl RawMember {
         if config.rank == 0 {
             return Err(RpcError::InvalidArgument("rank 0 hosts the rendezvous".into()));
         }
-        let master = crate::transport::tcp::resolve(&config.master_host, config.master_port)?;
+        let master = crate::net::resolve::resolve(&config.master_host, config.master_port)?;
         let join = Join {
             rank: config.rank as u32,
             world_size: config.world_size as u32,

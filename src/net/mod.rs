@@ -3,4 +3,5 @@
 
 pub(crate) mod buffers;
 pub(crate) mod framing;
+pub(crate) mod resolve;
 pub(crate) mod sys;

@@ -1,0 +1,321 @@
+//! Opening connections. The first call to a rank starts a non-blocking
+//! connect and waits in the peer's queue; the I/O loop sees the connect
+//! finish, steps the client side of the handshake (`auth::ClientHandshake`)
+//! on the server's frames, and on `Welcome` sends what queued. Accepted
+//! connections step the server side (`auth::Handshake`). At most
+//! [`MAX_OPENING`] connections of a rank are in their handshake at once, and
+//! every handshake has a time limit.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::auth::{self, ClientHandshake, ClientStep, Step};
+use crate::error::{Result, RpcError};
+use crate::net::framing::{Frame, FrameReader};
+use crate::net::sys;
+use crate::transport::OutRequest;
+use crate::wire::{Header, Hello, Kind, MAX_HANDSHAKE_PAYLOAD, NONCE_LEN};
+
+use super::conn::{Conn, Greeting, Mode};
+use super::send::request_header;
+use super::{PeerState, Shared};
+
+/// A connection that has not finished its handshake by then is closed.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often connections in their handshake are checked for that timeout.
+pub(super) const HANDSHAKE_SWEEP: Duration = Duration::from_millis(250);
+
+/// A request waiting for its connection to open.
+pub(super) struct Queued {
+    id: u64,
+    internal: bool,
+    function: Box<str>,
+    args: Vec<u8>,
+    deadline: Option<Instant>,
+}
+
+impl Queued {
+    pub(super) fn of(request: &OutRequest<'_>) -> Queued {
+        Queued {
+            id: request.id,
+            internal: request.internal,
+            function: request.function.into(),
+            args: request.args.to_vec(),
+            deadline: request.deadline,
+        }
+    }
+}
+
+/// At most this many connections of one rank are in their handshake at
+/// once; the next rank's waits its turn. When every rank of a large world
+/// calls every other at once, handshakes without a bound pile up on each
+/// server faster than it can answer them, until they pass their 5 s limit
+/// (seen with 256 ranks on 2 cores); taken in turns they finish in a few
+/// round trips each.
+pub(super) const MAX_OPENING: usize = 32;
+
+/// Queued requests whose calls expired are dropped once the queue holds
+/// this many (then at each doubling): a peer that never answers its
+/// handshake holds no more than its live calls.
+const PRUNE_QUEUED_AT: usize = 64;
+
+/// Adds `request` to a peer's queue, first dropping the requests whose
+/// calls expired once the queue is long (see [`PRUNE_QUEUED_AT`]).
+pub(super) fn enqueue(queued: &mut Vec<Queued>, request: Option<Queued>) {
+    if queued.len() >= PRUNE_QUEUED_AT && queued.len().is_power_of_two() {
+        let now = Instant::now();
+        queued.retain(|q| q.deadline.is_none_or(|d| d > now));
+    }
+    queued.extend(request);
+}
+
+impl Shared {
+    /// Starts opening a connection to `dst`: a non-blocking `connect`,
+    /// which the I/O loop carries on from (see `on_connect_event`).
+    pub(super) fn open(&self, dst: usize) -> Result<Arc<Conn>> {
+        let addr = self.peers[dst].addr;
+        let lost = |why: String| RpcError::PeerLost { rank: dst, reason: why };
+        // Socket options wait for the I/O loop (`on_connect_event`): the
+        // caller pays only for starting the connect.
+        let stream = sys::connect_started(addr).map_err(|e| lost(format!("cannot connect to {addr}: {e}")))?;
+        let conn = Arc::new(Conn::new(
+            stream,
+            self.next_token.fetch_add(1, Ordering::Relaxed),
+            Some(dst),
+            MAX_HANDSHAKE_PAYLOAD,
+            self.epoll.clone(),
+            self.me_weak(),
+        ));
+        {
+            // Checked under the map's lock: `close` empties the map for the
+            // last time after it set `closing`, so nothing joins it later.
+            let mut conns = self.conns.lock();
+            if self.closing.load(Ordering::Acquire) {
+                return Err(RpcError::Shutdown(format!("rank {} is shut down", self.me)));
+            }
+            conns.insert(conn.token, conn.clone());
+            self.handshaking.fetch_add(1, Ordering::AcqRel);
+        }
+        if let Err(e) = conn.watch_handshake() {
+            if self.conns.lock().remove(&conn.token).is_some() {
+                self.handshaking.fetch_sub(1, Ordering::AcqRel);
+            }
+            conn.close();
+            return Err(lost(format!("epoll refused the connection to {addr}: {e}")));
+        }
+        Ok(conn)
+    }
+
+    /// An event on a connection this rank is opening whose `connect` has
+    /// not finished: once it has, send `Hello`. Errors fail the connection.
+    pub(super) fn on_connect_event(&self, conn: &Arc<Conn>, dst: usize) -> Result<()> {
+        let addr = self.peers[dst].addr;
+        if let Some(e) = conn.stream.take_error()? {
+            return Err(RpcError::PeerLost {
+                rank: dst,
+                reason: format!("cannot connect to {addr}: {e}"),
+            });
+        }
+        conn.connected()?;
+        conn.stream.set_nodelay(true)?;
+        sys::detect_silent_peer(&conn.stream, self.peer_timeout)?;
+        let hello = Hello {
+            rank: self.me as u32,
+            world_size: self.world_size as u32,
+            token: self.token,
+            nonce: auth::random_bytes()?,
+        };
+        let (machine, payload) = ClientHandshake::start(hello);
+        *conn.greeting.lock() = Greeting::Greet(machine);
+        conn.send(Header::new(Kind::Hello), &[], &payload, Mode::NoWait)?;
+        Ok(())
+    }
+
+    /// The connection to `dst` finished its handshake: it carries this
+    /// rank's calls from now on, the queued ones first, in order.
+    pub(super) fn on_connected(&self, dst: usize, conn: &Arc<Conn>) -> Result<()> {
+        let corked = {
+            let mut st = self.peers[dst].state.lock();
+            match &mut *st {
+                PeerState::Connecting {
+                    conn: Some(opening),
+                    queued,
+                } if Arc::ptr_eq(opening, conn) => {
+                    let queued = std::mem::take(queued);
+                    *st = PeerState::Ready(conn.clone());
+                    // Corked under the peer's lock: a call that finds the
+                    // connection ready sends behind them (a frame sent on a
+                    // connection with a corked batch goes after it).
+                    let now = Instant::now();
+                    queued
+                        .iter()
+                        .filter(|q| q.deadline.is_none_or(|d| d > now))
+                        .try_for_each(|q| {
+                            let header = request_header(q.id, q.internal, q.deadline.map(|d| d - now));
+                            conn.send_corked(header, q.function.as_bytes(), &q.args).map(drop)
+                        })
+                }
+                // The rank was lost meanwhile, or the transport is closing:
+                // whoever changed the state closes the connection (and
+                // passed the opening turn on).
+                _ => return Ok(()),
+            }
+        };
+        // The queued calls leave before the next rank's connect starts.
+        let sent = corked.and_then(|()| conn.flush_cork());
+        self.done_opening();
+        Ok(sent?)
+    }
+
+    /// A connection left its handshake (ready, failed, or its rank lost):
+    /// the next rank waiting for its turn starts opening one.
+    pub(super) fn done_opening(&self) {
+        loop {
+            let next = {
+                let mut opening = self.opening.lock();
+                debug_assert!(opening.now > 0, "a connection left its handshake twice");
+                opening.now = opening.now.saturating_sub(1);
+                match opening.waiting.pop_front() {
+                    Some(dst) => {
+                        opening.now += 1;
+                        dst
+                    }
+                    None => return,
+                }
+            };
+            let mut st = self.peers[next].state.lock();
+            // Lost or shut down while it waited: its turn passes on.
+            let PeerState::Connecting { conn: conn @ None, .. } = &mut *st else {
+                continue;
+            };
+            match self.open(next) {
+                Ok(opened) => {
+                    *conn = Some(opened);
+                    return;
+                }
+                Err(e) => {
+                    *st = PeerState::Lost(e.clone());
+                    drop(st);
+                    if let Some(d) = self.dispatch() {
+                        d.on_peer_lost(next, e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Frames on a connection this rank is opening to `dst`, before it is
+    /// authenticated: the client side of the handshake.
+    pub(super) fn greet_server(
+        &self,
+        conn: &Arc<Conn>,
+        dst: usize,
+        frame: Frame,
+        reader: &mut FrameReader,
+    ) -> Result<()> {
+        let addr = self.peers[dst].addr;
+        let who = format!("rank {dst} at {addr}");
+        let step = match &mut *conn.greeting.lock() {
+            Greeting::Greet(machine) => machine.step(&self.key, dst as u32, &frame, &who),
+            _ => Err(RpcError::Protocol(format!(
+                "{who} sent a frame before the connection was open"
+            ))),
+        };
+        match step? {
+            ClientStep::Proof(proof) => conn.send(Header::new(Kind::Proof), &[], &proof, Mode::NoWait)?,
+            ClientStep::Welcomed(welcome) => {
+                if welcome.rank as usize != dst || welcome.token != self.token {
+                    return Err(RpcError::Protocol(format!(
+                        "{addr} is not rank {dst} of this world (it answered as rank {})",
+                        welcome.rank
+                    )));
+                }
+                reader.set_max_payload(self.max_payload);
+                *conn.greeting.lock() = Greeting::Done;
+                conn.set_peer(dst);
+                self.handshaking.fetch_sub(1, Ordering::AcqRel);
+                self.on_connected(dst, conn)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Frames on an accepted connection before it is authenticated: the
+    /// server side of the handshake. A failure is told to the peer, then
+    /// the connection closes.
+    pub(super) fn greet(&self, conn: &Arc<Conn>, frame: Frame, reader: &mut FrameReader) -> Result<()> {
+        let admit = |hello: &Hello| {
+            if hello.token != self.token {
+                return Err(RpcError::Auth(
+                    "the greeting carries another world's token (a process of another job?)".into(),
+                ));
+            }
+            if hello.world_size as usize != self.world_size || hello.rank as usize >= self.world_size {
+                return Err(RpcError::Protocol(format!(
+                    "greeting from rank {} of a world of {}; this world has {} ranks",
+                    hello.rank, hello.world_size, self.world_size
+                )));
+            }
+            Ok(())
+        };
+        let step = match &mut *conn.greeting.lock() {
+            Greeting::Serve(handshake) => handshake.step(&self.key, self.me as u32, &frame, admit),
+            _ => Err(RpcError::Protocol("a handshake frame after the handshake".into())),
+        };
+        match step {
+            Ok(Step::Challenge(payload)) => conn.send(Header::new(Kind::Challenge), &[], &payload, Mode::NoWait)?,
+            Ok(Step::Authenticated(hello)) => {
+                let welcome = Hello {
+                    rank: self.me as u32,
+                    world_size: self.world_size as u32,
+                    token: self.token,
+                    nonce: [0; NONCE_LEN],
+                };
+                conn.send(Header::new(Kind::Welcome), &[], &welcome.encode(), Mode::NoWait)?;
+                reader.set_max_payload(self.max_payload);
+                *conn.greeting.lock() = Greeting::Done;
+                conn.set_peer(hello.rank as usize);
+                self.handshaking.fetch_sub(1, Ordering::AcqRel);
+            }
+            Err(e) => {
+                let (header, text) = auth::refused_frame(&e);
+                let _ = conn.send(header, &[], &text, Mode::NoWait);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes connections whose handshake outlived its limit: 5 s for one
+    /// accepted (the failure promises'), and the peer timeout for one this
+    /// rank opened, whose peer is then lost like a peer silent on an open
+    /// connection (a stopped process, a host gone before it answered).
+    pub(super) fn close_stale_handshakes(&self) {
+        let limit = |c: &Conn| match c.opened_to {
+            Some(_) => self.peer_timeout,
+            None => HANDSHAKE_TIMEOUT,
+        };
+        let stale: Vec<Arc<Conn>> = self
+            .conns
+            .lock()
+            .values()
+            .filter(|c| c.peer().is_none() && c.opened.elapsed() >= limit(c))
+            .cloned()
+            .collect();
+        for c in stale {
+            let why = match c.opened_to {
+                Some(dst) => RpcError::PeerLost {
+                    rank: dst,
+                    reason: format!(
+                        "rank {dst} at {} did not answer the handshake within {} s",
+                        self.peers[dst].addr,
+                        limit(&c).as_secs()
+                    ),
+                },
+                None => RpcError::Protocol(format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs())),
+            };
+            self.drop_conn(&c, Some(why));
+        }
+    }
+}

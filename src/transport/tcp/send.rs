@@ -1,0 +1,252 @@
+//! A caller's path: sending a request (corked into batches while others to
+//! the same rank are in flight), answering one (`ReplySink`), and reading
+//! its own reply off the connection instead of being woken for it (`drive`).
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::error::{Result, RpcError};
+use crate::net::framing::ReadEnd;
+use crate::net::sys;
+use crate::transport::OutRequest;
+use crate::wire::{FLAG_INTERNAL, Header, Kind};
+
+use super::conn::{self, Conn};
+use super::open::{self, MAX_OPENING, Queued};
+use super::{PeerState, Shared};
+
+impl crate::transport::ReplySink for Conn {
+    /// A worker with more jobs waiting corks its reply: the next replies
+    /// join it in one write (flushed when the worker runs out of work).
+    fn send_reply(&self, id: u64, outcome: crate::transport::Outcome) {
+        let (header, payload) = Conn::response(id, &outcome);
+        // A failed send means the connection is broken; its reader sees that
+        // and reports the peer, so there is nothing more to do here.
+        if crate::threads::more_work() && !crate::threads::is_io_thread() {
+            // Only the reply that starts a batch needs the batch recorded.
+            if let Ok(true) = self.send_corked(header, &[], payload)
+                && let Some(owner) = self.owner.upgrade()
+                && let Some(me) = owner.conns.lock().get(&self.token).cloned()
+            {
+                owner.corked(&me, true);
+            }
+        } else {
+            let _ = self.send(header, &[], payload, conn::mode_here());
+        }
+        // The reply has left (or been copied): its buffer can take the next
+        // large message.
+        if let Ok(data) = outcome {
+            crate::net::buffers::give_back(data);
+        }
+    }
+}
+
+/// How long a caller waiting for its reply looks for it (yielding between
+/// looks) before it sleeps on the socket.
+const SPIN_FOR: Duration = Duration::from_micros(50);
+/// A caller whose reply another thread reads spins for it only while at
+/// most this many calls to that rank are in flight (measured: 16 in flight
+/// gains 20-100%, 128 in flight loses ~10% when it spins).
+const SPIN_MAX_IN_FLIGHT: usize = 32;
+/// How long a caller reading its own reply waits before it looks again at
+/// whether its call completed some other way.
+const LEAD_SLICE: Duration = Duration::from_millis(100);
+
+/// The header of request `id`; `timeout` is the time left to its deadline
+/// (`None`: no deadline).
+pub(super) fn request_header(id: u64, internal: bool, timeout: Option<Duration>) -> Header {
+    let mut header = Header::new(Kind::Request);
+    header.request_id = id;
+    header.flags = if internal { FLAG_INTERNAL } else { 0 };
+    // 0 means "no deadline" on the wire, so a deadline due now is 1 µs.
+    header.timeout_us = timeout.map_or(0, |t| (t.as_micros() as u64).max(1));
+    header
+}
+
+impl Shared {
+    /// Sends `request` on the connection to `dst`, or queues it while that
+    /// connection opens (starting it if this is the first call). Never
+    /// waits for a connection.
+    pub(super) fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
+        // A request that must wait is copied before the peer's lock is taken
+        // (it may be large): found not ready, the lock is let go, the copy
+        // made, and the state looked at again.
+        let mut waiting: Option<Queued> = None;
+        let conn = loop {
+            let mut st = self.peers[dst].state.lock();
+            if !matches!(*st, PeerState::Ready(_) | PeerState::Lost(_)) && waiting.is_none() {
+                drop(st);
+                waiting = Some(Queued::of(request));
+                continue;
+            }
+            match &mut *st {
+                PeerState::Ready(conn) => break conn.clone(),
+                PeerState::Lost(e) => return Err(e.clone()),
+                PeerState::Connecting { queued, .. } => {
+                    open::enqueue(queued, waiting);
+                    return Ok(());
+                }
+                PeerState::Idle => {
+                    let conn = {
+                        let mut opening = self.opening.lock();
+                        if opening.now < MAX_OPENING {
+                            opening.now += 1;
+                            None
+                        } else {
+                            opening.waiting.push_back(dst);
+                            Some(None)
+                        }
+                    };
+                    let conn = match conn {
+                        Some(waits) => waits,
+                        None => match self.open(dst) {
+                            Ok(conn) => Some(conn),
+                            Err(e) => {
+                                // A shut-down transport refuses for good too.
+                                *st = PeerState::Lost(e.clone());
+                                drop(st);
+                                self.done_opening();
+                                return Err(e);
+                            }
+                        },
+                    };
+                    *st = PeerState::Connecting {
+                        conn,
+                        queued: waiting.into_iter().collect(),
+                    };
+                    return Ok(());
+                }
+            }
+        };
+        let header = request_header(request.id, request.internal, request.timeout);
+        // A thread issuing calls while others to this rank are in flight
+        // corks them: they leave together when it waits (or within about a
+        // millisecond), in one write instead of one each.
+        let cork = !request.will_wait
+            && !crate::threads::is_io_thread()
+            && self.dispatch().is_some_and(|d| d.calls_in_flight_to(dst) >= 2);
+        let sent = if cork {
+            conn.send_corked(header, request.function.as_bytes(), request.args)
+                .map(|starts| self.corked(&conn, starts))
+        } else {
+            conn.send(header, request.function.as_bytes(), request.args, conn::mode_here())
+        };
+        sent.map_err(|e| self.conn_failed(&conn, format!("sending failed: {e}")))?;
+        // A caller about to wait reads the reply itself (see `drive`);
+        // otherwise the I/O thread must be watching for it.
+        if !request.will_wait {
+            conn.ensure_read()
+                .map_err(|e| self.conn_failed(&conn, format!("epoll: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Records a corked batch on `conn` (`starts`: the first frame of one):
+    /// this thread flushes it before it waits or idles, and the I/O loop
+    /// within about a millisecond otherwise.
+    pub(super) fn corked(&self, conn: &Arc<Conn>, starts: bool) {
+        if !starts {
+            return;
+        }
+        crate::threads::note_corked(conn.clone());
+        {
+            let mut corked = self.corked.lock();
+            corked.push(conn.clone());
+            self.has_corks.store(true, Ordering::SeqCst);
+        }
+        if self.io_loop_idle.load(Ordering::SeqCst) {
+            let _ = io::Write::write(&mut &self.waker_tx, &[1]);
+        }
+    }
+
+    /// A caller waiting for a reply from `dst` reads that connection itself
+    /// (if nobody else is): the reply completes its call on its own thread,
+    /// with no wake-up from the I/O thread. Other frames it meets are
+    /// dispatched as the I/O thread would.
+    pub(super) fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+        crate::threads::flush_corked();
+        let conn = match &*self.peers[dst].state.lock() {
+            PeerState::Ready(c) => c.clone(),
+            _ => return,
+        };
+        let dispatch = self.dispatch();
+        let in_flight = || dispatch.as_ref().map_or(0, |d| d.calls_in_flight_to(dst));
+        // Spinning never outlasts the caller's own bound. Read the clock
+        // only once a first look found nothing (it usually finds the reply).
+        let spin_bound = || {
+            let full = Instant::now() + SPIN_FOR;
+            deadline.map_or(full, |d| d.min(full))
+        };
+        // With several calls in flight the I/O thread reads their replies in
+        // batches; reading them here would only move that work.
+        let lead = if in_flight() <= 1 { conn.reader.try_lock() } else { None };
+        let Some(mut reader) = lead else {
+            if let Err(e) = conn.ensure_read() {
+                self.drop_conn(&conn, Some(RpcError::Io(format!("epoll: {e}"))));
+                return;
+            }
+            // Another thread reads the reply. With a shallow pipeline it is
+            // often there within microseconds, and seeing it costs less than
+            // being woken; a deep one has replies queued anyway, and spinning
+            // would only take CPU from the threads producing them.
+            if in_flight() <= SPIN_MAX_IN_FLIGHT {
+                let spin_until = spin_bound();
+                while !done() && Instant::now() < spin_until {
+                    std::thread::yield_now();
+                }
+            }
+            return;
+        };
+        if conn.begin_lead().is_err() {
+            return;
+        }
+        let mut stream = sys::Recv::no_wait(&conn.stream);
+        // A reply often comes back within tens of microseconds: looking for
+        // it a few times, yielding the CPU in between (so a peer on this CPU
+        // runs), is cheaper than sleeping and being woken, above all when the
+        // wake-up would cross CPUs.
+        let mut spin_until = None;
+        let outcome = loop {
+            if done() || self.stopping.load(Ordering::Acquire) {
+                break Ok(());
+            }
+            match reader.read_until(
+                &mut stream,
+                &mut |frame, reader| self.on_frame(&conn, frame, reader),
+                done,
+            ) {
+                Ok(ReadEnd::WouldBlock) => {}
+                Ok(ReadEnd::Eof) => break Err(None),
+                Err(e) => break Err(Some(e)),
+            }
+            if done() {
+                break Ok(());
+            }
+            let now = Instant::now();
+            if now < *spin_until.get_or_insert_with(spin_bound) {
+                std::thread::yield_now();
+                continue;
+            }
+            // Then sleep on the socket, a slice at a time.
+            let slice = match deadline {
+                Some(d) if d <= now => break Ok(()),
+                Some(d) => (d - now).min(LEAD_SLICE),
+                None => LEAD_SLICE,
+            };
+            if sys::wait_readable(&conn.stream, slice).is_err() {
+                break Ok(());
+            }
+        };
+        // Hand reading back before letting go of the reader, so a caller
+        // that leads next cannot have its flag cleared by this one.
+        let handed_back = conn.end_lead(in_flight() > 0);
+        drop(reader);
+        // A connection epoll will not watch cannot serve the calls left on it.
+        let outcome = outcome.and(handed_back.map_err(|e| Some(RpcError::Io(format!("epoll: {e}")))));
+        if let Err(why) = outcome {
+            self.drop_conn(&conn, why);
+        }
+    }
+}
