@@ -7,7 +7,7 @@
 //! served without a wake-up in between).
 
 use std::cell::{Cell, RefCell};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crate::pool::Work;
 
@@ -24,7 +24,9 @@ thread_local! {
     static NO_BLOCK: Cell<bool> = const { Cell::new(false) };
     /// A worker with more jobs waiting (its replies may wait for company).
     static MORE_WORK: Cell<bool> = const { Cell::new(false) };
-    static CORKED: RefCell<Vec<Arc<dyn Corked + Send + Sync>>> = const { RefCell::new(Vec::new()) };
+    /// Weak: a user thread's list must not keep a connection (its socket)
+    /// alive past the agent's end.
+    static CORKED: RefCell<Vec<Weak<dyn Corked + Send + Sync>>> = const { RefCell::new(Vec::new()) };
     static KEPT: RefCell<Kept> = const { RefCell::new(Kept::Nothing) };
 }
 
@@ -114,10 +116,11 @@ pub(crate) fn more_work() -> bool {
 }
 
 /// Remembers that this thread left a corked batch in `c`.
-pub(crate) fn note_corked(c: Arc<dyn Corked + Send + Sync>) {
+pub(crate) fn note_corked(c: &Arc<dyn Corked + Send + Sync>) {
+    let c = Arc::downgrade(c);
     CORKED.with(|list| {
         let mut list = list.borrow_mut();
-        if !list.iter().any(|known| Arc::ptr_eq(known, &c)) {
+        if !list.iter().any(|known| Weak::ptr_eq(known, &c)) {
             list.push(c);
         }
     });
@@ -126,7 +129,7 @@ pub(crate) fn note_corked(c: Arc<dyn Corked + Send + Sync>) {
 /// Writes every batch this thread corked (it is about to wait or idle).
 pub(crate) fn flush_corked() {
     let list = CORKED.with(|list| std::mem::take(&mut *list.borrow_mut()));
-    for c in list {
+    for c in list.iter().filter_map(Weak::upgrade) {
         c.flush_cork();
     }
 }

@@ -150,7 +150,7 @@ impl Shared {
         if !starts {
             return;
         }
-        crate::threads::note_corked(conn.clone());
+        crate::threads::note_corked(&(conn.clone() as Arc<dyn crate::threads::Corked + Send + Sync>));
         {
             let mut corked = self.corked.lock();
             corked.push(conn.clone());
