@@ -230,9 +230,13 @@ impl Pending {
                 }
                 if !due.is_empty() || now >= next_tick {
                     drop(t);
-                    due.drain(..).for_each(&expired);
+                    // A panic (in a log sink, say) must not end this thread:
+                    // no call would meet its deadline after it.
+                    for call in due.drain(..) {
+                        caught(|| expired(call));
+                    }
                     if now >= next_tick {
-                        tick();
+                        caught(&tick);
                         next_tick = now + tick_every;
                     }
                     t = me.table.lock();
@@ -252,6 +256,16 @@ impl Pending {
     pub(crate) fn stop(&self) {
         self.table.lock().stopped = true;
         self.wake.notify_one();
+    }
+}
+
+/// Runs `work` on the deadline thread; a panic is logged (if the log sink
+/// is not what panicked) and goes no further.
+fn caught(work: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).is_err() {
+        let _ = std::panic::catch_unwind(|| {
+            crate::log::log_at!(Error, None, "the deadline thread caught a panic; it goes on")
+        });
     }
 }
 

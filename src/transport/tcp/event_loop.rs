@@ -8,6 +8,7 @@
 //! as its responder, waiting in a blocking `recv`.
 
 use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -37,7 +38,46 @@ pub(super) const WAKER: u64 = 1;
 
 impl Shared {
     pub(super) fn io_loop_job(self: Arc<Self>) -> crate::pool::Work {
-        Box::new(move || self.io_loop())
+        Box::new(move || {
+            // A panic in the loop (a log sink's, say) must not leave the
+            // agent with nobody reading its connections.
+            if catch_unwind(AssertUnwindSafe(|| self.clone().io_loop())).is_err() {
+                self.restart_after_panic();
+            }
+        })
+    }
+
+    /// The I/O loop panicked: it starts again on the pool, and every
+    /// connection is looked at anew (the edge-triggered events it was
+    /// handling would not be reported again by themselves).
+    fn restart_after_panic(self: &Arc<Self>) {
+        crate::threads::set_io_loop(false);
+        // A request the interrupted pass kept for this thread goes to the pool.
+        if let Kept::One(label, job) = crate::threads::take_kept()
+            && let Some(ex) = self.executor.upgrade()
+        {
+            let _ = ex.submit(label, job);
+        }
+        // The log sink may be what panicked.
+        let me = self.me;
+        let _ = catch_unwind(|| log_at!(Error, Some(me), "the I/O loop panicked; it starts again"));
+        if !self.stopping.load(Ordering::Acquire) {
+            let conns: Vec<Arc<Conn>> = self.conns.lock().values().cloned().collect();
+            for conn in conns {
+                if let Err(e) = conn.rearm() {
+                    self.drop_conn(&conn, Some(RpcError::Io(format!("epoll: {e}"))));
+                }
+            }
+            if self
+                .executor
+                .upgrade()
+                .is_some_and(|ex| ex.run_io(self.clone().io_loop_job()))
+            {
+                return;
+            }
+        }
+        *self.io_loop.lock() = false;
+        self.io_loop_done.notify_all();
     }
 
     /// The I/O loop: runs on one library thread at a time. When a read pass
