@@ -515,7 +515,15 @@ impl Conn {
         // The I/O thread now owns the whole queue, corked frames included.
         out.corked = false;
         // Under the outbox lock, so the interest always matches the state.
-        self.watch_writable(true)
+        let armed = self.watch_writable(true);
+        if armed.is_err() {
+            // Nobody would ever finish the queue: the connection fails now
+            // (its reader sees the end, and the rank's calls fail with
+            // PEER_LOST) rather than leave callers to their deadlines.
+            out.closed = true;
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+        armed
     }
 
     fn broken(&self, e: io::Error) -> io::Error {
