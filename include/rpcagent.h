@@ -264,6 +264,13 @@ typedef void (*rpcagent_log_fn)(void *user_data, int32_t level, const char *mess
 #define RPCAGENT_ERR_EXISTS (-12)
 
 /**
+ * The destination's send window is full and this call may not wait for
+ * room: it was made on a library thread that must not block (an inline
+ * handler, a completion callback). See `rpcagent_config_set_send_window_bytes`.
+ */
+#define RPCAGENT_ERR_BUSY (-13)
+
+/**
  * A bug: an internal panic was caught.
  */
 #define RPCAGENT_ERR_INTERNAL (-99)
@@ -572,6 +579,23 @@ rpcagent_status_t rpcagent_config_set_worker_threads(struct rpcagent_config_t *c
  * `cfg` is NULL or a live config handle.
  */
 rpcagent_status_t rpcagent_config_set_max_message_bytes(struct rpcagent_config_t *cfg, uint64_t n);
+
+/**
+ * The request bytes this rank may hold in its own memory for one
+ * destination: copied from callers, not yet accepted by the kernel
+ * (default 64 MiB, env `RPCAGENT_SEND_WINDOW_BYTES`; at least 1 MiB, else
+ * `RPCAGENT_ERR_INVALID_ARGUMENT`). A call that finds no room waits for
+ * it, up to its own deadline (then `RPCAGENT_ERR_TIMEOUT`); a call made on
+ * a library thread that must not block (an inline handler, a completion
+ * callback) fails at once with `RPCAGENT_ERR_BUSY`. One call larger than
+ * the window is let through alone. Calls to other destinations are not
+ * held up.
+ *
+ * # Safety
+ * `cfg` is NULL or a live config handle.
+ */
+rpcagent_status_t rpcagent_config_set_send_window_bytes(struct rpcagent_config_t *cfg,
+                                                        uint64_t bytes);
 
 /**
  * How long a peer may stay silent (no TCP acknowledgement: host gone, link

@@ -96,6 +96,7 @@ public:
     Config &peer_timeout_ms(uint32_t ms) { return set(rpcagent_config_set_peer_timeout_ms(cfg_, ms)); }
     Config &worker_threads(uint32_t n) { return set(rpcagent_config_set_worker_threads(cfg_, n)); }
     Config &max_message_bytes(uint64_t n) { return set(rpcagent_config_set_max_message_bytes(cfg_, n)); }
+    Config &send_window_bytes(uint64_t n) { return set(rpcagent_config_set_send_window_bytes(cfg_, n)); }
     Config &secret(std::string_view key) {
         return set(rpcagent_config_set_secret(cfg_, detail::bytes_of(key), key.size()));
     }

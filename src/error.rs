@@ -19,12 +19,14 @@ pub enum Status {
     Init = -10,
     Io = -11,
     Exists = -12,
+    /// The destination's send window is full and this call may not wait.
+    Busy = -13,
     Internal = -99,
 }
 
 impl Status {
     /// Every status, for tables and tests.
-    pub const ALL: [Status; 15] = [
+    pub const ALL: [Status; 16] = [
         Status::Ok,
         Status::Pending,
         Status::InvalidArgument,
@@ -39,6 +41,7 @@ impl Status {
         Status::Init,
         Status::Io,
         Status::Exists,
+        Status::Busy,
         Status::Internal,
     ];
 
@@ -59,6 +62,7 @@ impl Status {
             Status::Init => "RPCAGENT_ERR_INIT",
             Status::Io => "RPCAGENT_ERR_IO",
             Status::Exists => "RPCAGENT_ERR_EXISTS",
+            Status::Busy => "RPCAGENT_ERR_BUSY",
             Status::Internal => "RPCAGENT_ERR_INTERNAL",
         }
     }
@@ -103,6 +107,8 @@ pub enum RpcError {
     Io(String),
     #[error("'{0}' is already registered")]
     Exists(String),
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -123,6 +129,7 @@ impl RpcError {
             RpcError::Init(_) => Status::Init,
             RpcError::Io(_) => Status::Io,
             RpcError::Exists(_) => Status::Exists,
+            RpcError::Busy(_) => Status::Busy,
             RpcError::Internal(_) => Status::Internal,
         }
     }
@@ -147,6 +154,7 @@ impl RpcError {
             Status::Init => RpcError::Init(format!("rank {rank}: {message}")),
             Status::Io => RpcError::Io(format!("rank {rank}: {message}")),
             Status::Exists => RpcError::Exists(message),
+            Status::Busy => RpcError::Busy(format!("rank {rank}: {message}")),
             Status::Ok | Status::Pending | Status::Internal => {
                 RpcError::Internal(format!("rank {rank}, '{function}': {message}"))
             }

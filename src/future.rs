@@ -41,7 +41,10 @@ enum State {
 /// further, so it cannot take down the library thread that completed the
 /// call (the I/O loop, the deadline thread) or leave the call half done.
 pub(crate) fn run_callback(cb: Callback) {
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(cb)).is_err() {
+    // Callbacks must not block: a call one makes into a full send window
+    // fails with BUSY instead of waiting for room.
+    let ran = crate::threads::without_blocking(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(cb)));
+    if ran.is_err() {
         crate::log::log_at!(Error, None, "a completion callback panicked");
     }
 }

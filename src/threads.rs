@@ -71,6 +71,19 @@ pub(crate) fn mark_no_block() {
     NO_BLOCK.set(true);
 }
 
+/// Runs `f` as a thread that must not block (a completion callback): a
+/// call it makes into a full send window fails with `Busy` at once.
+pub(crate) fn without_blocking<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_BLOCK.set(self.0);
+        }
+    }
+    let _restore = Restore(NO_BLOCK.replace(true));
+    f()
+}
+
 /// Whether the calling thread may block (on a connect, a full socket).
 pub(crate) fn may_block() -> bool {
     !is_io_thread() && !NO_BLOCK.get()

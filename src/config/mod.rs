@@ -20,6 +20,10 @@ pub const DEFAULT_WORKER_THREADS: usize = 16;
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 1 << 30;
 /// Default time after which a silent peer (host gone, link cut) is lost.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default send window: request bytes held in memory per destination.
+pub const DEFAULT_SEND_WINDOW_BYTES: u64 = 64 << 20;
+/// The smallest send window accepted.
+pub const MIN_SEND_WINDOW_BYTES: u64 = 1 << 20;
 /// Longest function or worker name, in bytes.
 pub const MAX_NAME_BYTES: usize = 255;
 
@@ -40,6 +44,7 @@ pub struct Config {
     pub(crate) max_message_bytes: u64,
     pub(crate) secret: Option<Vec<u8>>,
     pub(crate) peer_timeout: Duration,
+    pub(crate) send_window_bytes: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -57,6 +62,7 @@ impl std::fmt::Debug for Config {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("secret", &self.secret.as_ref().map(|_| "<set>"))
             .field("peer_timeout", &self.peer_timeout)
+            .field("send_window_bytes", &self.send_window_bytes)
             .finish()
     }
 }
@@ -84,6 +90,7 @@ impl Config {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             secret: None,
             peer_timeout: DEFAULT_PEER_TIMEOUT,
+            send_window_bytes: DEFAULT_SEND_WINDOW_BYTES,
         }
     }
 
@@ -177,6 +184,12 @@ impl Config {
                 return Err(bad_var(key, &v, "must be at least 1000"));
             }
         }
+        if let Some((key, v)) = first(&["RPCAGENT_SEND_WINDOW_BYTES"]) {
+            self.send_window_bytes = parse_number(key, &v)?;
+            if self.send_window_bytes < MIN_SEND_WINDOW_BYTES {
+                return Err(bad_var(key, &v, &format!("must be at least {MIN_SEND_WINDOW_BYTES}")));
+            }
+        }
         if let Some((key, v)) = first(&["RPCAGENT_BIND"]) {
             if v.is_empty() {
                 return Err(bad_var(key, &v, "is empty"));
@@ -258,6 +271,17 @@ impl Config {
         self
     }
 
+    /// The request bytes this rank may hold in its own memory for one
+    /// destination (copied from callers, not yet taken by the kernel); at
+    /// least 1 MiB. A call that finds no room waits for it, up to its
+    /// deadline; one made on a library thread that must not block fails
+    /// with [`RpcError::Busy`]. One call larger than the window is let
+    /// through alone.
+    pub fn send_window_bytes(mut self, bytes: u64) -> Self {
+        self.send_window_bytes = bytes;
+        self
+    }
+
     /// The job's shared secret; every connection must prove it knows it.
     pub fn secret(mut self, key: &[u8]) -> Self {
         self.secret = (!key.is_empty()).then(|| key.to_vec());
@@ -284,6 +308,9 @@ impl Config {
         }
         if self.peer_timeout < Duration::from_secs(1) {
             return bad("peer timeout must be at least 1 s".into());
+        }
+        if self.send_window_bytes < MIN_SEND_WINDOW_BYTES {
+            return bad(format!("send window must be at least {MIN_SEND_WINDOW_BYTES} bytes"));
         }
         if self.master_host.is_empty() {
             return bad("master host is empty".into());
@@ -331,6 +358,7 @@ mod tests {
         assert_eq!(cfg.init_timeout, Duration::from_secs(300));
         assert_eq!(cfg.worker_threads, 16);
         assert_eq!(cfg.max_message_bytes, 1 << 30);
+        assert_eq!(cfg.send_window_bytes, 64 << 20);
         assert_eq!(cfg.worker_name(), "worker0");
     }
 
@@ -365,6 +393,7 @@ mod tests {
             ("RPCAGENT_MAX_MESSAGE_BYTES", "4096"),
             ("RPCAGENT_BIND", "127.0.0.2"),
             ("RPCAGENT_PEER_TIMEOUT_MS", "4000"),
+            ("RPCAGENT_SEND_WINDOW_BYTES", "2097152"),
         ])
         .unwrap();
         assert_eq!(cfg.worker_name(), "ps");
@@ -375,6 +404,7 @@ mod tests {
         assert_eq!(cfg.max_message_bytes, 4096);
         assert_eq!(cfg.bind.as_deref(), Some("127.0.0.2"));
         assert_eq!(cfg.peer_timeout, Duration::from_secs(4));
+        assert_eq!(cfg.send_window_bytes, 2 << 20);
         assert!(!format!("{cfg:?}").contains("s3cret"));
     }
 
@@ -389,6 +419,7 @@ mod tests {
             ("RPCAGENT_MAX_MESSAGE_BYTES", "lots"),
             ("RPCAGENT_NAME", ""),
             ("RPCAGENT_PEER_TIMEOUT_MS", "10"),
+            ("RPCAGENT_SEND_WINDOW_BYTES", "1000"),
         ] {
             let err = from(&[(key, value)]).unwrap_err();
             assert_eq!(err.status(), crate::Status::InvalidArgument);
@@ -448,6 +479,7 @@ mod tests {
         assert!(Config::new(2, 2).validate().is_err());
         assert!(Config::new(0, 0).validate().is_err());
         assert!(Config::new(0, 1).worker_threads(0).validate().is_err());
+        assert!(Config::new(0, 1).send_window_bytes(1000).validate().is_err());
         assert!(Config::new(0, 1).name("x".repeat(256)).validate().is_err());
         assert!(Config::new(1, 2).validate().is_ok());
     }

@@ -259,6 +259,35 @@ pub unsafe extern "C" fn rpcagent_config_set_max_message_bytes(
     }
 }
 
+/// The request bytes this rank may hold in its own memory for one
+/// destination: copied from callers, not yet accepted by the kernel
+/// (default 64 MiB, env `RPCAGENT_SEND_WINDOW_BYTES`; at least 1 MiB, else
+/// `RPCAGENT_ERR_INVALID_ARGUMENT`). A call that finds no room waits for
+/// it, up to its own deadline (then `RPCAGENT_ERR_TIMEOUT`); a call made on
+/// a library thread that must not block (an inline handler, a completion
+/// callback) fails at once with `RPCAGENT_ERR_BUSY`. One call larger than
+/// the window is let through alone. Calls to other destinations are not
+/// held up.
+///
+/// # Safety
+/// `cfg` is NULL or a live config handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rpcagent_config_set_send_window_bytes(
+    cfg: *mut rpcagent_config_t,
+    bytes: u64,
+) -> rpcagent_status_t {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        update(cfg, |c| {
+            if bytes < crate::config::MIN_SEND_WINDOW_BYTES {
+                return Err(invalid("the send window must be at least 1 MiB (1048576 bytes)"));
+            }
+            c.send_window_bytes = bytes;
+            Ok(())
+        })
+    }
+}
+
 /// How long a peer may stay silent (no TCP acknowledgement: host gone, link
 /// cut) before it counts as lost and its calls fail with
 /// `RPCAGENT_ERR_PEER_LOST` (at least 1000; applied in whole seconds, at

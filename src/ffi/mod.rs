@@ -61,6 +61,10 @@ pub const RPCAGENT_ERR_INIT: rpcagent_status_t = -10;
 pub const RPCAGENT_ERR_IO: rpcagent_status_t = -11;
 /// A function of that name is already registered.
 pub const RPCAGENT_ERR_EXISTS: rpcagent_status_t = -12;
+/// The destination's send window is full and this call may not wait for
+/// room: it was made on a library thread that must not block (an inline
+/// handler, a completion callback). See `rpcagent_config_set_send_window_bytes`.
+pub const RPCAGENT_ERR_BUSY: rpcagent_status_t = -13;
 /// A bug: an internal panic was caught.
 pub const RPCAGENT_ERR_INTERNAL: rpcagent_status_t = -99;
 
@@ -201,6 +205,7 @@ pub extern "C" fn rpcagent_status_str(status: rpcagent_status_t) -> *const c_cha
         Some(Status::Init) => c"RPCAGENT_ERR_INIT",
         Some(Status::Io) => c"RPCAGENT_ERR_IO",
         Some(Status::Exists) => c"RPCAGENT_ERR_EXISTS",
+        Some(Status::Busy) => c"RPCAGENT_ERR_BUSY",
         Some(Status::Internal) => c"RPCAGENT_ERR_INTERNAL",
         None => c"RPCAGENT_UNKNOWN_STATUS",
     };
@@ -247,6 +252,7 @@ mod tests {
             RPCAGENT_ERR_INIT,
             RPCAGENT_ERR_IO,
             RPCAGENT_ERR_EXISTS,
+            RPCAGENT_ERR_BUSY,
             RPCAGENT_ERR_INTERNAL,
         ];
         let codes: Vec<i32> = Status::ALL.iter().map(|s| *s as i32).collect();

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::auth::{ClientHandshake, Handshake};
 use crate::error::Status;
@@ -43,6 +43,43 @@ const MAX_CORKED: usize = 64;
 const KEEP_FRAME_BUFFER: usize = 4096;
 const MAX_SPARE_FRAMES: usize = 32;
 
+/// The send window a request must fit in before it is copied into the
+/// outbox (replies are not held to it).
+#[derive(Clone, Copy)]
+pub(crate) struct Window {
+    pub bytes: u64,
+    /// Until when the caller may wait for room.
+    pub deadline: Option<Instant>,
+    /// A thread that must not block gets `WindowFull::Busy` at once.
+    pub may_block: bool,
+}
+
+/// Why a request did not fit in the send window (carried in an `io::Error`
+/// of kind `Other`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WindowFull {
+    Busy,
+    TimedOut,
+}
+
+impl std::fmt::Display for WindowFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WindowFull::Busy => "the send window is full",
+            WindowFull::TimedOut => "the call's deadline passed waiting for room in the send window",
+        })
+    }
+}
+
+impl std::error::Error for WindowFull {}
+
+impl WindowFull {
+    /// The window error an `io::Error` carries, if it carries one.
+    pub(crate) fn of(e: &io::Error) -> Option<WindowFull> {
+        e.get_ref()?.downcast_ref::<WindowFull>().copied()
+    }
+}
+
 /// Whether the sending thread may block until the socket takes its bytes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -62,6 +99,10 @@ struct Outbox {
     spare_queue: VecDeque<Vec<u8>>,
     /// How much of the front entry was already sent.
     front_sent: usize,
+    /// Bytes queued and not yet taken by the kernel (the queue's length
+    /// less `front_sent`, a batch being written included): what the send
+    /// window bounds.
+    bytes: u64,
     /// A thread holds the writer role.
     writing: bool,
     /// The socket was full: the I/O thread finishes the queue when it drains.
@@ -117,6 +158,9 @@ pub(crate) struct Conn {
     /// The peer said it is closing on purpose.
     pub goodbye: AtomicBool,
     out: Mutex<Outbox>,
+    /// Signalled when the outbox's bytes go down or it closes: callers
+    /// waiting for room in the send window wait here.
+    room: Condvar,
     pub reader: Mutex<FrameReader>,
     pub greeting: Mutex<Greeting>,
     interest: Mutex<Interest>,
@@ -129,6 +173,7 @@ impl Outbox {
     /// Appends a frame made of `parts`, copied into a kept buffer if one is free.
     fn push(&mut self, parts: &[&[u8]]) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
+        self.bytes += len as u64;
         let spare = if len <= KEEP_FRAME_BUFFER {
             self.spare_frames.pop()
         } else {
@@ -189,6 +234,7 @@ impl Conn {
             peer: AtomicUsize::new(NO_PEER),
             goodbye: AtomicBool::new(false),
             out: Mutex::new(Outbox::default()),
+            room: Condvar::new(),
             reader: Mutex::new(FrameReader::new(max_payload)),
             greeting: Mutex::new(if outbound {
                 Greeting::Connecting
@@ -338,8 +384,17 @@ impl Conn {
         self.watch_reads(&mut i, false)
     }
 
-    /// Sends one frame (see the module docs for who writes when).
-    pub(crate) fn send(&self, mut header: Header, name: &[u8], payload: &[u8], mode: Mode) -> io::Result<()> {
+    /// Sends one frame (see the module docs for who writes when). A frame
+    /// that would be copied into the outbox first waits for room in
+    /// `window`, if one is given.
+    pub(crate) fn send(
+        &self,
+        mut header: Header,
+        name: &[u8],
+        payload: &[u8],
+        mode: Mode,
+        window: Option<Window>,
+    ) -> io::Result<()> {
         header.name_len = name.len() as u16;
         header.payload_len = payload.len() as u64;
         let head = wire::encode_header(&header);
@@ -348,6 +403,11 @@ impl Conn {
             let mut out = self.out.lock();
             if out.closed {
                 return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            if let Some(w) = window
+                && (out.writing || out.handed_off || out.corked)
+            {
+                out = self.wait_for_room(out, (head.len() + name.len() + payload.len()) as u64, w)?;
             }
             if out.writing || out.handed_off {
                 out.push(&parts);
@@ -374,13 +434,22 @@ impl Conn {
     /// next frame written on this connection, when it reaches
     /// [`MAX_CORKED`] frames, or from the I/O loop within about a
     /// millisecond. True if this frame starts a corked batch.
-    pub(crate) fn send_corked(&self, mut header: Header, name: &[u8], payload: &[u8]) -> io::Result<bool> {
+    pub(crate) fn send_corked(
+        &self,
+        mut header: Header,
+        name: &[u8],
+        payload: &[u8],
+        window: Option<Window>,
+    ) -> io::Result<bool> {
         header.name_len = name.len() as u16;
         header.payload_len = payload.len() as u64;
         let head = wire::encode_header(&header);
         let mut out = self.out.lock();
         if out.closed {
             return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        if let Some(w) = window {
+            out = self.wait_for_room(out, (head.len() + name.len() + payload.len()) as u64, w)?;
         }
         out.push(&[&head, name, payload]);
         if out.writing || out.handed_off {
@@ -396,6 +465,45 @@ impl Conn {
         let starts = !out.corked;
         out.corked = true;
         Ok(starts)
+    }
+
+    /// Waits (holding the outbox's lock between looks) until a frame of
+    /// `len` bytes fits in `window`: the outbox is empty (one frame larger
+    /// than the window goes alone) or has room, or it closed (the send then
+    /// fails as usual). A corked batch nobody is writing is written by this
+    /// thread first: it may be this thread's own.
+    fn wait_for_room<'a>(
+        &'a self,
+        mut out: MutexGuard<'a, Outbox>,
+        len: u64,
+        window: Window,
+    ) -> io::Result<MutexGuard<'a, Outbox>> {
+        while !out.closed && out.bytes > 0 && out.bytes + len > window.bytes {
+            if !window.may_block {
+                return Err(io::Error::other(WindowFull::Busy));
+            }
+            if out.corked && !out.writing && !out.handed_off {
+                out.corked = false;
+                out.writing = true;
+                drop(out);
+                self.write_queued(Mode::Wait)?;
+                out = self.out.lock();
+                continue;
+            }
+            match window.deadline {
+                None => self.room.wait(&mut out),
+                Some(d) => {
+                    if self.room.wait_until(&mut out, d).timed_out()
+                        && !out.closed
+                        && out.bytes > 0
+                        && out.bytes + len > window.bytes
+                    {
+                        return Err(io::Error::other(WindowFull::TimedOut));
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Writes a corked batch, if there is one.
@@ -472,12 +580,14 @@ impl Conn {
 
     /// Holding the writer role: sends what queued behind us, then lets go.
     fn write_queued(&self, mode: Mode) -> io::Result<()> {
-        let mut written: Option<VecDeque<Vec<u8>>> = None;
+        let mut written: Option<(VecDeque<Vec<u8>>, u64)> = None;
         loop {
             let (mut batch, front_sent) = {
                 let mut out = self.out.lock();
-                if let Some(done) = written.take() {
+                if let Some((done, bytes)) = written.take() {
+                    out.bytes -= bytes;
                     out.recycle(done);
+                    self.room.notify_all();
                 }
                 if out.queue.is_empty() {
                     out.writing = false;
@@ -487,7 +597,10 @@ impl Conn {
                 (out.take_queue(), front_sent)
             };
             match self.write_all(batch.make_contiguous(), front_sent, mode) {
-                Ok(Wrote::All) => written = Some(batch),
+                Ok(Wrote::All) => {
+                    let bytes = batch.iter().map(|f| f.len() as u64).sum::<u64>() - front_sent as u64;
+                    written = Some((batch, bytes));
+                }
                 Ok(Wrote::Partly(sent)) => return self.hand_off(batch, front_sent + sent),
                 Err(e) => return Err(self.broken(e)),
             }
@@ -510,6 +623,8 @@ impl Conn {
         unsent.extend(out.queue.drain(..));
         out.queue = unsent;
         out.front_sent = skip;
+        out.bytes = out.queue.iter().map(|f| f.len() as u64).sum::<u64>() - skip as u64;
+        self.room.notify_all();
         out.writing = false;
         out.handed_off = true;
         // The I/O thread now owns the whole queue, corked frames included.
@@ -530,6 +645,7 @@ impl Conn {
         let mut out = self.out.lock();
         out.closed = true;
         out.writing = false;
+        self.room.notify_all();
         e
     }
 
@@ -556,6 +672,7 @@ impl Conn {
     /// Stops all traffic; the descriptor closes when the last user drops it.
     pub(crate) fn close(&self) {
         self.out.lock().closed = true;
+        self.room.notify_all();
         let _ = self.epoll.delete(&self.stream);
         let _ = self.stream.shutdown(Shutdown::Both);
     }
@@ -625,8 +742,10 @@ mod tests {
         let small = b"tiny-payload".to_vec();
         let mut expected = wire::encode_frame(Header::new(Kind::Request), b"big", &big);
         expected.extend(wire::encode_frame(Header::new(Kind::Request), b"s", &small));
-        conn.send_corked(Header::new(Kind::Request), b"big", &big).unwrap();
-        conn.send_corked(Header::new(Kind::Request), b"s", &small).unwrap();
+        conn.send_corked(Header::new(Kind::Request), b"big", &big, None)
+            .unwrap();
+        conn.send_corked(Header::new(Kind::Request), b"s", &small, None)
+            .unwrap();
         // Nobody reads yet: the writer gives up on the full socket after
         // WAIT_FOR_SOCKET and hands the rest off.
         conn.flush_cork().unwrap();

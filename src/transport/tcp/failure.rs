@@ -62,6 +62,7 @@ impl Shared {
             if !matches!(*st, PeerState::Lost(_)) {
                 // New calls fail from now on; a crash takes the outgoing
                 // connection (and every call on it) down at once.
+                peer.room.notify_all();
                 match std::mem::replace(&mut *st, PeerState::Lost(error.clone())) {
                     PeerState::Ready(out) if !Arc::ptr_eq(&out, conn) => {
                         if graceful {
@@ -130,6 +131,7 @@ impl Shared {
                     conn: Some(opening), ..
                 } if Arc::ptr_eq(opening, conn) => {
                     *st = PeerState::Lost(error.clone());
+                    self.peers[dst].room.notify_all();
                 }
                 // Lost or closed meanwhile: that already failed the calls.
                 _ => return,

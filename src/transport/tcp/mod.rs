@@ -41,7 +41,7 @@ mod send;
 
 use conn::Conn;
 use event_loop::{LISTENER, WAKER};
-use open::Queued;
+use open::WaitingCalls;
 
 /// What a rank knows after the rendezvous: its listener and the world.
 pub(crate) struct JoinedWorld {
@@ -91,7 +91,7 @@ enum PeerState {
     /// meanwhile wait in `queued`, in order, and leave when it is ready.
     Connecting {
         conn: Option<Arc<Conn>>,
-        queued: Vec<Queued>,
+        queued: WaitingCalls,
     },
     Ready(Arc<Conn>),
     /// Worlds have a fixed membership: a rank whose connection failed stays lost.
@@ -101,6 +101,10 @@ enum PeerState {
 struct Peer {
     addr: SocketAddr,
     state: Mutex<PeerState>,
+    /// Signalled (with `state` held) when calls waiting for room in the
+    /// send window while the connection opens should look again: it is
+    /// ready, or the rank is lost.
+    room: Condvar,
 }
 
 pub(crate) struct Shared {
@@ -113,6 +117,8 @@ pub(crate) struct Shared {
     key: Vec<u8>,
     peer_timeout: Duration,
     max_payload: u64,
+    /// Request bytes held in memory per destination (see `send.rs`).
+    send_window: u64,
     dispatch: Weak<dyn Dispatch>,
     epoll: Arc<Epoll>,
     listener: TcpListener,
@@ -179,6 +185,7 @@ impl TcpTransport {
                 Ok(Peer {
                     addr,
                     state: Mutex::new(PeerState::Idle),
+                    room: Condvar::new(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -198,6 +205,7 @@ impl TcpTransport {
             key: config.secret.clone().unwrap_or_default(),
             peer_timeout: config.peer_timeout,
             max_payload: dispatch.max_message_bytes(),
+            send_window: config.send_window_bytes,
             dispatch: weak,
             epoll,
             listener: world.listener,
@@ -243,7 +251,7 @@ impl Transport for TcpTransport {
             // The I/O loop keeps running meanwhile: it finishes sending what
             // a full socket made it take over.
             for c in conns.iter().filter(|c| c.peer().is_some()) {
-                let _ = c.send(Header::new(Kind::Goodbye), &[], &[], conn::mode_here());
+                let _ = c.send(Header::new(Kind::Goodbye), &[], &[], conn::mode_here(), None);
             }
             while Instant::now() < deadline && !conns.iter().all(|c| c.flushed()) {
                 std::thread::sleep(Duration::from_millis(1));
@@ -265,6 +273,7 @@ impl Transport for TcpTransport {
             if !matches!(*st, PeerState::Lost(_)) {
                 *st = PeerState::Lost(RpcError::Shutdown(format!("rank {} is shut down", shared.me)));
             }
+            p.room.notify_all();
         }
     }
 

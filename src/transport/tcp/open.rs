@@ -60,14 +60,39 @@ pub(super) const MAX_OPENING: usize = 32;
 /// handshake holds no more than its live calls.
 const PRUNE_QUEUED_AT: usize = 64;
 
-/// Adds `request` to a peer's queue, first dropping the requests whose
-/// calls expired once the queue is long (see [`PRUNE_QUEUED_AT`]).
-pub(super) fn enqueue(queued: &mut Vec<Queued>, request: Option<Queued>) {
-    if queued.len() >= PRUNE_QUEUED_AT && queued.len().is_power_of_two() {
-        let now = Instant::now();
-        queued.retain(|q| q.deadline.is_none_or(|d| d > now));
+impl Queued {
+    /// The bytes its frame will take in the outbox.
+    pub(super) fn len(&self) -> u64 {
+        (crate::wire::HEADER_LEN + self.function.len() + self.args.len()) as u64
     }
-    queued.extend(request);
+}
+
+/// The requests waiting for a peer's connection to open, in order, and
+/// the bytes their frames will take (held to the send window).
+#[derive(Default)]
+pub(super) struct WaitingCalls {
+    calls: Vec<Queued>,
+    pub(super) bytes: u64,
+}
+
+impl WaitingCalls {
+    pub(super) fn of(request: Option<Queued>) -> WaitingCalls {
+        let mut waiting = WaitingCalls::default();
+        waiting.push(request);
+        waiting
+    }
+
+    /// Adds `request`, first dropping the requests whose calls expired
+    /// once the queue is long (see [`PRUNE_QUEUED_AT`]).
+    pub(super) fn push(&mut self, request: Option<Queued>) {
+        if self.calls.len() >= PRUNE_QUEUED_AT && self.calls.len().is_power_of_two() {
+            let now = Instant::now();
+            self.calls.retain(|q| q.deadline.is_none_or(|d| d > now));
+            self.bytes = self.calls.iter().map(Queued::len).sum();
+        }
+        self.bytes += request.as_ref().map_or(0, Queued::len);
+        self.calls.extend(request);
+    }
 }
 
 impl Shared {
@@ -128,7 +153,7 @@ impl Shared {
         };
         let (machine, payload) = ClientHandshake::start(hello);
         *conn.greeting.lock() = Greeting::Greet(machine);
-        conn.send(Header::new(Kind::Hello), &[], &payload, Mode::NoWait)?;
+        conn.send(Header::new(Kind::Hello), &[], &payload, Mode::NoWait, None)?;
         Ok(())
     }
 
@@ -142,8 +167,9 @@ impl Shared {
                     conn: Some(opening),
                     queued,
                 } if Arc::ptr_eq(opening, conn) => {
-                    let queued = std::mem::take(queued);
+                    let queued = std::mem::take(queued).calls;
                     *st = PeerState::Ready(conn.clone());
+                    self.peers[dst].room.notify_all();
                     // Corked under the peer's lock: a call that finds the
                     // connection ready sends behind them (a frame sent on a
                     // connection with a corked batch goes after it).
@@ -153,7 +179,7 @@ impl Shared {
                         .filter(|q| q.deadline.is_none_or(|d| d > now))
                         .try_for_each(|q| {
                             let header = request_header(q.id, q.internal, q.deadline.map(|d| d - now));
-                            conn.send_corked(header, q.function.as_bytes(), &q.args).map(drop)
+                            conn.send_corked(header, q.function.as_bytes(), &q.args, None).map(drop)
                         })
                 }
                 // The rank was lost meanwhile, or the transport is closing:
@@ -223,7 +249,7 @@ impl Shared {
             ))),
         };
         match step? {
-            ClientStep::Proof(proof) => conn.send(Header::new(Kind::Proof), &[], &proof, Mode::NoWait)?,
+            ClientStep::Proof(proof) => conn.send(Header::new(Kind::Proof), &[], &proof, Mode::NoWait, None)?,
             ClientStep::Welcomed(welcome) => {
                 if welcome.rank as usize != dst || welcome.token != self.token {
                     return Err(RpcError::Protocol(format!(
@@ -264,7 +290,9 @@ impl Shared {
             _ => Err(RpcError::Protocol("a handshake frame after the handshake".into())),
         };
         match step {
-            Ok(Step::Challenge(payload)) => conn.send(Header::new(Kind::Challenge), &[], &payload, Mode::NoWait)?,
+            Ok(Step::Challenge(payload)) => {
+                conn.send(Header::new(Kind::Challenge), &[], &payload, Mode::NoWait, None)?
+            }
             Ok(Step::Authenticated(hello)) => {
                 let welcome = Hello {
                     rank: self.me as u32,
@@ -272,7 +300,7 @@ impl Shared {
                     token: self.token,
                     nonce: [0; NONCE_LEN],
                 };
-                conn.send(Header::new(Kind::Welcome), &[], &welcome.encode(), Mode::NoWait)?;
+                conn.send(Header::new(Kind::Welcome), &[], &welcome.encode(), Mode::NoWait, None)?;
                 reader.set_max_payload(self.max_payload);
                 *conn.greeting.lock() = Greeting::Done;
                 conn.set_peer(hello.rank as usize);
@@ -280,7 +308,7 @@ impl Shared {
             }
             Err(e) => {
                 let (header, text) = auth::refused_frame(&e);
-                let _ = conn.send(header, &[], &text, Mode::NoWait);
+                let _ = conn.send(header, &[], &text, Mode::NoWait, None);
                 return Err(e);
             }
         }

@@ -14,7 +14,8 @@ use crate::transport::OutRequest;
 use crate::wire::{FLAG_INTERNAL, Header, Kind};
 
 use super::conn::{self, Conn};
-use super::open::{self, MAX_OPENING, Queued};
+use super::conn::{Window, WindowFull};
+use super::open::{MAX_OPENING, Queued, WaitingCalls};
 use super::{PeerState, Shared};
 
 impl crate::transport::ReplySink for Conn {
@@ -26,14 +27,14 @@ impl crate::transport::ReplySink for Conn {
         // and reports the peer, so there is nothing more to do here.
         if crate::threads::more_work() && !crate::threads::is_io_thread() {
             // Only the reply that starts a batch needs the batch recorded.
-            if let Ok(true) = self.send_corked(header, &[], payload)
+            if let Ok(true) = self.send_corked(header, &[], payload, None)
                 && let Some(owner) = self.owner.upgrade()
                 && let Some(me) = owner.conns.lock().get(&self.token).cloned()
             {
                 owner.corked(&me, true);
             }
         } else {
-            let _ = self.send(header, &[], payload, conn::mode_here());
+            let _ = self.send(header, &[], payload, conn::mode_here(), None);
         }
         // The reply has left (or been copied): its buffer can take the next
         // large message.
@@ -68,8 +69,15 @@ pub(super) fn request_header(id: u64, internal: bool, timeout: Option<Duration>)
 impl Shared {
     /// Sends `request` on the connection to `dst`, or queues it while that
     /// connection opens (starting it if this is the first call). Never
-    /// waits for a connection.
+    /// waits for a connection; waits for room in the send window (the
+    /// request bytes held in this process for `dst`), up to the call's
+    /// deadline, unless this thread must not block (then `Busy`).
     pub(super) fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
+        let window = Window {
+            bytes: self.send_window,
+            deadline: request.deadline,
+            may_block: crate::threads::may_block(),
+        };
         // A request that must wait is copied before the peer's lock is taken
         // (it may be large): found not ready, the lock is let go, the copy
         // made, and the state looked at again.
@@ -85,7 +93,24 @@ impl Shared {
                 PeerState::Ready(conn) => break conn.clone(),
                 PeerState::Lost(e) => return Err(e.clone()),
                 PeerState::Connecting { queued, .. } => {
-                    open::enqueue(queued, waiting);
+                    let len = waiting.as_ref().map_or(0, Queued::len);
+                    if queued.bytes > 0 && queued.bytes + len > window.bytes {
+                        if !window.may_block {
+                            return Err(self.window_full(dst, request, WindowFull::Busy));
+                        }
+                        let room = &self.peers[dst].room;
+                        match window.deadline {
+                            None => room.wait(&mut st),
+                            Some(d) => {
+                                if room.wait_until(&mut st, d).timed_out() {
+                                    return Err(self.window_full(dst, request, WindowFull::TimedOut));
+                                }
+                            }
+                        }
+                        // Ready, lost, or still opening: look again.
+                        continue;
+                    }
+                    queued.push(waiting);
                     return Ok(());
                 }
                 PeerState::Idle => {
@@ -114,7 +139,7 @@ impl Shared {
                     };
                     *st = PeerState::Connecting {
                         conn,
-                        queued: waiting.into_iter().collect(),
+                        queued: WaitingCalls::of(waiting),
                     };
                     return Ok(());
                 }
@@ -128,12 +153,21 @@ impl Shared {
             && !crate::threads::is_io_thread()
             && self.dispatch().is_some_and(|d| d.calls_in_flight_to(dst) >= 2);
         let sent = if cork {
-            conn.send_corked(header, request.function.as_bytes(), request.args)
+            conn.send_corked(header, request.function.as_bytes(), request.args, Some(window))
                 .map(|starts| self.corked(&conn, starts))
         } else {
-            conn.send(header, request.function.as_bytes(), request.args, conn::mode_here())
+            conn.send(
+                header,
+                request.function.as_bytes(),
+                request.args,
+                conn::mode_here(),
+                Some(window),
+            )
         };
-        sent.map_err(|e| self.conn_failed(&conn, format!("sending failed: {e}")))?;
+        sent.map_err(|e| match WindowFull::of(&e) {
+            Some(full) => self.window_full(dst, request, full),
+            None => self.conn_failed(&conn, format!("sending failed: {e}")),
+        })?;
         // A caller about to wait reads the reply itself (see `drive`);
         // otherwise the I/O thread must be watching for it.
         if !request.will_wait {
@@ -141,6 +175,21 @@ impl Shared {
                 .map_err(|e| self.conn_failed(&conn, format!("epoll: {e}")))?;
         }
         Ok(())
+    }
+
+    /// The error of a request that found no room in the send window to `dst`.
+    fn window_full(&self, dst: usize, request: &OutRequest<'_>, full: WindowFull) -> RpcError {
+        match full {
+            WindowFull::Busy => RpcError::Busy(format!(
+                "the send window to rank {dst} ({} bytes) is full, and this thread (an inline handler, \
+                 a completion callback) may not wait for room",
+                self.send_window
+            )),
+            WindowFull::TimedOut => RpcError::Timeout(format!(
+                "call to '{}' on rank {dst} timed out waiting for room in the send window ({} bytes)",
+                request.function, self.send_window
+            )),
+        }
     }
 
     /// Records a corked batch on `conn` (`starts`: the first frame of one):
