@@ -5,38 +5,11 @@
  * completes the TCP connect, but nobody answers the handshake), calls to
  * rank 2 must flow meanwhile, and the stopped call must end with TIMEOUT at
  * its deadline. Then rank 1 is continued and the world shuts down. */
-#include <stdatomic.h>
-
-#include "harness.h"
-
-static atomic_int stopped_pid;
+#include "stopping.h"
 
 static int32_t echo(void *u, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
     (void)u;
     return rpcagent_reply_set(reply, req->args, req->args_len);
-}
-
-static int32_t note_pid(void *u, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
-    (void)u;
-    (void)reply;
-    int pid = 0;
-    if (req->args_len != sizeof pid) return 1;
-    memcpy(&pid, req->args, sizeof pid);
-    atomic_store(&stopped_pid, pid);
-    return 0;
-}
-
-/* Whether process `pid` is stopped, from /proc/<pid>/stat's state field. */
-static int is_stopped(int pid) {
-    char path[64], line[512];
-    snprintf(path, sizeof path, "/proc/%d/stat", pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL) return 0;
-    size_t n = fread(line, 1, sizeof line - 1, f);
-    fclose(f);
-    line[n] = 0;
-    const char *close_paren = strrchr(line, ')');
-    return close_paren != NULL && (close_paren[2] == 'T' || close_paren[2] == 't');
 }
 
 static void body(void) {
@@ -47,17 +20,9 @@ static void body(void) {
     CHECK_OK(rpcagent_start(agent));
 
     if (me == 1) {
-        int pid = getpid();
-        rpcagent_buffer_t none;
-        CHECK_OK(rpcagent_call_sync(agent, 0, "pid", (const uint8_t *)&pid, sizeof pid, 10000, &none));
-        rpcagent_buffer_free(&none);
-        raise(SIGSTOP);
+        report_pid_and_stop(agent);
     } else if (me == 0) {
-        double give_up = now_ms() + 10000;
-        while (atomic_load(&stopped_pid) == 0 || !is_stopped(atomic_load(&stopped_pid))) {
-            CHECK(now_ms() < give_up);
-            usleep(10000);
-        }
+        wait_until_stopped();
 
         double t0 = now_ms();
         rpcagent_future_t *stuck = NULL;

@@ -11,12 +11,11 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
-#include "harness.h"
+#include "stopping.h"
 
 enum { CALL = 256 << 10, WINDOW = 1 << 20, MAX_CALLS = 400 };
 
 static rpcagent_t *agent;
-static atomic_int stopped_pid;
 static atomic_int issued;
 static atomic_int waiting_for_room; /* the helper is inside call_async */
 static atomic_llong entered_at_us;
@@ -43,16 +42,6 @@ static long rss_kib(void) {
 static int32_t echo(void *u, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
     (void)u;
     return rpcagent_reply_set(reply, req->args, req->args_len > 8 ? 8 : req->args_len);
-}
-
-static int32_t note_pid(void *u, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
-    (void)u;
-    (void)reply;
-    int pid = 0;
-    if (req->args_len != sizeof pid) return 1;
-    memcpy(&pid, req->args, sizeof pid);
-    atomic_store(&stopped_pid, pid);
-    return 0;
 }
 
 /* Inline: runs on the I/O thread, which must never wait for room. */
@@ -97,28 +86,19 @@ static void body(void) {
     CHECK_OK(rpcagent_start(agent));
 
     if (me == 1) {
-        int pid = getpid();
-        rpcagent_buffer_t none;
-        CHECK_OK(rpcagent_call_sync(agent, 0, "pid", (const uint8_t *)&pid, sizeof pid, 10000, &none));
-        rpcagent_buffer_free(&none);
-        raise(SIGSTOP);
+        report_pid_and_stop(agent);
     } else {
         /* Open the connection to rank 1 before it stops. */
         rpcagent_buffer_t out;
         CHECK_OK(rpcagent_call_sync(agent, 1, "echo", (const uint8_t *)"hi", 2, 10000, &out));
         rpcagent_buffer_free(&out);
-        double give_up = now_ms() + 10000;
-        while (atomic_load(&stopped_pid) == 0) {
-            CHECK(now_ms() < give_up);
-            usleep(10000);
-        }
-        usleep(300 * 1000); /* rank 1 stops right after its call returns */
+        wait_until_stopped();
         long before = rss_kib();
 
         pthread_t helper;
         CHECK(pthread_create(&helper, NULL, flooder, NULL) == 0);
         /* Full: the helper has waited inside call_async for 500 ms. */
-        give_up = now_ms() + 30000;
+        double give_up = now_ms() + 30000;
         while (!(atomic_load(&waiting_for_room) && now_us() - atomic_load(&entered_at_us) > 500000)) {
             CHECK(now_ms() < give_up);
             CHECK(atomic_load(&issued) < MAX_CALLS); /* the window never filled */
