@@ -19,6 +19,9 @@ use port::free_port;
 #[path = "scale/mesh.rs"]
 mod mesh;
 
+#[path = "scale/flood.rs"]
+mod flood;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--role") {
@@ -28,6 +31,7 @@ fn main() {
             "world-rank" => world_rank(),
             "mesh-rank" => mesh::raw_rank(),
             "sweep-rank" => mesh::rpc_rank(),
+            "flood-rank" => flood::flood_rank(),
             other => panic!("unknown role {other}"),
         }
         return;
@@ -60,6 +64,9 @@ fn main() {
     }
     if wanted("scale") {
         mesh::scale(&mut table, quick);
+    }
+    if wanted("flood") {
+        flood::flood(&mut table);
     }
 }
 

@@ -29,6 +29,7 @@ fn rank_main() {
         "expired_work_dropped" => scenarios::expired_work_dropped,
         "pool_work_beside_an_inline_stream" => scenarios::pool_work_beside_an_inline_stream,
         "pool_call_waits_for_a_later_inline_call" => scenarios::pool_call_waits_for_a_later_inline_call,
+        "flood" => scenarios::flood,
         other => panic!("unknown scenario {other}"),
     };
     body(&agent);
@@ -239,4 +240,18 @@ fn a_panicking_completion_callback_does_not_take_the_agent_down() {
     for a in [a0, a1] {
         a.shutdown(false, Duration::from_secs(5)).unwrap();
     }
+}
+
+/// Memory stays bounded on both sides of a fast caller and a slow server.
+#[test]
+fn a_flood_of_large_calls_stays_within_the_send_window() {
+    run_world(
+        "flood",
+        2,
+        LIMIT,
+        &[
+            ("RPCAGENT_SEND_WINDOW_BYTES", "4194304"),
+            ("RPCAGENT_WORKER_THREADS", "2"),
+        ],
+    );
 }

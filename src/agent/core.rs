@@ -75,6 +75,11 @@ pub(crate) struct Core {
     /// Requests that arrived before `start`; `None` once started.
     early: Mutex<Option<Vec<InRequest>>>,
     pool: Pool,
+    /// Request bytes waiting in the pool's queue for a worker. At
+    /// `config.send_window_bytes` the backlog is full and the transport
+    /// stops reading requests (TCP then pushes back on the senders); below
+    /// half of it, reading resumes.
+    backlog_bytes: Arc<AtomicU64>,
     deadline_thread: Mutex<Option<JoinHandle<()>>>,
     transport: OnceLock<Arc<dyn Transport>>,
     pub(crate) stats: Arc<Stats>,
@@ -114,6 +119,7 @@ impl Core {
             deadline_thread: Mutex::new(None),
             transport: OnceLock::new(),
             stats: Arc::new(Stats::default()),
+            backlog_bytes: Arc::new(AtomicU64::new(0)),
             gatherings: Mutex::new(Gatherings::default()),
             barrier_generation: AtomicU64::new(0),
             stall_reported: Mutex::new(false),
@@ -380,7 +386,10 @@ impl Core {
         }
         let label = handler.name.clone();
         let me = self.me.clone();
+        let waiting = Backlogged::new(self, request.args.len() as u64);
         let job = Box::new(move || {
+            // Running now: no longer part of the backlog.
+            drop(waiting);
             if let Some(core) = me.upgrade()
                 && !core.gave_up(&request)
             {
@@ -613,6 +622,39 @@ impl Core {
     }
 }
 
+/// A request's bytes counted in the pool's backlog from the moment it is
+/// queued until its job starts (or is dropped unrun).
+struct Backlogged {
+    core: Weak<Core>,
+    bytes: u64,
+}
+
+impl Backlogged {
+    fn new(core: &Core, bytes: u64) -> Backlogged {
+        core.backlog_bytes.fetch_add(bytes, Ordering::AcqRel);
+        Backlogged {
+            core: core.me.clone(),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Backlogged {
+    fn drop(&mut self) {
+        let Some(core) = self.core.upgrade() else {
+            return;
+        };
+        let before = core.backlog_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        let resume_below = core.config.send_window_bytes / 2;
+        if before >= resume_below
+            && before - self.bytes < resume_below
+            && let Some(t) = core.transport.get()
+        {
+            t.resume_reading();
+        }
+    }
+}
+
 impl Executor for Core {
     fn run_io(&self, job: crate::pool::Work) -> bool {
         self.pool.submit_first(self.io_label.clone(), job).is_ok()
@@ -689,5 +731,9 @@ impl Dispatch for Core {
 
     fn calls_in_flight_to(&self, rank: usize) -> usize {
         self.pending.in_flight_to(rank)
+    }
+
+    fn backlog_full(&self) -> bool {
+        self.backlog_bytes.load(Ordering::Acquire) >= self.config.send_window_bytes
     }
 }

@@ -73,6 +73,10 @@ pub(crate) trait Transport: Send + Sync {
     /// transport may use the caller's thread to read that reply itself until
     /// `done()` or `deadline`, instead of waking it from another thread.
     fn drive(&self, _dst: usize, _done: &dyn Fn() -> bool, _deadline: Option<Instant>) {}
+
+    /// The pool's backlog fell below half full: connections whose reading
+    /// stopped for it are read again.
+    fn resume_reading(&self) {}
 }
 
 /// Library threads a transport may borrow. The TCP transport runs its I/O
@@ -101,4 +105,7 @@ pub(crate) trait Dispatch: Send + Sync {
     fn max_message_bytes(&self) -> u64;
     /// Calls this rank has in flight to `rank`.
     fn calls_in_flight_to(&self, rank: usize) -> usize;
+    /// The worker pool's backlog is full: read no more requests until
+    /// [`Transport::resume_reading`] is called.
+    fn backlog_full(&self) -> bool;
 }

@@ -470,3 +470,65 @@ pub fn pool_call_waits_for_a_later_inline_call(agent: &RpcAgent) {
     agent.barrier(LONG).unwrap();
     leave(agent);
 }
+
+/// Resident memory of this process, in KiB (`VmRSS`).
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A fast caller and a slow server (2 workers, 5 ms per call): rank 0 issues
+/// 400 calls of 1 MiB as fast as it can, with a 4 MiB send window (set by
+/// the test). Both sides' memory must stay near the window: the caller's
+/// because its calls wait for room, the server's because it stops reading
+/// while its pool's backlog is full. Every call completes.
+pub fn flood(agent: &RpcAgent) {
+    const CALLS: usize = 400;
+    const MAX_GROWTH_KIB: u64 = 96 << 10;
+    agent
+        .register("slow", |args: &[u8]| {
+            std::thread::sleep(Duration::from_millis(5));
+            Ok(args[..8].to_vec())
+        })
+        .unwrap();
+    let start = rss_kib();
+    let peak = Arc::new(AtomicUsize::new(start as usize));
+    let sampled = peak.clone();
+    agent
+        .register("growth", move |_: &[u8]| {
+            let grown = sampled.load(Ordering::SeqCst) as u64 - start;
+            Ok(grown.to_le_bytes().to_vec())
+        })
+        .unwrap();
+    agent.start().unwrap();
+    // Samples this process's memory while the flood runs.
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (on, max) = (sampling.clone(), peak.clone());
+    let sampler = std::thread::spawn(move || {
+        while on.load(Ordering::SeqCst) {
+            max.fetch_max(rss_kib() as usize, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    agent.barrier(LONG).unwrap();
+    if agent.rank() == 0 {
+        let args = pattern(1 << 20, 7);
+        let futures: Vec<RpcFuture> = (0..CALLS).map(|_| agent.rpc_async(1, "slow", &args)).collect();
+        for f in futures {
+            assert_eq!(f.wait().unwrap(), args[..8]);
+        }
+        let mine = peak.load(Ordering::SeqCst) as u64 - start;
+        let server = u64::from_le_bytes(agent.rpc_sync(1, "growth", b"").unwrap().try_into().unwrap());
+        eprintln!("figure: 400 calls of 1 MiB, window 4 MiB: caller grew {mine} KiB, server {server} KiB");
+        assert!(mine < MAX_GROWTH_KIB, "the caller grew by {mine} KiB");
+        assert!(server < MAX_GROWTH_KIB, "the server grew by {server} KiB");
+    }
+    agent.barrier(LONG).unwrap();
+    sampling.store(false, Ordering::SeqCst);
+    sampler.join().unwrap();
+    leave(agent);
+}

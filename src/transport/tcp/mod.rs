@@ -142,6 +142,10 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     stopping: AtomicBool,
     executor: Weak<dyn Executor>,
+    /// Connections not read while the pool's backlog is full, and whether
+    /// there are any (looked at without the lock).
+    paused: Mutex<Vec<Arc<Conn>>>,
+    has_paused: AtomicBool,
     /// Connections with corked batches, flushed by the I/O loop.
     corked: Mutex<Vec<Arc<Conn>>>,
     /// `corked` may hold some (the I/O loop looks here on every pass
@@ -220,6 +224,8 @@ impl TcpTransport {
             closing: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             executor: Arc::downgrade(dispatch) as Weak<dyn Executor>,
+            paused: Mutex::new(Vec::new()),
+            has_paused: AtomicBool::new(false),
             corked: Mutex::new(Vec::new()),
             has_corks: AtomicBool::new(false),
             io_loop_idle: AtomicBool::new(false),
@@ -283,6 +289,10 @@ impl Transport for TcpTransport {
 
     fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
         self.shared.drive(dst, done, deadline);
+    }
+
+    fn resume_reading(&self) {
+        self.shared.resume_reading();
     }
 }
 
