@@ -1,6 +1,9 @@
 // The C++ wrapper (rpcagent.hpp): RAII, lambda handlers, exceptions as
 // handler errors, futures, deferred replies from another thread, and a
 // world of two processes over TCP.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -84,8 +87,28 @@ static void in_process() {
     EXPECT(status_of([] { rpcagent::Config().worker_threads(0); }) == RPCAGENT_ERR_INVALID_ARGUMENT);
 }
 
+// A loopback port that was free a moment ago, below the kernel's
+// ephemeral range (where the ranks' own listeners get theirs), as
+// harness.h's free_port for the C tests.
+static int free_port() {
+    for (int port = 20000 + getpid() % 97 * 120, tries = 0; tries < 12000; tries++, port = port < 31999 ? port + 1 : 20000) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        a.sin_port = htons(static_cast<uint16_t>(port));
+        bool ok = fd >= 0 && bind(fd, reinterpret_cast<sockaddr *>(&a), sizeof a) == 0;
+        if (fd >= 0) close(fd);
+        if (ok) return port;
+    }
+    std::fprintf(stderr, "no free port between 20000 and 31999\n");
+    std::exit(1);
+}
+
 static int over_tcp() {
-    int port = 20000 + getpid() % 20000;
+    // Before fork, so both ranks agree; the old `20000 + pid % 20000`
+    // could land in the ephemeral range or on a port in use.
+    int port = free_port();
     pid_t child = fork();
     int rank = child == 0 ? 1 : 0;
     try {

@@ -2,7 +2,8 @@
  * stops reading, calls wait for room and then complete, and a call from an
  * inline handler that finds no room fails at once with RPCAGENT_ERR_BUSY.
  *
- * Rank 1 opens its connection to rank 0, then stops itself (SIGSTOP).
+ * Once rank 0 has opened its connection to rank 1 and said so, rank 1 stops
+ * itself (SIGSTOP).
  * Rank 0 (window 1 MiB) floods it with 256 KiB calls from a helper thread
  * until a call_async waits for room; it checks that its memory grew by no
  * more than the window (plus slack), calls its own inline handler, which
@@ -44,6 +45,16 @@ static int32_t echo(void *u, const rpcagent_request_t *req, rpcagent_reply_t *re
     return rpcagent_reply_set(reply, req->args, req->args_len > 8 ? 8 : req->args_len);
 }
 
+/* Rank 1 stops once rank 0 says so: its connection to rank 1 is open then. */
+static atomic_int may_stop;
+static int32_t stop_now(void *u, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
+    (void)u;
+    (void)req;
+    (void)reply;
+    atomic_store(&may_stop, 1);
+    return 0;
+}
+
 /* Inline: runs on the I/O thread, which must never wait for room. */
 static int32_t relay(void *u, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
     (void)u;
@@ -83,15 +94,25 @@ static void body(void) {
     CHECK_OK(rpcagent_register(agent, "echo", echo, NULL, NULL, 0));
     CHECK_OK(rpcagent_register(agent, "pid", note_pid, NULL, NULL, 0));
     CHECK_OK(rpcagent_register(agent, "relay", relay, NULL, NULL, RPCAGENT_HANDLER_INLINE));
+    CHECK_OK(rpcagent_register(agent, "stop_now", stop_now, NULL, NULL, 0));
     CHECK_OK(rpcagent_start(agent));
 
     if (me == 1) {
+        double give_up = now_ms() + 10000;
+        while (atomic_load(&may_stop) == 0) {
+            CHECK(now_ms() < give_up);
+            usleep(1000);
+        }
         report_pid_and_stop(agent);
     } else {
         /* Open the connection to rank 1 before it stops. */
         rpcagent_buffer_t out;
         CHECK_OK(rpcagent_call_sync(agent, 1, "echo", (const uint8_t *)"hi", 2, 10000, &out));
         rpcagent_buffer_free(&out);
+        /* Its reply may never come before rank 1 stops: not waited for. */
+        rpcagent_future_t *stop = NULL;
+        CHECK_OK(rpcagent_call_async(agent, 1, "stop_now", NULL, 0, 60000, &stop));
+        rpcagent_future_free(stop);
         wait_until_stopped();
         long before = rss_kib();
 

@@ -114,7 +114,7 @@ impl Slot {
     /// Runs `cb` once the slot completes; at once, on this thread, if it has.
     pub(crate) fn on_complete(&self, cb: Callback) {
         if let Err(cb) = self.subscribe(cb) {
-            cb();
+            run_callback(cb);
         }
     }
 

@@ -126,13 +126,17 @@ impl Core {
             spawner: {
                 let me = me.clone();
                 let label: Arc<str> = "(completion callback)".into();
-                Arc::new(move |cb| match me.upgrade() {
-                    Some(core) => {
-                        if let Err(cb) = core.pool.submit(label.clone(), cb) {
-                            cb();
+                // Run as callbacks are anywhere: panics caught, no blocking.
+                Arc::new(move |cb| {
+                    let job: crate::pool::Work = Box::new(move || crate::future::run_callback(cb));
+                    match me.upgrade() {
+                        Some(core) => {
+                            if let Err(job) = core.pool.submit(label.clone(), job) {
+                                job();
+                            }
                         }
+                        None => job(),
                     }
-                    None => cb(),
                 })
             },
             io_label: "(I/O loop)".into(),

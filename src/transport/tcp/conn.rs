@@ -399,15 +399,18 @@ impl Conn {
         header.payload_len = payload.len() as u64;
         let head = wire::encode_header(&header);
         let parts: [&[u8]; 3] = [&head, name, payload];
+        let len = (head.len() + name.len() + payload.len()) as u64;
+        // A request written straight from the caller's buffers still counts
+        // against the window while it is written: if the socket stalls, its
+        // rest is copied into the outbox.
+        let mut in_flight = 0;
         {
             let mut out = self.out.lock();
             if out.closed {
                 return Err(io::ErrorKind::BrokenPipe.into());
             }
-            if let Some(w) = window
-                && (out.writing || out.handed_off || out.corked)
-            {
-                out = self.wait_for_room(out, (head.len() + name.len() + payload.len()) as u64, w)?;
+            if let Some(w) = window {
+                out = self.wait_for_room(out, len, w)?;
             }
             if out.writing || out.handed_off {
                 out.push(&parts);
@@ -419,11 +422,15 @@ impl Conn {
                 out.corked = false;
                 out.push(&parts);
                 drop(out);
-                return self.write_queued(mode);
+                return self.write_queued(mode, 0);
+            }
+            if window.is_some() {
+                out.bytes += len;
+                in_flight = len;
             }
         }
         match self.write_all(&parts, 0, mode) {
-            Ok(Wrote::All) => self.write_queued(mode),
+            Ok(Wrote::All) => self.write_queued(mode, in_flight),
             Ok(Wrote::Partly(sent)) => self.hand_off(VecDeque::from([parts.concat()]), sent),
             Err(e) => Err(self.broken(e)),
         }
@@ -459,7 +466,7 @@ impl Conn {
             out.corked = false;
             out.writing = true;
             drop(out);
-            self.write_queued(mode_here())?;
+            self.write_queued(mode_here(), 0)?;
             return Ok(false);
         }
         let starts = !out.corked;
@@ -478,17 +485,22 @@ impl Conn {
         len: u64,
         window: Window,
     ) -> io::Result<MutexGuard<'a, Outbox>> {
+        let mut flushed_own = false;
         while !out.closed && out.bytes > 0 && out.bytes + len > window.bytes {
-            if !window.may_block {
-                return Err(io::Error::other(WindowFull::Busy));
-            }
-            if out.corked && !out.writing && !out.handed_off {
+            if out.corked && !out.writing && !out.handed_off && !flushed_own {
+                // Written in the mode this thread may use: a thread that
+                // must not block hands what the socket will not take to
+                // the I/O loop.
+                flushed_own = true;
                 out.corked = false;
                 out.writing = true;
                 drop(out);
-                self.write_queued(Mode::Wait)?;
+                self.write_queued(if window.may_block { Mode::Wait } else { Mode::NoWait }, 0)?;
                 out = self.out.lock();
                 continue;
+            }
+            if !window.may_block {
+                return Err(io::Error::other(WindowFull::Busy));
             }
             match window.deadline {
                 None => self.room.wait(&mut out),
@@ -503,6 +515,9 @@ impl Conn {
                 }
             }
         }
+        if out.closed {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
         Ok(out)
     }
 
@@ -516,7 +531,7 @@ impl Conn {
             out.corked = false;
             out.writing = true;
         }
-        self.write_queued(mode_here())
+        self.write_queued(mode_here(), 0)
     }
 
     /// Writes `parts` from byte `skip` on; in `Wait` mode waits (bounded)
@@ -575,18 +590,24 @@ impl Conn {
 
     /// Ends a [`Conn::cork`]: sends what queued.
     pub(crate) fn uncork(&self) -> io::Result<()> {
-        self.write_queued(Mode::NoWait)
+        self.write_queued(Mode::NoWait, 0)
     }
 
     /// Holding the writer role: sends what queued behind us, then lets go.
-    fn write_queued(&self, mode: Mode) -> io::Result<()> {
+    /// `sent` bytes counted in the outbox already left (a frame written
+    /// straight from the caller's buffers).
+    fn write_queued(&self, mode: Mode, sent: u64) -> io::Result<()> {
         let mut written: Option<(VecDeque<Vec<u8>>, u64)> = None;
+        let mut sent = sent;
         loop {
             let (mut batch, front_sent) = {
                 let mut out = self.out.lock();
                 if let Some((done, bytes)) = written.take() {
-                    out.bytes -= bytes;
+                    sent += bytes;
                     out.recycle(done);
+                }
+                if sent > 0 {
+                    out.bytes -= std::mem::take(&mut sent);
                     self.room.notify_all();
                 }
                 if out.queue.is_empty() {
@@ -660,7 +681,7 @@ impl Conn {
             out.writing = true;
             self.watch_writable(false)?;
         }
-        self.write_queued(Mode::NoWait)
+        self.write_queued(Mode::NoWait, 0)
     }
 
     /// True when everything sent has left this process.
@@ -786,6 +807,108 @@ mod tests {
             [7],
             "the event was lost"
         );
+    }
+
+    /// Fills the socket's send buffer (the peer reads nothing).
+    fn fill_socket(conn: &Conn) {
+        let junk = vec![0u8; 1 << 16];
+        loop {
+            match sys::send_one(&conn.stream, &junk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    const WINDOW: u64 = 1 << 20;
+
+    fn window(may_block: bool) -> Window {
+        Window {
+            bytes: WINDOW,
+            deadline: Some(Instant::now() + Duration::from_millis(600)),
+            may_block,
+        }
+    }
+
+    /// A frame written straight from the caller's buffer counts while it is
+    /// written: a second frame that would pass the window waits (here to
+    /// its deadline), instead of both ending up copied in the outbox.
+    #[test]
+    fn a_direct_write_counts_against_the_send_window() {
+        let (conn, _server, _epoll) = opened_connection();
+        let conn = Arc::new(conn);
+        fill_socket(&conn);
+        let frame = vec![1u8; (WINDOW as usize) - 100];
+        let (writer, payload) = (conn.clone(), frame.clone());
+        let first = std::thread::spawn(move || {
+            writer.send(
+                Header::new(Kind::Request),
+                b"a",
+                &payload,
+                Mode::Wait,
+                Some(window(true)),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(conn.out.lock().writing, "the first frame is not being written");
+        let second = conn.send(Header::new(Kind::Request), b"b", &frame, Mode::Wait, Some(window(true)));
+        assert_eq!(WindowFull::of(&second.unwrap_err()), Some(WindowFull::TimedOut));
+        first.join().unwrap().unwrap();
+        assert!(conn.out.lock().bytes <= WINDOW);
+    }
+
+    /// A thread that must not block first writes its own corked batch:
+    /// BUSY only when the socket itself is full.
+    #[test]
+    fn busy_only_when_the_socket_is_full_too() {
+        let (conn, _server, _epoll) = opened_connection();
+        let frame = vec![1u8; 300 << 10];
+        for _ in 0..4 {
+            conn.send_corked(Header::new(Kind::Request), b"x", &frame, Some(window(false)))
+                .unwrap();
+        }
+        fill_socket(&conn);
+        while !conn.out.lock().handed_off {
+            let _ = conn.send_corked(Header::new(Kind::Request), b"x", &frame, Some(window(false)));
+        }
+        let err = conn
+            .send_corked(Header::new(Kind::Request), b"x", &frame, Some(window(false)))
+            .unwrap_err();
+        assert_eq!(WindowFull::of(&err), Some(WindowFull::Busy));
+    }
+
+    /// A caller waiting for room when the connection closes gets the
+    /// connection's error, and queues nothing.
+    #[test]
+    fn a_waiter_for_room_fails_when_the_connection_closes() {
+        let (conn, _server, _epoll) = opened_connection();
+        let conn = Arc::new(conn);
+        fill_socket(&conn);
+        let big = vec![1u8; 2 << 20];
+        conn.send(Header::new(Kind::Request), b"a", &big, Mode::NoWait, None)
+            .unwrap();
+        assert!(conn.out.lock().handed_off);
+        let waiter = conn.clone();
+        let waiting = std::thread::spawn(move || {
+            let no_deadline = Window {
+                deadline: None,
+                ..window(true)
+            };
+            waiter.send(
+                Header::new(Kind::Request),
+                b"b",
+                &[0u8; 100],
+                Mode::Wait,
+                Some(no_deadline),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let queued = conn.out.lock().queue.len();
+        conn.close();
+        let err = waiting.join().unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(conn.out.lock().queue.len(), queued);
     }
 
     #[test]

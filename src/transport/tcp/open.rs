@@ -65,6 +65,11 @@ impl Queued {
     pub(super) fn len(&self) -> u64 {
         (crate::wire::HEADER_LEN + self.function.len() + self.args.len()) as u64
     }
+
+    /// The bytes `request`'s frame will take, before any copy is made.
+    pub(super) fn len_of(request: &OutRequest<'_>) -> u64 {
+        (crate::wire::HEADER_LEN + request.function.len() + request.args.len()) as u64
+    }
 }
 
 /// The requests waiting for a peer's connection to open, in order, and
@@ -222,6 +227,7 @@ impl Shared {
                 }
                 Err(e) => {
                     *st = PeerState::Lost(e.clone());
+                    self.peers[next].room.notify_all();
                     drop(st);
                     if let Some(d) = self.dispatch() {
                         d.on_peer_lost(next, e);

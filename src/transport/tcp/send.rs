@@ -81,9 +81,34 @@ impl Shared {
         // A request that must wait is copied before the peer's lock is taken
         // (it may be large): found not ready, the lock is let go, the copy
         // made, and the state looked at again.
+        let len = Queued::len_of(request);
         let mut waiting: Option<Queued> = None;
         let conn = loop {
             let mut st = self.peers[dst].state.lock();
+            // No room while the connection opens: wait (before any copy is
+            // made, so waiters hold nothing), then look at the state again.
+            if let PeerState::Connecting { queued, .. } = &*st
+                && queued.bytes > 0
+                && queued.bytes + len > window.bytes
+            {
+                if !window.may_block {
+                    return Err(self.window_full(dst, request, WindowFull::Busy));
+                }
+                let room = &self.peers[dst].room;
+                match window.deadline {
+                    None => room.wait(&mut st),
+                    Some(d) => {
+                        let full = |st: &PeerState| {
+                            matches!(st, PeerState::Connecting { queued, .. }
+                                if queued.bytes > 0 && queued.bytes + len > window.bytes)
+                        };
+                        if room.wait_until(&mut st, d).timed_out() && full(&st) {
+                            return Err(self.window_full(dst, request, WindowFull::TimedOut));
+                        }
+                    }
+                }
+                continue;
+            }
             if !matches!(*st, PeerState::Ready(_) | PeerState::Lost(_)) && waiting.is_none() {
                 drop(st);
                 waiting = Some(Queued::of(request));
@@ -93,23 +118,6 @@ impl Shared {
                 PeerState::Ready(conn) => break conn.clone(),
                 PeerState::Lost(e) => return Err(e.clone()),
                 PeerState::Connecting { queued, .. } => {
-                    let len = waiting.as_ref().map_or(0, Queued::len);
-                    if queued.bytes > 0 && queued.bytes + len > window.bytes {
-                        if !window.may_block {
-                            return Err(self.window_full(dst, request, WindowFull::Busy));
-                        }
-                        let room = &self.peers[dst].room;
-                        match window.deadline {
-                            None => room.wait(&mut st),
-                            Some(d) => {
-                                if room.wait_until(&mut st, d).timed_out() {
-                                    return Err(self.window_full(dst, request, WindowFull::TimedOut));
-                                }
-                            }
-                        }
-                        // Ready, lost, or still opening: look again.
-                        continue;
-                    }
                     queued.push(waiting);
                     return Ok(());
                 }
