@@ -14,10 +14,15 @@
 //! # Ok::<(), rpcagent::RpcError>(())
 //! ```
 
+// `unsafe` lives only where the library meets C (`ffi`) and the kernel
+// (`net::sys`); each block there says why it is sound.
+#![deny(unsafe_code)]
+
 mod agent;
 mod auth;
 mod config;
 mod error;
+#[allow(unsafe_code)]
 pub mod ffi;
 mod future;
 #[doc(hidden)]

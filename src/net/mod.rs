@@ -4,4 +4,5 @@
 pub(crate) mod buffers;
 pub(crate) mod framing;
 pub(crate) mod resolve;
+#[allow(unsafe_code)]
 pub(crate) mod sys;
