@@ -390,14 +390,16 @@ impl Core {
         }
         let label = handler.name.clone();
         let me = self.me.clone();
-        let waiting = Backlogged::new(self, request.args.len() as u64);
+        // Counted from now until the job starts (a job dropped unrun by a
+        // stopped pool belongs to a closing agent: its count no longer matters).
+        let bytes = request.args.len() as u64;
+        self.backlog_bytes.fetch_add(bytes, Ordering::AcqRel);
         let job = Box::new(move || {
-            // Running now: no longer part of the backlog.
-            drop(waiting);
-            if let Some(core) = me.upgrade()
-                && !core.gave_up(&request)
-            {
-                core.run_handler(handler, request);
+            if let Some(core) = me.upgrade() {
+                core.left_backlog(bytes);
+                if !core.gave_up(&request) {
+                    core.run_handler(handler, request);
+                }
             }
         });
         // On an I/O thread, a pass's only request is kept to run on this very
@@ -412,6 +414,19 @@ impl Core {
             // A pool that has stopped belongs to a closing agent, whose
             // connections are closing too: the request is dropped with them.
             let _ = self.pool.submit(label, job);
+        }
+    }
+
+    /// A queued request's job started: its bytes leave the backlog, and
+    /// reading resumes when that brings the backlog below half full.
+    fn left_backlog(&self, bytes: u64) {
+        let before = self.backlog_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let resume_below = self.config.send_window_bytes / 2;
+        if before >= resume_below
+            && before - bytes < resume_below
+            && let Some(t) = self.transport.get()
+        {
+            t.resume_reading();
         }
     }
 
@@ -623,39 +638,6 @@ impl Core {
     pub(crate) fn close_and_join(&self) {
         self.close(false, Some(Instant::now()));
         self.pool.stop(None);
-    }
-}
-
-/// A request's bytes counted in the pool's backlog from the moment it is
-/// queued until its job starts (or is dropped unrun).
-struct Backlogged {
-    core: Weak<Core>,
-    bytes: u64,
-}
-
-impl Backlogged {
-    fn new(core: &Core, bytes: u64) -> Backlogged {
-        core.backlog_bytes.fetch_add(bytes, Ordering::AcqRel);
-        Backlogged {
-            core: core.me.clone(),
-            bytes,
-        }
-    }
-}
-
-impl Drop for Backlogged {
-    fn drop(&mut self) {
-        let Some(core) = self.core.upgrade() else {
-            return;
-        };
-        let before = core.backlog_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
-        let resume_below = core.config.send_window_bytes / 2;
-        if before >= resume_below
-            && before - self.bytes < resume_below
-            && let Some(t) = core.transport.get()
-        {
-            t.resume_reading();
-        }
     }
 }
 

@@ -315,8 +315,10 @@ impl Shared {
             self.on_frame(conn, frame, reader)
         };
         // Requests stop being read while the pool's backlog is full.
-        let serving = !conn.outbound && conn.peer().is_some();
-        let backlog_full = || serving && self.dispatch().is_some_and(|d| d.backlog_full());
+        let serving = (!conn.outbound && conn.peer().is_some())
+            .then(|| self.dispatch())
+            .flatten();
+        let backlog_full = || serving.as_ref().is_some_and(|d| d.backlog_full());
         let result = if ev.closed() {
             reader.read_to_end(&mut stream, &mut on_frame)
         } else {
