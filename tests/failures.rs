@@ -249,18 +249,6 @@ fn listening_ports(pid: u32) -> Vec<u16> {
     ports
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches(" kB")
-        .parse()
-        .unwrap()
-}
-
 fn header(kind: Kind, payload_len: u64) -> Vec<u8> {
     let mut h = Header::new(kind);
     h.payload_len = payload_len;
@@ -385,7 +373,7 @@ fn garbage(agent: &RpcAgent) {
         for _ in 0..50 {
             agent.rpc_sync(1, "echo", &[0; 1024]).unwrap();
         }
-        let before = rss_kib(pid);
+        let before = common::rss_kib(pid);
         let mut tried = 0;
         for port in &ports {
             tried += battery(*port);
@@ -394,7 +382,7 @@ fn garbage(agent: &RpcAgent) {
             let args = i.to_le_bytes();
             assert_eq!(agent.rpc_sync(1, "echo", &args).unwrap(), args);
         }
-        let after = rss_kib(pid);
+        let after = common::rss_kib(pid);
         assert!(
             after <= before + 4 * 1024,
             "rank 1 grew from {before} KiB to {after} KiB"

@@ -20,6 +20,19 @@ pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
 
 pub const SIZES: [usize; 5] = [0, 1, 1024, 1 << 20, 64 << 20];
 
+/// Resident memory of process `pid`, in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap()
+}
+
 /// The number of threads of this process.
 pub fn thread_count() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rpcagent::{HandlerOptions, RpcAgent, RpcFuture, Status};
 
-use super::{SIZES, pattern, thread_count};
+use super::{SIZES, pattern, rss_kib, thread_count};
 
 /// Deferred replies a handler holds back, with what they will answer.
 type Held<T> = Arc<Mutex<Vec<(T, rpcagent::Deferred)>>>;
@@ -471,16 +471,6 @@ pub fn pool_call_waits_for_a_later_inline_call(agent: &RpcAgent) {
     leave(agent);
 }
 
-/// Resident memory of this process, in KiB (`VmRSS`).
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// A fast caller and a slow server (2 workers, 5 ms per call): rank 0 issues
 /// 400 calls of 1 MiB as fast as it can, with a 4 MiB send window (set by
 /// the test). Both sides' memory must stay near the window: the caller's
@@ -495,7 +485,7 @@ pub fn flood(agent: &RpcAgent) {
             Ok(args[..8].to_vec())
         })
         .unwrap();
-    let start = rss_kib();
+    let start = rss_kib(std::process::id());
     let peak = Arc::new(AtomicUsize::new(start as usize));
     let sampled = peak.clone();
     agent
@@ -510,7 +500,7 @@ pub fn flood(agent: &RpcAgent) {
     let (on, max) = (sampling.clone(), peak.clone());
     let sampler = std::thread::spawn(move || {
         while on.load(Ordering::SeqCst) {
-            max.fetch_max(rss_kib() as usize, Ordering::SeqCst);
+            max.fetch_max(rss_kib(std::process::id()) as usize, Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(2));
         }
     });

@@ -54,6 +54,26 @@ pub(crate) struct Window {
     pub may_block: bool,
 }
 
+impl Window {
+    /// Whether a frame of `len` bytes may join `held` bytes already held:
+    /// within the window, or alone (one frame larger than it goes by itself).
+    pub(crate) fn fits(&self, held: u64, len: u64) -> bool {
+        held == 0 || held + len <= self.bytes
+    }
+
+    /// Waits on `room` (the guard's lock released meanwhile) until it is
+    /// signalled or the deadline passes; false once the deadline has passed.
+    pub(crate) fn wait<T>(&self, room: &Condvar, guard: &mut MutexGuard<'_, T>) -> bool {
+        match self.deadline {
+            None => {
+                room.wait(guard);
+                true
+            }
+            Some(d) => !room.wait_until(guard, d).timed_out(),
+        }
+    }
+}
+
 /// Why a request did not fit in the send window (carried in an `io::Error`
 /// of kind `Other`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -486,7 +506,7 @@ impl Conn {
         window: Window,
     ) -> io::Result<MutexGuard<'a, Outbox>> {
         let mut flushed_own = false;
-        while !out.closed && out.bytes > 0 && out.bytes + len > window.bytes {
+        while !out.closed && !window.fits(out.bytes, len) {
             if out.corked && !out.writing && !out.handed_off && !flushed_own {
                 // Written in the mode this thread may use: a thread that
                 // must not block hands what the socket will not take to
@@ -502,17 +522,8 @@ impl Conn {
             if !window.may_block {
                 return Err(io::Error::other(WindowFull::Busy));
             }
-            match window.deadline {
-                None => self.room.wait(&mut out),
-                Some(d) => {
-                    if self.room.wait_until(&mut out, d).timed_out()
-                        && !out.closed
-                        && out.bytes > 0
-                        && out.bytes + len > window.bytes
-                    {
-                        return Err(io::Error::other(WindowFull::TimedOut));
-                    }
-                }
+            if !window.wait(&self.room, &mut out) && !out.closed && !window.fits(out.bytes, len) {
+                return Err(io::Error::other(WindowFull::TimedOut));
             }
         }
         if out.closed {

@@ -62,8 +62,7 @@ impl Shared {
             if !matches!(*st, PeerState::Lost(_)) {
                 // New calls fail from now on; a crash takes the outgoing
                 // connection (and every call on it) down at once.
-                peer.room.notify_all();
-                match std::mem::replace(&mut *st, PeerState::Lost(error.clone())) {
+                match peer.set(&mut st, PeerState::Lost(error.clone())) {
                     PeerState::Ready(out) if !Arc::ptr_eq(&out, conn) => {
                         if graceful {
                             ending = Some(out);
@@ -130,8 +129,7 @@ impl Shared {
                 PeerState::Connecting {
                     conn: Some(opening), ..
                 } if Arc::ptr_eq(opening, conn) => {
-                    *st = PeerState::Lost(error.clone());
-                    self.peers[dst].room.notify_all();
+                    self.peers[dst].set(&mut st, PeerState::Lost(error.clone()));
                 }
                 // Lost or closed meanwhile: that already failed the calls.
                 _ => return,

@@ -87,7 +87,7 @@ pub(crate) fn join_world(config: &Config) -> Result<JoinedWorld> {
 enum PeerState {
     Idle,
     /// The I/O loop opens `conn` (connect, handshake), or will once fewer
-    /// than [`MAX_OPENING`] connections are opening (`None`); calls made
+    /// than `open::MAX_OPENING` connections are opening (`None`); calls made
     /// meanwhile wait in `queued`, in order, and leave when it is ready.
     Connecting {
         conn: Option<Arc<Conn>>,
@@ -105,6 +105,16 @@ struct Peer {
     /// send window while the connection opens should look again: it is
     /// ready, or the rank is lost.
     room: Condvar,
+}
+
+impl Peer {
+    /// Moves the peer (its `state` locked as `st`) to `next`, and wakes the
+    /// callers waiting for room while its connection opened: every change
+    /// out of `Connecting` goes through here. Returns the state it left.
+    fn set(&self, st: &mut PeerState, next: PeerState) -> PeerState {
+        self.room.notify_all();
+        std::mem::replace(st, next)
+    }
 }
 
 pub(crate) struct Shared {
@@ -127,7 +137,7 @@ pub(crate) struct Shared {
     waker_tx: UnixStream,
     conns: Mutex<FxHashMap<u64, Arc<Conn>>>,
     /// Connections opening now, and the ranks waiting for their turn to
-    /// open one (see [`MAX_OPENING`]). Taken after a peer's `state`, never
+    /// open one (see `open::MAX_OPENING`). Taken after a peer's `state`, never
     /// while holding `conns`.
     opening: Mutex<Opening>,
     /// Connections still in their handshake, accepted or opened: while
@@ -277,9 +287,11 @@ impl Transport for TcpTransport {
         for p in &shared.peers {
             let mut st = p.state.lock();
             if !matches!(*st, PeerState::Lost(_)) {
-                *st = PeerState::Lost(RpcError::Shutdown(format!("rank {} is shut down", shared.me)));
+                p.set(
+                    &mut st,
+                    PeerState::Lost(RpcError::Shutdown(format!("rank {} is shut down", shared.me))),
+                );
             }
-            p.room.notify_all();
         }
     }
 

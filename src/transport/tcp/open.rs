@@ -45,6 +45,20 @@ impl Queued {
             deadline: request.deadline,
         }
     }
+
+    /// The bytes its frame will take in the outbox.
+    fn len(&self) -> u64 {
+        frame_len(&self.function, &self.args)
+    }
+
+    /// The bytes `request`'s frame will take, before any copy is made.
+    pub(super) fn len_of(request: &OutRequest<'_>) -> u64 {
+        frame_len(request.function, request.args)
+    }
+}
+
+fn frame_len(function: &str, args: &[u8]) -> u64 {
+    (crate::wire::HEADER_LEN + function.len() + args.len()) as u64
 }
 
 /// At most this many connections of one rank are in their handshake at
@@ -53,24 +67,12 @@ impl Queued {
 /// server faster than it can answer them, until they pass their 5 s limit
 /// (seen with 256 ranks on 2 cores); taken in turns they finish in a few
 /// round trips each.
-pub(super) const MAX_OPENING: usize = 32;
+const MAX_OPENING: usize = 32;
 
 /// Queued requests whose calls expired are dropped once the queue holds
 /// this many (then at each doubling): a peer that never answers its
 /// handshake holds no more than its live calls.
 const PRUNE_QUEUED_AT: usize = 64;
-
-impl Queued {
-    /// The bytes its frame will take in the outbox.
-    pub(super) fn len(&self) -> u64 {
-        (crate::wire::HEADER_LEN + self.function.len() + self.args.len()) as u64
-    }
-
-    /// The bytes `request`'s frame will take, before any copy is made.
-    pub(super) fn len_of(request: &OutRequest<'_>) -> u64 {
-        (crate::wire::HEADER_LEN + request.function.len() + request.args.len()) as u64
-    }
-}
 
 /// The requests waiting for a peer's connection to open, in order, and
 /// the bytes their frames will take (held to the send window).
@@ -173,8 +175,7 @@ impl Shared {
                     queued,
                 } if Arc::ptr_eq(opening, conn) => {
                     let queued = std::mem::take(queued).calls;
-                    *st = PeerState::Ready(conn.clone());
-                    self.peers[dst].room.notify_all();
+                    self.peers[dst].set(&mut st, PeerState::Ready(conn.clone()));
                     // Corked under the peer's lock: a call that finds the
                     // connection ready sends behind them (a frame sent on a
                     // connection with a corked batch goes after it).
@@ -197,6 +198,19 @@ impl Shared {
         let sent = corked.and_then(|()| conn.flush_cork());
         self.done_opening();
         Ok(sent?)
+    }
+
+    /// Whether `dst` may start opening its connection now (fewer than
+    /// [`MAX_OPENING`] are); if not, it waits in line for `done_opening`.
+    pub(super) fn take_opening_turn(&self, dst: usize) -> bool {
+        let mut opening = self.opening.lock();
+        if opening.now < MAX_OPENING {
+            opening.now += 1;
+            true
+        } else {
+            opening.waiting.push_back(dst);
+            false
+        }
     }
 
     /// A connection left its handshake (ready, failed, or its rank lost):
@@ -226,8 +240,7 @@ impl Shared {
                     return;
                 }
                 Err(e) => {
-                    *st = PeerState::Lost(e.clone());
-                    self.peers[next].room.notify_all();
+                    self.peers[next].set(&mut st, PeerState::Lost(e.clone()));
                     drop(st);
                     if let Some(d) = self.dispatch() {
                         d.on_peer_lost(next, e);

@@ -15,7 +15,7 @@ use crate::wire::{FLAG_INTERNAL, Header, Kind};
 
 use super::conn::{self, Conn};
 use super::conn::{Window, WindowFull};
-use super::open::{MAX_OPENING, Queued, WaitingCalls};
+use super::open::{Queued, WaitingCalls};
 use super::{PeerState, Shared};
 
 impl crate::transport::ReplySink for Conn {
@@ -87,25 +87,14 @@ impl Shared {
             let mut st = self.peers[dst].state.lock();
             // No room while the connection opens: wait (before any copy is
             // made, so waiters hold nothing), then look at the state again.
-            if let PeerState::Connecting { queued, .. } = &*st
-                && queued.bytes > 0
-                && queued.bytes + len > window.bytes
-            {
+            let full =
+                |st: &PeerState| matches!(st, PeerState::Connecting { queued, .. } if !window.fits(queued.bytes, len));
+            if full(&st) {
                 if !window.may_block {
                     return Err(self.window_full(dst, request, WindowFull::Busy));
                 }
-                let room = &self.peers[dst].room;
-                match window.deadline {
-                    None => room.wait(&mut st),
-                    Some(d) => {
-                        let full = |st: &PeerState| {
-                            matches!(st, PeerState::Connecting { queued, .. }
-                                if queued.bytes > 0 && queued.bytes + len > window.bytes)
-                        };
-                        if room.wait_until(&mut st, d).timed_out() && full(&st) {
-                            return Err(self.window_full(dst, request, WindowFull::TimedOut));
-                        }
-                    }
+                if !window.wait(&self.peers[dst].room, &mut st) && full(&st) {
+                    return Err(self.window_full(dst, request, WindowFull::TimedOut));
                 }
                 continue;
             }
@@ -122,19 +111,8 @@ impl Shared {
                     return Ok(());
                 }
                 PeerState::Idle => {
-                    let conn = {
-                        let mut opening = self.opening.lock();
-                        if opening.now < MAX_OPENING {
-                            opening.now += 1;
-                            None
-                        } else {
-                            opening.waiting.push_back(dst);
-                            Some(None)
-                        }
-                    };
-                    let conn = match conn {
-                        Some(waits) => waits,
-                        None => match self.open(dst) {
+                    let conn = if self.take_opening_turn(dst) {
+                        match self.open(dst) {
                             Ok(conn) => Some(conn),
                             Err(e) => {
                                 // A shut-down transport refuses for good too.
@@ -143,7 +121,9 @@ impl Shared {
                                 self.done_opening();
                                 return Err(e);
                             }
-                        },
+                        }
+                    } else {
+                        None
                     };
                     *st = PeerState::Connecting {
                         conn,
