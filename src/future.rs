@@ -19,6 +19,9 @@ pub(crate) type Spawner = Arc<dyn Fn(Callback) + Send + Sync>;
 /// (the TCP transport lets the caller read the connection itself).
 pub(crate) trait Progress: Send + Sync {
     fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>);
+    /// Writes the requests held back to share a write (a caller is about
+    /// to wait for replies).
+    fn flush_batches(&self);
 }
 
 /// Where a future can make progress while waiting.
@@ -43,7 +46,7 @@ enum State {
 pub(crate) fn run_callback(cb: Callback) {
     // Callbacks must not block: a call one makes into a full send window
     // fails with BUSY instead of waiting for room.
-    let ran = crate::threads::without_blocking(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(cb)));
+    let ran = crate::threads::in_callback(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(cb)));
     if ran.is_err() {
         crate::log::log_at!(Error, None, "a completion callback panicked");
     }
@@ -268,6 +271,18 @@ impl RpcFuture {
     pub fn wait_any(futures: &[&RpcFuture], timeout: Option<Duration>) -> Option<usize> {
         if let Some(i) = futures.iter().position(|f| f.is_ready()) {
             return Some(i);
+        }
+        // Requests held back for company leave before this thread sleeps
+        // (once per agent: neighbours usually share one).
+        let mut flushed: Option<*const ()> = None;
+        for d in futures.iter().filter_map(|f| f.driver.as_ref()) {
+            let agent = d.progress.as_ptr() as *const ();
+            if flushed != Some(agent)
+                && let Some(progress) = d.progress.upgrade()
+            {
+                progress.flush_batches();
+                flushed = Some(agent);
+            }
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         let signal = Arc::new((Mutex::new(None::<usize>), Condvar::new()));

@@ -4,7 +4,9 @@
 //! wakes the next only if more work is waiting, so a burst of tiny jobs is
 //! run by as few threads as keep up with it (each wake-up costs a futex
 //! call and a context switch). Each worker records what it is running, so a
-//! stalled pool can be reported by name.
+//! stalled pool can be reported by name. The pool knows nothing of what
+//! its jobs do: its owner may give it one hook to run when a worker runs
+//! out of work (the agent writes the replies its workers held back).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -49,6 +51,8 @@ struct Shared {
     work: Condvar,
     exited: Condvar,
     busy: Mutex<Vec<Running>>,
+    /// Run by a worker that found the queue empty, before it waits.
+    on_idle: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 pub(crate) struct Pool {
@@ -75,12 +79,11 @@ impl Shared {
     }
 
     fn worker(&self, index: usize) {
-        crate::threads::mark_library();
+        let _role = crate::threads::enter(crate::threads::Role::Worker);
         let mut q = self.queue.lock();
         loop {
             if let Some(job) = q.jobs.pop_front() {
                 self.has_work.store(!q.jobs.is_empty(), Ordering::Relaxed);
-                crate::threads::set_more_work(!q.jobs.is_empty());
                 self.wake_one(&mut q);
                 drop(q);
                 self.busy.lock()[index] = Some((Instant::now(), job.label.clone(), job.counted));
@@ -99,7 +102,12 @@ impl Shared {
             }
             // Replies held back for company leave now.
             drop(q);
-            crate::threads::flush_corked();
+            if let Some(on_idle) = self.on_idle.get() {
+                // A panicking hook must not take the worker with it.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(on_idle)).is_err() {
+                    crate::log::log_at!(Error, None, "the pool's idle hook panicked; the worker goes on");
+                }
+            }
             q = self.queue.lock();
             if !q.jobs.is_empty() {
                 continue;
@@ -140,6 +148,7 @@ impl Pool {
             work: Condvar::new(),
             exited: Condvar::new(),
             busy: Mutex::new(vec![None; threads]),
+            on_idle: std::sync::OnceLock::new(),
         });
         let pool = Pool {
             shared,
@@ -161,6 +170,17 @@ impl Pool {
             }
         }
         Ok(pool)
+    }
+
+    /// Sets what a worker runs when it finds no work, before it waits
+    /// (once; later calls are ignored).
+    pub(crate) fn on_idle(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.shared.on_idle.set(hook);
+    }
+
+    /// Whether jobs wait in the queue now (no lock: a hint).
+    pub(crate) fn has_queued(&self) -> bool {
+        self.shared.has_work.load(Ordering::Relaxed)
     }
 
     /// Queues `run`; gives it back if the pool has stopped.

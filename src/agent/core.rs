@@ -3,7 +3,6 @@
 //! the shutdown sequence. It knows nothing of sockets: frames go out through
 //! a [`Transport`] and come in through [`Dispatch`].
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -18,7 +17,7 @@ use crate::error::{Result, RpcError, Status};
 use crate::future::{Progress, RpcFuture, Slot, Spawner};
 use crate::log::log_at;
 use crate::pool::Pool;
-use crate::transport::{Dispatch, Executor, InRequest, OutRequest, Outcome, Transport};
+use crate::transport::{Dispatch, Executor, InRequest, OutRequest, Outcome, ReadPass, Transport};
 use rustc_hash::FxHashMap;
 
 use super::handler::{Body, Handler, Reply, ReplyRoute, Request};
@@ -35,12 +34,6 @@ pub(crate) const SHUTDOWN: &str = "shutdown";
 
 /// How long a pool may be fully busy before the log says so.
 const POOL_STALL_WARNING: Duration = Duration::from_secs(5);
-
-thread_local! {
-    /// Set while this thread runs a handler: its calls are part of serving
-    /// somebody else's call and stay allowed while the agent drains.
-    static IN_HANDLER: Cell<u32> = const { Cell::new(0) };
-}
 
 /// A registered handler and its name, as the label the pool reports a busy
 /// worker by (made once at registration).
@@ -165,6 +158,13 @@ impl Core {
                 RpcError::Io(format!("cannot start the deadline thread: {e}"))
             })?;
         *core.deadline_thread.lock() = Some(thread);
+        // A worker out of work writes the replies it held back for company.
+        let idle = Arc::downgrade(&core);
+        core.pool.on_idle(Box::new(move || {
+            if let Some(core) = idle.upgrade() {
+                core.flush_batches();
+            }
+        }));
         Ok(core)
     }
 
@@ -218,7 +218,7 @@ impl Core {
         let early = self.early.lock().take();
         for request in early.into_iter().flatten() {
             if !self.gave_up(&request) {
-                self.dispatch(request);
+                self.dispatch(request, None);
             }
         }
         Ok(())
@@ -304,7 +304,7 @@ impl Core {
 
     fn check_call(&self, dst: usize, function: &str, args: &[u8], internal: bool) -> Result<()> {
         let state = self.state.load(Ordering::Acquire);
-        if state == CLOSED || (state == DRAINING && !internal && IN_HANDLER.get() == 0) {
+        if state == CLOSED || (state == DRAINING && !internal && !crate::threads::in_any_handler()) {
             return Err(RpcError::Shutdown(format!("rank {} is shutting down", self.rank)));
         }
         if dst >= self.world_size {
@@ -379,14 +379,16 @@ impl Core {
         }
     }
 
-    fn dispatch(&self, request: InRequest) {
+    /// Runs `request`'s handler: inline handlers here and now, others on
+    /// the pool (or kept by the I/O thread's read `pass` to run itself).
+    fn dispatch(&self, request: InRequest, pass: Option<&mut ReadPass>) {
         let found = self.registry.read().get(&request.function[..]).cloned();
         let Some(handler) = found else {
             let message = format!("rank {} has no function named '{}'", self.rank, request.name());
             return self.route(&request).send(Err((Status::NotFound, message)));
         };
         if handler.handler.options.inline {
-            return self.run_handler(handler, request);
+            return self.run_handler(handler, request, false);
         }
         let label = handler.name.clone();
         let me = self.me.clone();
@@ -398,17 +400,13 @@ impl Core {
             if let Some(core) = me.upgrade() {
                 core.left_backlog(bytes);
                 if !core.gave_up(&request) {
-                    core.run_handler(handler, request);
+                    core.run_handler(handler, request, true);
                 }
             }
         });
-        // On an I/O thread, a pass's only request is kept to run on this very
-        // thread once its reading has moved to another (no wake-up between
-        // reading a request and serving it); under load the pool serves all.
-        let queued = if crate::threads::is_io_thread() {
-            crate::threads::keep(label, job)
-        } else {
-            vec![(label, job as crate::pool::Work)]
+        let queued = match pass {
+            Some(pass) => pass.keep(label, job),
+            None => vec![(label, job as crate::pool::Work)],
         };
         for (label, job) in queued {
             // A pool that has stopped belongs to a closing agent, whose
@@ -430,26 +428,28 @@ impl Core {
         }
     }
 
-    fn run_handler(&self, handler: Arc<Registered>, request: InRequest) {
+    /// `pooled`: runs as a pool job (whose reply may wait for the replies
+    /// of the jobs queued behind it).
+    fn run_handler(&self, handler: Arc<Registered>, request: InRequest, pooled: bool) {
         if self.state.load(Ordering::Acquire) == CLOSED {
             return self
                 .route(&request)
                 .send(Err((Status::Shutdown, format!("rank {} is shut down", self.rank))));
         }
         let mut reply = Reply::new(self.route(&request));
-        IN_HANDLER.set(IN_HANDLER.get() + 1);
-        let result = catch_unwind(AssertUnwindSafe(|| match &handler.handler.body {
-            Body::Borrowed(func) => {
-                let view = Request {
-                    src_rank: request.src,
-                    function: &handler.name,
-                    args: &request.args,
-                };
-                func(&view, &mut reply)
-            }
-            Body::Owned(func) => func(request.src, request.args).map(|out| reply.set(out)),
-        }));
-        IN_HANDLER.set(IN_HANDLER.get() - 1);
+        let result = crate::threads::in_handler(|| {
+            catch_unwind(AssertUnwindSafe(|| match &handler.handler.body {
+                Body::Borrowed(func) => {
+                    let view = Request {
+                        src_rank: request.src,
+                        function: &handler.name,
+                        args: &request.args,
+                    };
+                    func(&view, &mut reply)
+                }
+                Body::Owned(func) => func(request.src, request.args).map(|out| reply.set(out)),
+            }))
+        });
         // Let go of the handler before answering: once the caller has its
         // reply, an unregister releases the handler's data at once.
         drop(handler);
@@ -461,7 +461,14 @@ impl Core {
                 .unwrap_or_else(|| "unknown panic".into());
             Err(format!("the handler panicked: {what}"))
         });
-        reply.finish(result);
+        reply.finish(result, pooled && self.pool.has_queued());
+    }
+
+    /// Writes every frame the transports hold back for company.
+    fn flush_batches(&self) {
+        if let Some(t) = self.transport.get() {
+            t.flush_batches();
+        }
     }
 
     /// The agent's own functions; only rank 0 serves them.
@@ -665,10 +672,14 @@ impl Progress for Core {
             t.drive(dst, done, deadline);
         }
     }
+
+    fn flush_batches(&self) {
+        Core::flush_batches(self);
+    }
 }
 
 impl Dispatch for Core {
-    fn on_request(&self, request: InRequest) {
+    fn on_request(&self, request: InRequest, pass: Option<&mut ReadPass>) {
         if self.state.load(Ordering::Acquire) == CLOSED {
             return self
                 .route(&request)
@@ -688,7 +699,7 @@ impl Dispatch for Core {
                 return;
             }
         }
-        self.dispatch(request);
+        self.dispatch(request, pass);
     }
 
     fn on_response(&self, from: usize, id: u64, outcome: Outcome) {

@@ -59,6 +59,12 @@ impl ReplyRoute {
     /// Sends the response; a reply above the maximum becomes a TOO_LARGE
     /// error for the caller.
     pub(crate) fn send(self, outcome: Outcome) {
+        self.send_then(outcome, false);
+    }
+
+    /// Like [`ReplyRoute::send`]; `more_follow`: this thread answers more
+    /// requests right away (see [`ReplySink::send_reply`]).
+    pub(crate) fn send_then(self, outcome: Outcome, more_follow: bool) {
         let outcome = match outcome {
             Ok(data) if data.len() as u64 > self.max_message_bytes => Err((
                 Status::TooLarge,
@@ -76,7 +82,7 @@ impl ReplyRoute {
                 stats.bytes_sent.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
         }
-        self.sink.send_reply(self.id, outcome);
+        self.sink.send_reply(self.id, outcome, more_follow);
     }
 }
 
@@ -151,8 +157,9 @@ impl Reply {
         self.route.take().map(|route| Deferred { route: Some(route) })
     }
 
-    /// Sends what the handler produced (nothing if it deferred).
-    pub(crate) fn finish(mut self, result: Result<(), String>) {
+    /// Sends what the handler produced (nothing if it deferred);
+    /// `more_follow` as in [`ReplyRoute::send_then`].
+    pub(crate) fn finish(mut self, result: Result<(), String>, more_follow: bool) {
         let Some(route) = self.route.take() else {
             return;
         };
@@ -161,7 +168,7 @@ impl Reply {
             (Err(message), _, None) | (Ok(()), Some(message), None) => Err((Status::Handler, message)),
             (Ok(()), None, None) => Ok(std::mem::take(&mut self.data)),
         };
-        route.send(outcome);
+        route.send_then(outcome, more_follow);
     }
 }
 

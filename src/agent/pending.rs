@@ -208,8 +208,7 @@ impl Pending {
     ) -> std::io::Result<JoinHandle<()>> {
         let me = self.clone();
         std::thread::Builder::new().name(name).spawn(move || {
-            crate::threads::mark_library();
-            crate::threads::mark_no_block();
+            let _role = crate::threads::enter(crate::threads::Role::Timer);
             let mut next_tick = Instant::now() + tick_every;
             let mut due = Vec::new();
             let mut t = me.table.lock();

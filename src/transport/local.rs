@@ -39,18 +39,21 @@ impl Transport for LocalTransport {
                 reason: "the agent was freed".into(),
             });
         };
-        target.on_request(InRequest {
-            src: self.me,
-            id: request.id,
-            function: request.function.as_bytes().to_vec(),
-            internal: request.internal,
-            deadline: request.deadline,
-            args: request.args.to_vec(),
-            reply_to: Arc::new(LocalReply {
-                caller: self.agents[self.me].clone(),
-                from: dst,
-            }),
-        });
+        target.on_request(
+            InRequest {
+                src: self.me,
+                id: request.id,
+                function: request.function.as_bytes().to_vec(),
+                internal: request.internal,
+                deadline: request.deadline,
+                args: request.args.to_vec(),
+                reply_to: Arc::new(LocalReply {
+                    caller: self.agents[self.me].clone(),
+                    from: dst,
+                }),
+            },
+            None,
+        );
         Ok(())
     }
 
@@ -62,7 +65,7 @@ impl Transport for LocalTransport {
 }
 
 impl ReplySink for LocalReply {
-    fn send_reply(&self, id: u64, outcome: Outcome) {
+    fn send_reply(&self, id: u64, outcome: Outcome, _more_follow: bool) {
         if let Some(caller) = self.caller.upgrade() {
             caller.on_response(self.from, id, outcome);
         }

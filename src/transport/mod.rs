@@ -52,8 +52,12 @@ pub(crate) type Outcome = std::result::Result<Vec<u8>, (Status, String)>;
 /// Where the response to one request goes.
 pub(crate) trait ReplySink: Send + Sync {
     /// Sends the response to request `id`; a reply that can no longer be
-    /// delivered (the caller is gone) is dropped.
-    fn send_reply(&self, id: u64, outcome: Outcome);
+    /// delivered (the caller is gone) is dropped. `more_follow`: the
+    /// sending thread has more requests to answer right away, so the reply
+    /// may wait for their company in one write (it leaves at the latest
+    /// when [`Transport::flush_batches`] runs, or within about a
+    /// millisecond).
+    fn send_reply(&self, id: u64, outcome: Outcome, more_follow: bool);
 }
 
 /// Carries requests out of one agent.
@@ -77,6 +81,38 @@ pub(crate) trait Transport: Send + Sync {
     /// The pool's backlog fell below half full: connections whose reading
     /// stopped for it are read again.
     fn resume_reading(&self) {}
+
+    /// Writes every frame held back to share a write with others (a thread
+    /// is about to wait, or a worker ran out of work).
+    fn flush_batches(&self) {}
+}
+
+/// What one read pass of an I/O thread keeps to run itself once it has
+/// handed its reading on: the pass's only request that needs a pool thread
+/// (so a request on a quiet agent is served with no wake-up in between).
+/// A pass that meets several such requests leaves them all to the pool.
+#[derive(Default)]
+pub(crate) enum ReadPass {
+    #[default]
+    Nothing,
+    One(Arc<str>, crate::pool::Work),
+    Busy,
+}
+
+impl ReadPass {
+    /// Keeps `work` if it is the pass's first request for the pool;
+    /// otherwise hands back what is to be queued now (this one, and the one
+    /// kept before, if any).
+    pub(crate) fn keep(&mut self, label: Arc<str>, work: crate::pool::Work) -> Vec<(Arc<str>, crate::pool::Work)> {
+        match std::mem::replace(self, ReadPass::Busy) {
+            ReadPass::Nothing => {
+                *self = ReadPass::One(label, work);
+                Vec::new()
+            }
+            ReadPass::One(first_label, first) => vec![(first_label, first), (label, work)],
+            ReadPass::Busy => vec![(label, work)],
+        }
+    }
 }
 
 /// Library threads a transport may borrow. The TCP transport runs its I/O
@@ -97,7 +133,9 @@ pub(crate) trait Executor: Send + Sync {
 
 /// What a transport delivers into its agent.
 pub(crate) trait Dispatch: Send + Sync {
-    fn on_request(&self, request: InRequest);
+    /// A request arrived. `pass`: the I/O thread's read pass, which may
+    /// keep a request for the pool to run itself (`None`: queue it).
+    fn on_request(&self, request: InRequest, pass: Option<&mut ReadPass>);
     fn on_response(&self, from: usize, id: u64, outcome: Outcome);
     /// The connection to `rank` failed; every call in flight to it fails.
     fn on_peer_lost(&self, rank: usize, error: crate::RpcError);

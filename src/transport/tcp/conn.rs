@@ -734,13 +734,6 @@ pub(crate) fn mode_here() -> Mode {
     }
 }
 
-impl crate::threads::Corked for Conn {
-    fn flush_cork(&self) {
-        // A failed write is seen by the connection's reader.
-        let _ = Conn::flush_cork(self);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

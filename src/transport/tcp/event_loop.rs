@@ -17,8 +17,8 @@ use crate::error::{Result, RpcError};
 use crate::log::log_at;
 use crate::net::framing::{Frame, FrameReader, ReadEnd};
 use crate::net::sys::{self, Event};
-use crate::threads::Kept;
-use crate::transport::InRequest;
+use crate::threads::Role;
+use crate::transport::{InRequest, ReadPass};
 use crate::wire::{self, FLAG_INTERNAL, Kind};
 
 use super::Shared;
@@ -40,20 +40,33 @@ impl Shared {
     pub(super) fn io_loop_job(self: Arc<Self>) -> crate::pool::Work {
         Box::new(move || {
             // A panic in the loop (a log sink's, say) must not leave the
-            // agent with nobody reading its connections.
-            if catch_unwind(AssertUnwindSafe(|| self.clone().io_loop())).is_err() {
-                self.restart_after_panic();
+            // agent with nobody reading its connections. The request its
+            // pass kept is moved out of the loop first.
+            let mut pass = ReadPass::Nothing;
+            if catch_unwind(AssertUnwindSafe(|| self.clone().io_loop(&mut pass))).is_err() {
+                self.restart_after_panic(pass);
             }
         })
+    }
+
+    /// This transport's identity in [`Role::IoLoop`].
+    fn loop_role(&self) -> Role {
+        Role::IoLoop {
+            transport: self as *const Shared as usize,
+        }
+    }
+
+    /// Whether the calling thread runs this transport's I/O loop.
+    pub(super) fn on_io_loop(&self) -> bool {
+        crate::threads::role() == self.loop_role()
     }
 
     /// The I/O loop panicked: it starts again on the pool, and every
     /// connection is looked at anew (the edge-triggered events it was
     /// handling would not be reported again by themselves).
-    fn restart_after_panic(self: &Arc<Self>) {
-        crate::threads::set_io_loop(false);
+    fn restart_after_panic(self: &Arc<Self>, pass: ReadPass) {
         // A request the interrupted pass kept for this thread goes to the pool.
-        if let Kept::One(label, job) = crate::threads::take_kept()
+        if let ReadPass::One(label, job) = pass
             && let Some(ex) = self.executor.upgrade()
         {
             let _ = ex.submit(label, job);
@@ -83,8 +96,10 @@ impl Shared {
     /// The I/O loop: runs on one library thread at a time. When a read pass
     /// leaves a request for the pool and another thread is idle, the loop
     /// moves to that thread and this one serves the request itself.
-    pub(super) fn io_loop(self: Arc<Self>) {
-        crate::threads::set_io_loop(true);
+    /// `pass`: what the current pass keeps (the caller's, so that a panic
+    /// does not lose it).
+    pub(super) fn io_loop(self: Arc<Self>, pass: &mut ReadPass) {
+        let role = crate::threads::enter(self.loop_role());
         let mut events = Vec::with_capacity(128);
         let mut last_sweep = Instant::now();
         while !self.stopping.load(Ordering::Acquire) {
@@ -123,7 +138,7 @@ impl Shared {
                     token => {
                         let conn = self.conns.lock().get(&token).cloned();
                         if let Some(conn) = conn
-                            && self.on_event(&conn, *ev)
+                            && self.on_event(&conn, *ev, pass)
                         {
                             served = Some(conn);
                         }
@@ -134,20 +149,15 @@ impl Shared {
                 last_sweep = Instant::now();
                 self.close_stale_handshakes();
             }
-            if !nudged_only && self.has_corks.swap(false, Ordering::SeqCst) {
-                let corked = std::mem::take(&mut *self.corked.lock());
-                for c in corked {
-                    if let Err(e) = c.flush_cork() {
-                        self.drop_conn(&c, Some(RpcError::Io(format!("sending failed: {e}"))));
-                    }
-                }
+            if !nudged_only {
+                self.flush_batches();
             }
-            match crate::threads::take_kept() {
-                Kept::One(label, job) => match self.executor.upgrade() {
+            match std::mem::take(pass) {
+                ReadPass::One(label, job) => match self.executor.upgrade() {
                     Some(ex) => match ex.move_io(self.clone().io_loop_job()) {
                         Ok(()) => {
-                            crate::threads::set_io_loop(false);
-                            crate::threads::run_kept(job);
+                            drop(role);
+                            job();
                             return;
                         }
                         // Nobody idle: the loop stays here, the pool queues the job
@@ -158,19 +168,19 @@ impl Shared {
                 },
                 // Requests served inline (nothing for the pool): the next
                 // ones on that connection likely are too.
-                Kept::Nothing => {
+                ReadPass::Nothing => {
                     if let Some(conn) = served
                         && self.become_responder()
                     {
-                        crate::threads::set_io_loop(false);
+                        drop(role);
                         self.respond(&conn);
                         return;
                     }
                 }
-                Kept::Busy => {}
+                ReadPass::Busy => {}
             }
         }
-        crate::threads::set_io_loop(false);
+        drop(role);
         *self.io_loop.lock() = false;
         self.io_loop_done.notify_all();
     }
@@ -226,41 +236,42 @@ impl Shared {
         let responding = Responding::new(self, conn);
         let kept = self.serve_requests(conn);
         drop(responding);
-        if let Kept::One(label, job) = kept {
+        if let ReadPass::One(label, job) = kept {
             // Older jobs waiting for a thread go first.
             match self.executor.upgrade() {
                 Some(ex) if ex.starved() => drop(ex.submit(label, job)),
-                _ => crate::threads::run_kept(job),
+                _ => job(),
             }
         }
     }
 
-    pub(super) fn serve_requests(&self, conn: &Arc<Conn>) -> Kept {
+    /// The responder's reading: returns what its last pass kept.
+    pub(super) fn serve_requests(&self, conn: &Arc<Conn>) -> ReadPass {
         let Some(mut reader) = conn.reader.try_lock() else {
-            return Kept::Nothing;
+            return ReadPass::Nothing;
         };
         if conn.begin_lead().is_err() {
-            return Kept::Nothing;
+            return ReadPass::Nothing;
         }
         let starved = || self.executor.upgrade().is_none_or(|ex| ex.starved());
         let (outcome, kept) = loop {
             if self.stopping.load(Ordering::Acquire) || starved() {
-                break (Ok(()), Kept::Nothing);
+                break (Ok(()), ReadPass::Nothing);
             }
             // Corked only once requests came, not for the wait: other
             // threads' frames must not queue behind it meanwhile.
             let mut corked = None;
+            let mut kept = ReadPass::Nothing;
             let mut stream = sys::Recv::waiting(&conn.stream);
             let result = reader.read_from(&mut stream, &mut |frame, reader| {
                 cork_for_batch(conn, &mut corked, reader);
-                self.on_frame(conn, frame, reader)
+                self.on_frame(conn, frame, reader, Some(&mut kept))
             });
             let ended = end_pass(conn, corked, result);
-            let kept = crate::threads::take_kept();
             if let Err(why) = ended {
                 break (Err(why), kept);
             }
-            if stream.timed_out() || !matches!(kept, Kept::Nothing) {
+            if stream.timed_out() || !matches!(kept, ReadPass::Nothing) {
                 break (Ok(()), kept);
             }
         };
@@ -274,8 +285,9 @@ impl Shared {
         kept
     }
 
-    /// Handles one readiness event; true if it served requests.
-    pub(super) fn on_event(&self, conn: &Arc<Conn>, ev: Event) -> bool {
+    /// Handles one readiness event; true if it served requests (one that
+    /// needs the pool may be kept in `pass`).
+    pub(super) fn on_event(&self, conn: &Arc<Conn>, ev: Event, pass: &mut ReadPass) -> bool {
         if let Some(dst) = conn.opened_to
             && conn.peer().is_none()
             && matches!(*conn.greeting.lock(), Greeting::Connecting)
@@ -312,7 +324,7 @@ impl Shared {
         let mut on_frame = |frame: Frame, reader: &mut FrameReader| {
             requests |= frame.header.kind == Kind::Request;
             cork_for_batch(conn, &mut corked, reader);
-            self.on_frame(conn, frame, reader)
+            self.on_frame(conn, frame, reader, Some(&mut *pass))
         };
         // Requests stop being read while the pool's backlog is full.
         let serving = (!conn.outbound && conn.peer().is_some())
@@ -337,7 +349,15 @@ impl Shared {
         }
     }
 
-    pub(super) fn on_frame(&self, conn: &Arc<Conn>, mut frame: Frame, reader: &mut FrameReader) -> Result<()> {
+    /// Handles one frame read from `conn`; `pass` as in
+    /// [`crate::transport::Dispatch::on_request`].
+    pub(super) fn on_frame(
+        &self,
+        conn: &Arc<Conn>,
+        mut frame: Frame,
+        reader: &mut FrameReader,
+        pass: Option<&mut ReadPass>,
+    ) -> Result<()> {
         let Some(peer) = conn.peer() else {
             return match conn.opened_to {
                 Some(dst) => self.greet_server(conn, dst, frame, reader),
@@ -355,15 +375,18 @@ impl Shared {
                 if !frame.name.is_ascii() && std::str::from_utf8(&frame.name).is_err() {
                     return Err(RpcError::Protocol("function name is not UTF-8".into()));
                 }
-                dispatch.on_request(InRequest {
-                    src: peer,
-                    id: h.request_id,
-                    function: std::mem::take(&mut frame.name),
-                    internal: h.flags & FLAG_INTERNAL != 0,
-                    deadline: (h.timeout_us > 0).then(|| Instant::now() + Duration::from_micros(h.timeout_us)),
-                    args: frame.payload,
-                    reply_to: conn.clone(),
-                });
+                dispatch.on_request(
+                    InRequest {
+                        src: peer,
+                        id: h.request_id,
+                        function: std::mem::take(&mut frame.name),
+                        internal: h.flags & FLAG_INTERNAL != 0,
+                        deadline: (h.timeout_us > 0).then(|| Instant::now() + Duration::from_micros(h.timeout_us)),
+                        args: frame.payload,
+                        reply_to: conn.clone(),
+                    },
+                    pass,
+                );
             }
             (Kind::Response, true) => {
                 let status = wire::response_status(&h)?;
@@ -419,12 +442,16 @@ pub(super) fn end_pass(
 struct Responding<'a> {
     shared: &'a Shared,
     conn: &'a Conn,
+    _role: crate::threads::Restore,
 }
 
 impl<'a> Responding<'a> {
     fn new(shared: &'a Shared, conn: &'a Conn) -> Responding<'a> {
-        crate::threads::set_responder(true);
-        Responding { shared, conn }
+        Responding {
+            shared,
+            conn,
+            _role: crate::threads::enter(Role::Responder),
+        }
     }
 }
 
@@ -433,7 +460,6 @@ impl Drop for Responding<'_> {
         if std::thread::panicking() {
             let _ = self.conn.end_lead(true);
         }
-        crate::threads::set_responder(false);
         self.shared.responder.store(false, Ordering::Release);
     }
 }

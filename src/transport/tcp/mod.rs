@@ -277,7 +277,7 @@ impl Transport for TcpTransport {
         let _ = io::Write::write(&mut &shared.waker_tx, &[1]);
         // Wait (bounded) for the I/O loop to notice; it may be queued behind
         // busy workers, and then it stops as soon as it starts.
-        if !crate::threads::is_io_loop() {
+        if !shared.on_io_loop() {
             let mut running = shared.io_loop.lock();
             while *running && !shared.io_loop_done.wait_until(&mut running, deadline).timed_out() {}
         }
@@ -297,6 +297,10 @@ impl Transport for TcpTransport {
 
     fn listen_addr(&self) -> String {
         self.shared.listen_addr.to_string()
+    }
+
+    fn flush_batches(&self) {
+        self.shared.flush_batches();
     }
 
     fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>) {

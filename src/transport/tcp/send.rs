@@ -19,13 +19,13 @@ use super::open::{Queued, WaitingCalls};
 use super::{PeerState, Shared};
 
 impl crate::transport::ReplySink for Conn {
-    /// A worker with more jobs waiting corks its reply: the next replies
-    /// join it in one write (flushed when the worker runs out of work).
-    fn send_reply(&self, id: u64, outcome: crate::transport::Outcome) {
+    /// A reply with more to follow is corked: the next replies join it in
+    /// one write (flushed when the worker runs out of work).
+    fn send_reply(&self, id: u64, outcome: crate::transport::Outcome, more_follow: bool) {
         let (header, payload) = Conn::response(id, &outcome);
         // A failed send means the connection is broken; its reader sees that
         // and reports the peer, so there is nothing more to do here.
-        if crate::threads::more_work() && !crate::threads::is_io_thread() {
+        if more_follow {
             // Only the reply that starts a batch needs the batch recorded.
             if let Ok(true) = self.send_corked(header, &[], payload, None)
                 && let Some(owner) = self.owner.upgrade()
@@ -181,13 +181,13 @@ impl Shared {
     }
 
     /// Records a corked batch on `conn` (`starts`: the first frame of one):
-    /// this thread flushes it before it waits or idles, and the I/O loop
-    /// within about a millisecond otherwise.
+    /// it is written when a thread waits for a reply or a worker runs out
+    /// of work (`flush_batches`), and by the I/O loop within about a
+    /// millisecond otherwise.
     pub(super) fn corked(&self, conn: &Arc<Conn>, starts: bool) {
         if !starts {
             return;
         }
-        crate::threads::note_corked(&(conn.clone() as Arc<dyn crate::threads::Corked + Send + Sync>));
         {
             let mut corked = self.corked.lock();
             corked.push(conn.clone());
@@ -198,12 +198,25 @@ impl Shared {
         }
     }
 
+    /// Writes every corked batch now.
+    pub(super) fn flush_batches(&self) {
+        if !self.has_corks.load(Ordering::SeqCst) || !self.has_corks.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let corked = std::mem::take(&mut *self.corked.lock());
+        for c in corked {
+            if let Err(e) = c.flush_cork() {
+                self.drop_conn(&c, Some(RpcError::Io(format!("sending failed: {e}"))));
+            }
+        }
+    }
+
     /// A caller waiting for a reply from `dst` reads that connection itself
     /// (if nobody else is): the reply completes its call on its own thread,
     /// with no wake-up from the I/O thread. Other frames it meets are
     /// dispatched as the I/O thread would.
     pub(super) fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
-        crate::threads::flush_corked();
+        self.flush_batches();
         let conn = match &*self.peers[dst].state.lock() {
             PeerState::Ready(c) => c.clone(),
             _ => return,
@@ -251,7 +264,7 @@ impl Shared {
             }
             match reader.read_until(
                 &mut stream,
-                &mut |frame, reader| self.on_frame(&conn, frame, reader),
+                &mut |frame, reader| self.on_frame(&conn, frame, reader, None),
                 done,
             ) {
                 Ok(ReadEnd::WouldBlock) => {}
