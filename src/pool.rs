@@ -37,6 +37,8 @@ struct Queue {
     waking: bool,
     stopped: bool,
     alive: usize,
+    /// Queued jobs that count (not the I/O loop on its way to a thread).
+    counted: usize,
 }
 
 /// How many times an idle worker yields and looks for work before sleeping.
@@ -46,6 +48,9 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Whether the queue has jobs, readable without the lock.
     has_work: AtomicBool,
+    /// Whether counted jobs wait in the queue (`Queue::counted > 0`),
+    /// readable without the lock.
+    has_jobs: AtomicBool,
     /// Workers looking for work before they sleep: they need no wake-up.
     spinning: AtomicUsize,
     work: Condvar,
@@ -84,6 +89,10 @@ impl Shared {
         loop {
             if let Some(job) = q.jobs.pop_front() {
                 self.has_work.store(!q.jobs.is_empty(), Ordering::Relaxed);
+                if job.counted {
+                    q.counted -= 1;
+                    self.has_jobs.store(q.counted > 0, Ordering::Relaxed);
+                }
                 self.wake_one(&mut q);
                 drop(q);
                 self.busy.lock()[index] = Some((Instant::now(), job.label.clone(), job.counted));
@@ -144,6 +153,7 @@ impl Pool {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             has_work: AtomicBool::new(false),
+            has_jobs: AtomicBool::new(false),
             spinning: AtomicUsize::new(0),
             work: Condvar::new(),
             exited: Condvar::new(),
@@ -178,9 +188,10 @@ impl Pool {
         let _ = self.shared.on_idle.set(hook);
     }
 
-    /// Whether jobs wait in the queue now (no lock: a hint).
+    /// Whether jobs wait in the queue now, the I/O loop's moves aside (no
+    /// lock: a hint).
     pub(crate) fn has_queued(&self) -> bool {
-        self.shared.has_work.load(Ordering::Relaxed)
+        self.shared.has_jobs.load(Ordering::Relaxed)
     }
 
     /// Queues `run`; gives it back if the pool has stopped.
@@ -212,6 +223,10 @@ impl Pool {
         let mut q = self.shared.queue.lock();
         if q.stopped {
             return Err(job.run);
+        }
+        if job.counted {
+            q.counted += 1;
+            self.shared.has_jobs.store(true, Ordering::Relaxed);
         }
         if first {
             q.jobs.push_front(job);
