@@ -446,7 +446,11 @@ rpcagent_status_t rpcagent_call_async(struct rpcagent_t *agent,
 /**
  * Leaves the world. Graceful (non-zero; every rank calls it): new calls
  * fail with `RPCAGENT_ERR_SHUTDOWN`, this rank's calls in flight finish, and
- * it serves until every rank has reached shutdown. Immediate (0): calls in
+ * it serves until every rank still alive has reached shutdown. When ranks
+ * were lost it returns `RPCAGENT_ERR_PEER_LOST` once the live ones have
+ * met (a dead rank is found within about two seconds, and never cuts the
+ * survivors short), or `RPCAGENT_ERR_TIMEOUT` if live ranks did not arrive
+ * in time. Immediate (0): calls in
  * flight fail at once, connections close, peers see `RPCAGENT_ERR_PEER_LOST`.
  * `timeout_ms`: > 0 bounds the wait, -1 waits without bound, 0 does not
  * wait. The agent is shut down locally whatever this returns.

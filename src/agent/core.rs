@@ -17,7 +17,9 @@ use crate::error::{Result, RpcError, Status};
 use crate::future::{Progress, RpcFuture, Slot, Spawner};
 use crate::log::log_at;
 use crate::pool::Pool;
-use crate::transport::{Dispatch, Executor, InRequest, OutRequest, Outcome, ReadPass, Transport};
+
+use super::shutdown::{self, Gather, Release};
+use crate::transport::{Dispatch, Executor, InRequest, OutRequest, Outcome, ReadPass, Transport, Transports};
 use rustc_hash::FxHashMap;
 
 use super::handler::{Body, Handler, Reply, ReplyRoute, Request};
@@ -31,6 +33,11 @@ const CLOSED: u8 = 2;
 /// The agent's own functions, served by rank 0 (flagged internal on the wire).
 pub(crate) const BARRIER: &str = "barrier";
 pub(crate) const SHUTDOWN: &str = "shutdown";
+/// Answered by every running rank: a shutdown coordinator's probe.
+pub(crate) const ALIVE: &str = "alive";
+
+/// How long a coordinator's probe of a rank may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a pool may be fully busy before the log says so.
 const POOL_STALL_WARNING: Duration = Duration::from_secs(5);
@@ -42,15 +49,15 @@ struct Registered {
     name: Arc<str>,
 }
 
-/// Rank 0's record of who has arrived at each barrier and at shutdown.
-#[derive(Default)]
+/// Who has arrived at each barrier (rank 0) and at shutdown (whichever
+/// rank coordinates it).
 struct Gatherings {
     /// Per generation, each rank's arrival and its caller's deadline.
     barriers: HashMap<u64, HashMap<usize, (ReplyRoute, Option<Instant>)>>,
     /// The latest generation every rank has met at: a rank that arrives at
     /// it again (its reply came too late for its deadline) passes at once.
     barrier_done: Option<u64>,
-    shutdown: HashMap<usize, ReplyRoute>,
+    shutdown: Gather<ReplyRoute>,
 }
 
 pub(crate) struct Core {
@@ -74,7 +81,7 @@ pub(crate) struct Core {
     /// half of it, reading resumes.
     backlog_bytes: Arc<AtomicU64>,
     deadline_thread: Mutex<Option<JoinHandle<()>>>,
-    transport: OnceLock<Arc<dyn Transport>>,
+    transports: OnceLock<Transports>,
     pub(crate) stats: Arc<Stats>,
     gatherings: Mutex<Gatherings>,
     barrier_generation: AtomicU64,
@@ -110,10 +117,14 @@ impl Core {
             early: Mutex::new(Some(Vec::new())),
             pool,
             deadline_thread: Mutex::new(None),
-            transport: OnceLock::new(),
+            transports: OnceLock::new(),
             stats: Arc::new(Stats::default()),
             backlog_bytes: Arc::new(AtomicU64::new(0)),
-            gatherings: Mutex::new(Gatherings::default()),
+            gatherings: Mutex::new(Gatherings {
+                barriers: HashMap::new(),
+                barrier_done: None,
+                shutdown: Gather::new(config.world_size),
+            }),
             barrier_generation: AtomicU64::new(0),
             stall_reported: Mutex::new(false),
             spawner: {
@@ -150,6 +161,7 @@ impl Core {
                 move || {
                     if let Some(core) = ticked.upgrade() {
                         core.check_pool_stall();
+                        core.probe_for_shutdown();
                     }
                 },
             )
@@ -168,18 +180,26 @@ impl Core {
         Ok(core)
     }
 
-    pub(crate) fn attach(&self, transport: Arc<dyn Transport>) {
-        let _ = self.transport.set(transport);
+    pub(crate) fn attach(&self, transports: Transports) {
+        let _ = self.transports.set(transports);
     }
 
-    fn transport(&self) -> &Arc<dyn Transport> {
-        self.transport
+    /// The transport that carries calls to `dst`.
+    fn transport_to(&self, dst: usize) -> &Arc<dyn Transport> {
+        self.transports
             .get()
-            .expect("the transport is attached before the agent is handed out")
+            .expect("the transports are attached before the agent is handed out")
+            .to(dst)
+    }
+
+    /// Every transport (none before they are attached).
+    fn transports(&self) -> &[Arc<dyn Transport>] {
+        self.transports.get().map_or(&[], |t| t.all())
     }
 
     pub(crate) fn listen_addr(&self) -> String {
-        self.transport().listen_addr()
+        let addrs: Vec<String> = self.transports().iter().map(|t| t.listen_addr()).collect();
+        addrs.join(", ")
     }
 
     // ---- registry ----
@@ -295,7 +315,7 @@ impl Core {
             args,
             will_wait,
         };
-        if let Err(e) = self.transport().send_request(dst, &request) {
+        if let Err(e) = self.transport_to(dst).send_request(dst, &request) {
             self.finish(id, Err(e));
         }
         let progress = self.me.clone() as std::sync::Weak<dyn Progress>;
@@ -420,11 +440,8 @@ impl Core {
     fn left_backlog(&self, bytes: u64) {
         let before = self.backlog_bytes.fetch_sub(bytes, Ordering::AcqRel);
         let resume_below = self.config.send_window_bytes / 2;
-        if before >= resume_below
-            && before - bytes < resume_below
-            && let Some(t) = self.transport.get()
-        {
-            t.resume_reading();
+        if before >= resume_below && before - bytes < resume_below {
+            self.transports().iter().for_each(|t| t.resume_reading());
         }
     }
 
@@ -466,12 +483,11 @@ impl Core {
 
     /// Writes every frame the transports hold back for company.
     fn flush_batches(&self) {
-        if let Some(t) = self.transport.get() {
-            t.flush_batches();
-        }
+        self.transports().iter().for_each(|t| t.flush_batches());
     }
 
-    /// The agent's own functions; only rank 0 serves them.
+    /// The agent's own functions: rank 0 serves barriers; any rank may
+    /// coordinate a shutdown, and answers probes.
     fn serve_internal(&self, request: InRequest) {
         let route = self.route(&request);
         let mut g = self.gatherings.lock();
@@ -497,13 +513,19 @@ impl Core {
                     None
                 }
             }
-            (0, f) if f == SHUTDOWN.as_bytes() => {
-                g.shutdown.insert(request.src, route);
-                if g.shutdown.len() == self.world_size {
-                    Some(std::mem::take(&mut g.shutdown))
-                } else {
-                    None
-                }
+            (_, f) if f == SHUTDOWN.as_bytes() => {
+                let Some(lost) = shutdown::decode_ranks(&request.args) else {
+                    drop(g);
+                    let message = "a shutdown arrival must list ranks as u32s".to_string();
+                    return route.send(Err((Status::InvalidArgument, message)));
+                };
+                let release = g.shutdown.arrive(request.src, &lost, route, Instant::now());
+                drop(g);
+                return self.release_shutdown(release);
+            }
+            (_, f) if f == ALIVE.as_bytes() => {
+                drop(g);
+                return route.send(Ok(Vec::new()));
             }
             _ => {
                 drop(g);
@@ -512,8 +534,31 @@ impl Core {
             }
         };
         drop(g);
+        let complete: Option<HashMap<usize, ReplyRoute>> = complete;
         for (_, route) in complete.into_iter().flatten() {
             route.send(Ok(Vec::new()));
+        }
+    }
+
+    /// Answers the ranks a shutdown gather let go, telling each who was lost.
+    fn release_shutdown(&self, release: Option<Release<ReplyRoute>>) {
+        let Some(release) = release else {
+            return;
+        };
+        let lost = shutdown::encode_ranks(&release.lost);
+        for route in release.routes {
+            route.send(Ok(lost.clone()));
+        }
+    }
+
+    /// A shutdown gather waiting here with no new arrival probes the ranks
+    /// it waits for: a dead one fails its probe, and the transport reports
+    /// it lost (`on_peer_lost`). Runs on the deadline thread's tick.
+    fn probe_for_shutdown(&self) {
+        let ranks = self.gatherings.lock().shutdown.to_probe(self.rank, Instant::now());
+        for rank in ranks {
+            // The answer does not matter, only a failure to reach the rank.
+            drop(self.call(rank, ALIVE, &[], Some(PROBE_TIMEOUT), true, false));
         }
     }
 
@@ -588,20 +633,19 @@ impl Core {
                     self.calls_in_flight(),
                     self.rank
                 )));
-            } else if let Err(e) = self
-                .call(0, SHUTDOWN, &[], remaining(deadline), true, true)
-                .and_then(RpcFuture::wait)
-            {
-                result = Err(match e {
+            } else {
+                result = self.meet_at_shutdown(deadline).map_err(|e| match e {
                     RpcError::Timeout(_) => RpcError::Timeout(format!(
-                        "graceful shutdown timed out waiting for every rank to reach shutdown ({} ms)",
+                        "graceful shutdown timed out waiting for every live rank to reach shutdown ({} ms)",
                         timeout.unwrap_or_default().as_millis()
                     )),
                     other => other,
                 });
             }
         }
-        self.close(graceful && result.is_ok(), deadline);
+        // Ranks were lost, but the live ones met: the last replies still go.
+        let met = matches!(result, Ok(()) | Err(RpcError::PeerLost { .. }));
+        self.close(graceful && met, deadline);
         log_at!(
             Info,
             Some(self.rank),
@@ -609,6 +653,49 @@ impl Core {
             if graceful { "graceful" } else { "immediate" }
         );
         result
+    }
+
+    /// Waits for every live rank to reach its graceful shutdown, at the
+    /// lowest rank believed alive (see `shutdown.rs`). `PeerLost` when
+    /// ranks were lost on the way.
+    fn meet_at_shutdown(&self, deadline: Option<Instant>) -> Result<()> {
+        let mut lost: Vec<usize> = Vec::new();
+        for coordinator in 0..self.world_size {
+            if lost.contains(&coordinator) {
+                continue;
+            }
+            let arrival = shutdown::encode_ranks(&lost);
+            match self
+                .call(coordinator, SHUTDOWN, &arrival, remaining(deadline), true, true)
+                .and_then(RpcFuture::wait)
+            {
+                Ok(reply) => {
+                    for rank in shutdown::decode_ranks(&reply).unwrap_or_default() {
+                        if !lost.contains(&rank) {
+                            lost.push(rank);
+                        }
+                    }
+                    break;
+                }
+                // Dead: the next rank coordinates (this one never is lost
+                // to itself, so the loop ends here at the latest).
+                Err(RpcError::PeerLost { .. }) if coordinator != self.rank => lost.push(coordinator),
+                Err(e) => return Err(e),
+            }
+        }
+        if lost.is_empty() {
+            return Ok(());
+        }
+        lost.sort_unstable();
+        log_at!(
+            Warn,
+            Some(self.rank),
+            "graceful shutdown: the live ranks met; ranks {lost:?} were lost"
+        );
+        Err(RpcError::PeerLost {
+            rank: lost[0],
+            reason: format!("graceful shutdown went on without ranks {lost:?}, which were lost"),
+        })
     }
 
     fn close(&self, graceful: bool, deadline: Option<Instant>) {
@@ -625,7 +712,7 @@ impl Core {
         }
         // Flushing the last replies is bounded even when the caller's is not.
         let flush_until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(10));
-        if let Some(t) = self.transport.get() {
+        for t in self.transports() {
             t.close(graceful, flush_until);
         }
         self.pending.stop();
@@ -668,8 +755,8 @@ impl Executor for Core {
 
 impl Progress for Core {
     fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
-        if let Some(t) = self.transport.get() {
-            t.drive(dst, done, deadline);
+        if self.transports.get().is_some() {
+            self.transport_to(dst).drive(dst, done, deadline);
         }
     }
 
@@ -716,6 +803,9 @@ impl Dispatch for Core {
         for call in self.pending.remove_where(|c| c.dst == rank) {
             self.complete(call, Err(error.clone()));
         }
+        // A shutdown gathered here no longer waits for it.
+        let release = self.gatherings.lock().shutdown.peer_lost(rank);
+        self.release_shutdown(release);
     }
 
     fn rank(&self) -> usize {

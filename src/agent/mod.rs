@@ -8,11 +8,12 @@ use crate::config::Config;
 use crate::error::{Result, RpcError};
 use crate::future::RpcFuture;
 use crate::log::log_at;
-use crate::transport::{local, tcp};
+use crate::transport::{Transports, local, tcp};
 
 mod core;
 mod handler;
 mod pending;
+mod shutdown;
 mod stats;
 
 pub use handler::{Deferred, HandlerFn, HandlerOptions, OwnedHandlerFn, Reply, Request};
@@ -75,7 +76,7 @@ impl RpcAgent {
                 return Err(e);
             }
         };
-        core.attach(transport);
+        core.attach(Transports::single(transport, core.world_size));
         log_at!(
             Info,
             Some(core.rank),
@@ -126,7 +127,7 @@ impl RpcAgent {
             .map(|c| Arc::downgrade(c) as std::sync::Weak<dyn crate::transport::Dispatch>)
             .collect();
         for (core, transport) in cores.iter().zip(local::world(dispatchers)) {
-            core.attach(transport);
+            core.attach(Transports::single(transport, world_size));
             log_at!(
                 Info,
                 Some(core.rank),

@@ -60,8 +60,12 @@ pub(crate) trait ReplySink: Send + Sync {
     fn send_reply(&self, id: u64, outcome: Outcome, more_follow: bool);
 }
 
-/// Carries requests out of one agent.
+/// Carries requests out of one agent. An agent may hold several (TCP, and
+/// later shared memory for ranks on its host), each carrying the calls to
+/// the ranks [`Transports`] routes to it; everything here is per
+/// destination or per transport, never for the whole world at once.
 pub(crate) trait Transport: Send + Sync {
+
     /// Sends a request to `dst`; responses come back through
     /// [`Dispatch::on_response`]. An error means the request did not leave.
     fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()>;
@@ -85,6 +89,33 @@ pub(crate) trait Transport: Send + Sync {
     /// Writes every frame held back to share a write with others (a thread
     /// is about to wait, or a worker ran out of work).
     fn flush_batches(&self) {}
+}
+
+/// An agent's transports and the one that carries calls to each rank.
+pub(crate) struct Transports {
+    all: Vec<Arc<dyn Transport>>,
+    /// Per destination rank: its transport's index in `all`.
+    route: Vec<u8>,
+}
+
+impl Transports {
+    /// One transport for every rank of a world of `world_size`.
+    pub(crate) fn single(transport: Arc<dyn Transport>, world_size: usize) -> Transports {
+        Transports {
+            all: vec![transport],
+            route: vec![0; world_size],
+        }
+    }
+
+    /// The transport that carries calls to `dst` (a rank of the world).
+    pub(crate) fn to(&self, dst: usize) -> &Arc<dyn Transport> {
+        &self.all[self.route[dst] as usize]
+    }
+
+    /// Every transport, in the order they were given.
+    pub(crate) fn all(&self) -> &[Arc<dyn Transport>] {
+        &self.all
+    }
 }
 
 /// What one read pass of an I/O thread keeps to run itself once it has
