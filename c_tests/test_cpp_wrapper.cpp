@@ -1,6 +1,7 @@
 // The C++ wrapper (rpcagent.hpp): RAII, lambda handlers, exceptions as
 // handler errors, futures, deferred replies from another thread, and a
 // world of two processes over TCP.
+#include <poll.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -76,6 +77,22 @@ static void in_process() {
     EXPECT(std::string(later.begin(), later.end()) == "hi");
     for (int i = 0; i < 500 && done.load() == 0; i++) std::this_thread::sleep_for(std::chrono::milliseconds(1));
     EXPECT(done.load() == 1);
+
+    // A completion queue: tags in completion order, the fd readable while
+    // one waits.
+    {
+        rpcagent::Queue q;
+        EXPECT(!q.wait(0).has_value());
+        rpcagent::Future f1 = a.call_async(1, "upper", Bytes{'q', '1'});
+        f1.notify(q, 11);
+        EXPECT(status_of([&] { f1.notify(q, 12); }) == RPCAGENT_ERR_INVALID_ARGUMENT);
+        pollfd p{q.fd(), POLLIN, 0};
+        EXPECT(poll(&p, 1, 10000) == 1);
+        EXPECT(q.wait(10000).value() == 11);
+        EXPECT(poll(&p, 1, 0) == 0);
+        Bytes got = *f1.wait_for(0);
+        EXPECT(std::string(got.begin(), got.end()) == "Q1");
+    }
     if (answerer) {
         answerer->join();
         delete answerer;

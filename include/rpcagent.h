@@ -78,6 +78,11 @@ typedef struct rpcagent_deferred_t rpcagent_deferred_t;
 typedef struct rpcagent_future_t rpcagent_future_t;
 
 /**
+ * A completion queue (opaque).
+ */
+typedef struct rpcagent_queue_t rpcagent_queue_t;
+
+/**
  * The reply a handler fills (opaque; valid only during the handler call).
  */
 typedef struct rpcagent_reply_t rpcagent_reply_t;
@@ -773,6 +778,65 @@ rpcagent_status_t rpcagent_set_log_callback(rpcagent_log_fn fn, void *user_data)
  * `RPCAGENT_LOG` variable (default `warn`).
  */
 rpcagent_status_t rpcagent_set_log_level(int32_t max_level);
+
+/**
+ * Creates a completion queue in `*out_queue`; free it with
+ * `rpcagent_queue_free`. One queue serves calls to any number of ranks and
+ * agents.
+ *
+ * # Safety
+ * `out_queue` is NULL or writable (NULL is `RPCAGENT_ERR_INVALID_ARGUMENT`).
+ */
+rpcagent_status_t rpcagent_queue_new(struct rpcagent_queue_t **out_queue);
+
+/**
+ * Frees a queue; NULL is a no-op. Futures may still be attached: their
+ * tags are dropped. Its descriptor closes now.
+ *
+ * # Safety
+ * `q` is NULL or a live queue, not used afterwards (no thread may still
+ * wait on it).
+ */
+void rpcagent_queue_free(struct rpcagent_queue_t *q);
+
+/**
+ * Posts `tag` to `q` exactly once when the call completes (success or
+ * failure), or at once if it has, even if the future is freed meanwhile.
+ * A future posts to one queue at most: a second attach is
+ * `RPCAGENT_ERR_INVALID_ARGUMENT`. It may also have `on_complete`
+ * callbacks. Read the result with `rpcagent_future_wait(f, 0, &buf)`.
+ *
+ * # Safety
+ * `f` is NULL or a live future; `q` is NULL or a live queue.
+ */
+rpcagent_status_t rpcagent_future_notify(struct rpcagent_future_t *f,
+                                         struct rpcagent_queue_t *q,
+                                         uint64_t tag);
+
+/**
+ * Takes one posted tag, in completion order: `RPCAGENT_OK` with
+ * `*out_tag` set, or `RPCAGENT_PENDING` when none came within `timeout_ms`
+ * (0: do not block; < 0: wait forever). Any number of threads may wait on
+ * one queue; each tag goes to exactly one of them.
+ *
+ * # Safety
+ * `q` is NULL or a live queue; `out_tag` is NULL or writable.
+ */
+rpcagent_status_t rpcagent_queue_wait(struct rpcagent_queue_t *q,
+                                      int64_t timeout_ms,
+                                      uint64_t *out_tag);
+
+/**
+ * A descriptor, owned by the queue, that polls readable (`poll`/`epoll`,
+ * level-triggered) while the queue holds at least one tag, so an event
+ * loop can wait on calls and its own sockets together. Never read, write
+ * or close it. -1 for NULL (or if the system refuses an eventfd; see
+ * `rpcagent_last_error`).
+ *
+ * # Safety
+ * `q` is NULL or a live queue.
+ */
+int rpcagent_queue_fd(const struct rpcagent_queue_t *q);
 
 #ifdef __cplusplus
 }  // extern "C"

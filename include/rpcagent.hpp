@@ -154,6 +154,8 @@ private:
     rpcagent_deferred_t *d_;
 };
 
+class Queue;
+
 /// The pollable result of an async call.
 class Future {
 public:
@@ -206,11 +208,56 @@ public:
         }
     }
 
+    /// Posts `tag` to `q` once the call completes (at once if it has), even
+    /// if this Future is gone by then. One queue per future.
+    inline void notify(Queue &q, uint64_t tag);
+
     rpcagent_future_t *get_handle() const noexcept { return f_; }
 
 private:
     rpcagent_future_t *f_;
 };
+
+/// A completion queue: futures post tags to it as they complete, any number
+/// of threads take them in completion order, and `fd()` polls readable
+/// while tags wait (for the caller's own epoll/poll/asio loop).
+class Queue {
+public:
+    Queue() { detail::check(rpcagent_queue_new(&q_)); }
+    Queue(Queue &&other) noexcept : q_(std::exchange(other.q_, nullptr)) {}
+    Queue &operator=(Queue &&other) noexcept {
+        std::swap(q_, other.q_);
+        return *this;
+    }
+    Queue(const Queue &) = delete;
+    Queue &operator=(const Queue &) = delete;
+    /// Tags of calls still attached are dropped.
+    ~Queue() { rpcagent_queue_free(q_); }
+
+    /// Takes one tag, waiting up to `timeout_ms` (0: not at all; -1: without
+    /// bound); nullopt if none came.
+    std::optional<uint64_t> wait(int64_t timeout_ms = RPCAGENT_WAIT_FOREVER) {
+        uint64_t tag = 0;
+        rpcagent_status_t s = rpcagent_queue_wait(q_, timeout_ms, &tag);
+        if (s == RPCAGENT_PENDING) return std::nullopt;
+        detail::check(s);
+        return tag;
+    }
+
+    /// Readable (level-triggered) while tags wait; owned by the queue.
+    int fd() const {
+        int fd = rpcagent_queue_fd(q_);
+        if (fd < 0) throw Error(RPCAGENT_ERR_IO, rpcagent_last_error());
+        return fd;
+    }
+
+    rpcagent_queue_t *get_handle() const noexcept { return q_; }
+
+private:
+    rpcagent_queue_t *q_ = nullptr;
+};
+
+inline void Future::notify(Queue &q, uint64_t tag) { detail::check(rpcagent_future_notify(f_, q.get_handle(), tag)); }
 
 /// One rank of a world.
 class Agent {

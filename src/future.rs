@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Result, RpcError};
+use crate::queue::QueueInner;
 
 pub(crate) type Callback = Box<dyn FnOnce() + Send>;
 
@@ -33,8 +34,11 @@ struct Driver {
 
 enum State {
     Pending {
-        callbacks: Vec<(u64, Callback)>,
-        next_id: u64,
+        callbacks: Vec<Callback>,
+        /// The completion queue this call posts its tag to.
+        queue: Option<(Arc<QueueInner>, u64)>,
+        /// The `wait_any` sets waiting on this call, with its index in each.
+        watchers: Vec<(Arc<WaitSet>, usize)>,
     },
     /// `Ok(None)`: the reply bytes were already taken by a wait.
     Done(Result<Option<Vec<u8>>>),
@@ -59,6 +63,8 @@ pub(crate) struct Slot {
     /// here without taking the lock.
     ready: AtomicBool,
     done: Condvar,
+    /// Attached to a completion queue (once, ever).
+    notifies: AtomicBool,
 }
 
 impl Slot {
@@ -66,10 +72,12 @@ impl Slot {
         Arc::new(Slot {
             state: Mutex::new(State::Pending {
                 callbacks: Vec::new(),
-                next_id: 0,
+                queue: None,
+                watchers: Vec::new(),
             }),
             ready: AtomicBool::new(false),
             done: Condvar::new(),
+            notifies: AtomicBool::new(false),
         })
     }
 
@@ -79,6 +87,7 @@ impl Slot {
             state: Mutex::new(State::Done(result.map(Some))),
             ready: AtomicBool::new(true),
             done: Condvar::new(),
+            notifies: AtomicBool::new(false),
         })
     }
 
@@ -86,18 +95,33 @@ impl Slot {
     /// (off the library's threads, through `spawner` if there is one).
     /// Returns false (and drops `result`) when the slot was already complete.
     pub(crate) fn complete(&self, result: Result<Vec<u8>>, spawner: Option<&Spawner>) -> bool {
-        let callbacks = {
+        let (callbacks, queue, watchers) = {
             let mut state = self.state.lock();
-            let State::Pending { callbacks, .. } = &mut *state else {
+            if matches!(*state, State::Done(_)) {
                 return false;
+            }
+            let State::Pending {
+                callbacks,
+                queue,
+                watchers,
+                ..
+            } = std::mem::replace(&mut *state, State::Done(result.map(Some)))
+            else {
+                unreachable!("checked to be pending above")
             };
-            let callbacks = std::mem::take(callbacks);
-            *state = State::Done(result.map(Some));
             self.ready.store(true, Ordering::Release);
-            callbacks
+            (callbacks, queue, watchers)
         };
         self.done.notify_all();
-        for (_, cb) in callbacks {
+        // Posted after the slot's lock is let go (lock order: a wait set,
+        // then a slot; never the other way).
+        if let Some((q, tag)) = queue {
+            q.post(tag);
+        }
+        for (set, index) in watchers {
+            set.post(index);
+        }
+        for cb in callbacks {
             // Off the library's threads (a caller reading its own reply, a
             // user thread shutting down) callbacks go to the spawner, so a
             // callback never runs inside a user's wait, where it could
@@ -122,21 +146,54 @@ impl Slot {
     }
 
     /// Registers `cb` unless the slot is complete (then `cb` comes back).
-    fn subscribe(&self, cb: Callback) -> std::result::Result<u64, Callback> {
-        let mut state = self.state.lock();
-        match &mut *state {
-            State::Pending { callbacks, next_id } => {
-                *next_id += 1;
-                callbacks.push((*next_id, cb));
-                Ok(*next_id)
+    fn subscribe(&self, cb: Callback) -> std::result::Result<(), Callback> {
+        match &mut *self.state.lock() {
+            State::Pending { callbacks, .. } => {
+                callbacks.push(cb);
+                Ok(())
             }
             State::Done(_) => Err(cb),
         }
     }
 
-    fn unsubscribe(&self, id: u64) {
-        if let State::Pending { callbacks, .. } = &mut *self.state.lock() {
-            callbacks.retain(|(i, _)| *i != id);
+    /// Posts `tag` to `q` when the call completes, or now if it has.
+    /// False if the call already posts to a queue.
+    pub(crate) fn notify(&self, q: &Arc<QueueInner>, tag: u64) -> bool {
+        if self.notifies.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        match &mut *self.state.lock() {
+            State::Pending { queue, .. } => {
+                *queue = Some((q.clone(), tag));
+                true
+            }
+            State::Done(_) => {
+                q.post(tag);
+                true
+            }
+        }
+    }
+
+    /// Has `set` told (as `index`) when the call completes; false if it has
+    /// completed already.
+    fn watch(&self, set: &Arc<WaitSet>, index: usize) -> bool {
+        match &mut *self.state.lock() {
+            State::Pending { watchers, .. } => {
+                match watchers.iter_mut().find(|(w, _)| Arc::ptr_eq(w, set)) {
+                    Some(entry) => entry.1 = index,
+                    None => watchers.push((set.clone(), index)),
+                }
+                true
+            }
+            State::Done(_) => false,
+        }
+    }
+
+    /// The `wait_any` set that watches this call most recently, if any.
+    fn watcher(&self) -> Option<Arc<WaitSet>> {
+        match &*self.state.lock() {
+            State::Pending { watchers, .. } => watchers.last().map(|(w, _)| w.clone()),
+            State::Done(_) => None,
         }
     }
 
@@ -267,61 +324,149 @@ impl RpcFuture {
     }
 
     /// Waits until one of `futures` is complete and returns its index, or
-    /// `None` when `timeout` (`None`: no bound) passes first.
+    /// `None` when `timeout` (`None`: no bound) passes first. Called again
+    /// over (mostly) the same futures, it costs O(1) per completion plus a
+    /// comparison of the array with the last one: see [`WaitSet`].
     pub fn wait_any(futures: &[&RpcFuture], timeout: Option<Duration>) -> Option<usize> {
-        if let Some(i) = futures.iter().position(|f| f.is_ready()) {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        wait_any_slots(futures.len(), |i| futures[i], deadline)
+    }
+
+    /// Posts `tag` to `queue` once the call completes (at once if it has),
+    /// even if this future is dropped first. A call posts to one queue at
+    /// most: a second `notify` is an `InvalidArgument` error.
+    pub fn notify(&self, queue: &crate::Queue, tag: u64) -> Result<()> {
+        if self.slot.notify(queue.inner(), tag) {
+            Ok(())
+        } else {
+            Err(RpcError::InvalidArgument(
+                "the future already posts to a completion queue".into(),
+            ))
+        }
+    }
+
+    /// Writes requests held back for company (its caller is about to wait
+    /// other than through this future's own wait).
+    pub(crate) fn flush_batches(&self) {
+        if let Some(progress) = self.driver.as_ref().and_then(|d| d.progress.upgrade()) {
+            progress.flush_batches();
+        }
+    }
+}
+
+/// The waiting side of `wait_any`, kept between calls so that waiting again
+/// over the same futures does not subscribe to each of them again. Each call
+/// it watches is told to post its index here when it completes. A call of
+/// `wait_any` compares the array with the one it saw last (`known`: one
+/// pointer per entry) and only watches the entries that changed; it then
+/// takes posted indexes, checking each against the array (an entry may
+/// have been replaced since), and sleeps when none is left. Before it
+/// sleeps it looks at every entry once, so it is right whatever the
+/// bookkeeping missed (an array shared with another set, say).
+pub(crate) struct WaitSet {
+    state: Mutex<WaitSetState>,
+    posted_cv: Condvar,
+}
+
+struct WaitSetState {
+    posted: std::collections::VecDeque<usize>,
+    /// The slot each entry of the array held at the last call.
+    known: Vec<usize>,
+    sleeping: usize,
+}
+
+impl WaitSet {
+    fn new() -> Arc<WaitSet> {
+        Arc::new(WaitSet {
+            state: Mutex::new(WaitSetState {
+                posted: std::collections::VecDeque::new(),
+                known: Vec::new(),
+                sleeping: 0,
+            }),
+            posted_cv: Condvar::new(),
+        })
+    }
+
+    fn post(&self, index: usize) {
+        let mut st = self.state.lock();
+        st.posted.push_back(index);
+        if st.sleeping > 0 {
+            self.posted_cv.notify_one();
+        }
+    }
+}
+
+/// `wait_any` over `n` futures, the `i`th given by `future(i)`.
+pub(crate) fn wait_any_slots<'a>(
+    n: usize,
+    future: impl Fn(usize) -> &'a RpcFuture,
+    deadline: Option<Instant>,
+) -> Option<usize> {
+    if n == 0 {
+        return None;
+    }
+    let slot_key = |i: usize| Arc::as_ptr(&future(i).slot) as usize;
+    // The set that watched these futures last time (found on one of the
+    // first entries; the others are likely the same array).
+    let set = (0..n.min(4))
+        .find_map(|i| future(i).slot.watcher())
+        .unwrap_or_else(WaitSet::new);
+    let mut st = set.state.lock();
+    if st.known.len() != n {
+        st.known.resize(n, 0);
+    }
+    for i in 0..n {
+        let key = slot_key(i);
+        if st.known[i] != key {
+            st.known[i] = key;
+            if !future(i).slot.watch(&set, i) {
+                st.posted.push_back(i);
+            }
+        }
+    }
+    let mut flushed = false;
+    loop {
+        // A posted entry stays at the front while its future is the one
+        // that completed (it is answered again until replaced).
+        while let Some(&i) = st.posted.front() {
+            if i < n && future(i).is_ready() {
+                return Some(i);
+            }
+            st.posted.pop_front();
+        }
+        if let Some(i) = (0..n).find(|&i| future(i).is_ready()) {
             return Some(i);
         }
-        // Requests held back for company leave before this thread sleeps
-        // (once per agent: neighbours usually share one).
-        let mut flushed: Option<*const ()> = None;
-        for d in futures.iter().filter_map(|f| f.driver.as_ref()) {
-            let agent = d.progress.as_ptr() as *const ();
-            if flushed != Some(agent)
-                && let Some(progress) = d.progress.upgrade()
-            {
-                progress.flush_batches();
-                flushed = Some(agent);
-            }
-        }
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let signal = Arc::new((Mutex::new(None::<usize>), Condvar::new()));
-        let mut subscriptions = Vec::with_capacity(futures.len());
-        for (i, f) in futures.iter().enumerate() {
-            let s = signal.clone();
-            let cb: Callback = Box::new(move || {
-                let mut first = s.0.lock();
-                first.get_or_insert(i);
-                s.1.notify_all();
-            });
-            match f.slot.subscribe(cb) {
-                Ok(id) => subscriptions.push((i, id)),
-                Err(_) => {
-                    signal.0.lock().get_or_insert(i);
-                    break;
-                }
-            }
-        }
-        let found = {
-            let mut first = signal.0.lock();
-            loop {
-                if first.is_some() {
-                    break *first;
-                }
-                match deadline {
-                    None => signal.1.wait(&mut first),
-                    Some(d) => {
-                        if signal.1.wait_until(&mut first, d).timed_out() {
-                            break *first;
-                        }
+        if !flushed {
+            // Requests held back for company leave before this thread
+            // sleeps (once per agent: neighbours usually share one).
+            flushed = true;
+            drop(st);
+            let mut last: Option<*const ()> = None;
+            for i in 0..n {
+                if let Some(d) = &future(i).driver {
+                    let agent = d.progress.as_ptr() as *const ();
+                    if last != Some(agent) {
+                        future(i).flush_batches();
+                        last = Some(agent);
                     }
                 }
             }
-        };
-        for (i, id) in subscriptions {
-            futures[i].slot.unsubscribe(id);
+            st = set.state.lock();
+            continue;
         }
-        found
+        st.sleeping += 1;
+        let timed_out = match deadline {
+            None => {
+                set.posted_cv.wait(&mut st);
+                false
+            }
+            Some(d) => set.posted_cv.wait_until(&mut st, d).timed_out(),
+        };
+        st.sleeping -= 1;
+        if timed_out && st.posted.is_empty() {
+            return (0..n).find(|&i| future(i).is_ready());
+        }
     }
 }
 

@@ -30,6 +30,7 @@ pub mod fuzzing;
 pub mod log;
 mod net;
 mod pool;
+mod queue;
 mod rendezvous;
 mod threads;
 mod transport;
@@ -42,6 +43,7 @@ pub use config::{
 };
 pub use error::{Result, RpcError, Status};
 pub use future::RpcFuture;
+pub use queue::Queue;
 
 /// Hands a reply buffer back to the library once you are done with it: the
 /// next large message is received into it, which saves a page fault and the

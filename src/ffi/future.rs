@@ -17,6 +17,10 @@ pub struct rpcagent_future_t {
 }
 
 impl rpcagent_future_t {
+    pub(crate) fn future(&self) -> &RpcFuture {
+        &self.future
+    }
+
     pub(crate) fn boxed(future: RpcFuture) -> *mut rpcagent_future_t {
         Box::into_raw(Box::new(rpcagent_future_t {
             future,
@@ -119,13 +123,14 @@ pub unsafe extern "C" fn rpcagent_future_wait_any(
         }
         // SAFETY: `futures` is valid for `n` pointers by the caller's contract.
         let pointers = unsafe { std::slice::from_raw_parts(futures, n) };
-        let mut list = Vec::with_capacity(n);
-        for (i, p) in pointers.iter().enumerate() {
-            // SAFETY: each entry is NULL or a live future by the caller's contract.
-            list.push(&unsafe { handle(*p, &format!("futures[{i}]")) }?.future);
+        if let Some(i) = pointers.iter().position(|p| p.is_null()) {
+            return Err(invalid(format!("futures[{i}] is NULL")));
         }
+        // SAFETY: each entry is a live future by the caller's contract (and
+        // not NULL, checked above); they outlive this call.
+        let future = |i: usize| &unsafe { &*pointers[i] }.future;
         let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
-        match RpcFuture::wait_any(&list, timeout) {
+        match crate::future::wait_any_slots(n, future, timeout.map(|t| std::time::Instant::now() + t)) {
             Some(i) => {
                 // SAFETY: checked non-NULL above.
                 unsafe { put(out_index, i, "out_index") }?;

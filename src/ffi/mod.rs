@@ -20,6 +20,7 @@ mod config;
 mod future;
 mod handler;
 mod log;
+mod queue;
 
 pub use agent::*;
 pub use buffer::*;
@@ -27,6 +28,7 @@ pub use config::*;
 pub use future::*;
 pub use handler::*;
 pub use log::*;
+pub use queue::*;
 
 /// Status of every fallible call: `RPCAGENT_OK` (0), `RPCAGENT_PENDING` (1),
 /// or a negative error code. A fixed-width integer, so the ABI never depends

@@ -65,7 +65,6 @@ pub(crate) trait ReplySink: Send + Sync {
 /// the ranks [`Transports`] routes to it; everything here is per
 /// destination or per transport, never for the whole world at once.
 pub(crate) trait Transport: Send + Sync {
-
     /// Sends a request to `dst`; responses come back through
     /// [`Dispatch::on_response`]. An error means the request did not leave.
     fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()>;

@@ -1,0 +1,232 @@
+//! Completion queues: a call attached to a queue posts its tag there when
+//! it completes, and any number of threads take tags in completion order.
+//! The queue can hand out a file descriptor that polls readable exactly
+//! while tags wait, so an event loop can wait on calls beside its sockets.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Result, RpcError};
+use crate::net::sys::EventFd;
+
+/// A completion queue. Clones share one queue; when the last clone goes,
+/// the queue closes (its descriptor with it) and calls still attached to
+/// it complete without posting.
+#[derive(Clone)]
+pub struct Queue {
+    handle: Arc<Handle>,
+}
+
+/// The users' side: dropping the last one closes the queue, whatever calls
+/// still hold its inside.
+struct Handle {
+    inner: Arc<QueueInner>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.inner.close();
+    }
+}
+
+pub(crate) struct QueueInner {
+    tags: Mutex<Tags>,
+    posted: Condvar,
+}
+
+struct Tags {
+    waiting: VecDeque<u64>,
+    /// Threads sleeping in `wait`.
+    sleepers: usize,
+    /// Made on first request: until then posting costs no system call.
+    /// Once made, it is set exactly while `waiting` is not empty (changed
+    /// only on those transitions).
+    fd: Option<EventFd>,
+    closed: bool,
+}
+
+impl QueueInner {
+    /// Posts `tag` (from the thread that completed a call).
+    pub(crate) fn post(&self, tag: u64) {
+        let mut tags = self.tags.lock();
+        if tags.closed {
+            return;
+        }
+        tags.waiting.push_back(tag);
+        if tags.waiting.len() == 1
+            && let Some(fd) = &tags.fd
+        {
+            fd.set();
+        }
+        if tags.sleepers > 0 {
+            self.posted.notify_one();
+        }
+    }
+
+    fn take(&self, tags: &mut Tags) -> Option<u64> {
+        let tag = tags.waiting.pop_front()?;
+        if tags.waiting.is_empty()
+            && let Some(fd) = &tags.fd
+        {
+            fd.clear();
+        }
+        Some(tag)
+    }
+
+    fn close(&self) {
+        let mut tags = self.tags.lock();
+        tags.closed = true;
+        tags.waiting.clear();
+        tags.fd = None;
+    }
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue::new()
+    }
+}
+
+impl Queue {
+    pub fn new() -> Queue {
+        Queue {
+            handle: Arc::new(Handle {
+                inner: Arc::new(QueueInner {
+                    tags: Mutex::new(Tags {
+                        waiting: VecDeque::new(),
+                        sleepers: 0,
+                        fd: None,
+                        closed: false,
+                    }),
+                    posted: Condvar::new(),
+                }),
+            }),
+        }
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<QueueInner> {
+        &self.handle.inner
+    }
+
+    /// Takes one posted tag, in completion order, waiting up to `timeout`
+    /// (`None`: without bound; zero: not at all). `None` if none came.
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<u64> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let inner = self.inner();
+        let mut tags = inner.tags.lock();
+        loop {
+            if let Some(tag) = inner.take(&mut tags) {
+                return Some(tag);
+            }
+            if deadline.is_some_and(|d| d <= Instant::now()) {
+                return None;
+            }
+            tags.sleepers += 1;
+            match deadline {
+                None => inner.posted.wait(&mut tags),
+                Some(d) => {
+                    inner.posted.wait_until(&mut tags, d);
+                }
+            }
+            tags.sleepers -= 1;
+        }
+    }
+
+    /// Tags posted and not yet taken.
+    pub fn len(&self) -> usize {
+        self.inner().tags.lock().waiting.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A descriptor, owned by the queue, that polls readable (level
+    /// triggered) exactly while tags wait. Never read, write or close it.
+    pub fn as_raw_fd(&self) -> Result<RawFd> {
+        let mut tags = self.inner().tags.lock();
+        if let Some(fd) = &tags.fd {
+            return Ok(fd.as_raw_fd());
+        }
+        let fd = EventFd::new().map_err(|e| RpcError::Io(format!("cannot create the queue's eventfd: {e}")))?;
+        if !tags.waiting.is_empty() {
+            fd.set();
+        }
+        let raw = fd.as_raw_fd();
+        tags.fd = Some(fd);
+        Ok(raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn readable(fd: RawFd) -> bool {
+        crate::net::sys::wait_readable(&fd, Duration::ZERO).unwrap()
+    }
+
+    #[test]
+    fn tags_come_out_in_order_once() {
+        let q = Queue::new();
+        q.inner().post(1);
+        q.inner().post(2);
+        assert_eq!(q.wait(Some(Duration::ZERO)), Some(1));
+        assert_eq!(q.wait(None), Some(2));
+        assert_eq!(q.wait(Some(Duration::from_millis(5))), None);
+    }
+
+    #[test]
+    fn the_fd_is_readable_exactly_while_tags_wait() {
+        let q = Queue::new();
+        q.inner().post(7);
+        let fd = q.as_raw_fd().unwrap();
+        assert_eq!(q.as_raw_fd().unwrap(), fd);
+        assert!(readable(fd));
+        q.inner().post(8);
+        assert_eq!(q.wait(Some(Duration::ZERO)), Some(7));
+        assert!(readable(fd));
+        assert_eq!(q.wait(Some(Duration::ZERO)), Some(8));
+        assert!(!readable(fd));
+        q.inner().post(9);
+        assert!(readable(fd));
+    }
+
+    #[test]
+    fn a_dropped_queue_takes_no_more_tags() {
+        let q = Queue::new();
+        let inner = q.inner().clone();
+        q.as_raw_fd().unwrap();
+        drop(q);
+        inner.post(1);
+        assert!(inner.tags.lock().waiting.is_empty());
+        assert!(inner.tags.lock().fd.is_none());
+    }
+
+    #[test]
+    fn each_tag_goes_to_one_of_several_waiters() {
+        let q = Queue::new();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (q, got) = (q.clone(), got.clone());
+                std::thread::spawn(move || {
+                    while let Some(tag) = q.wait(Some(Duration::from_millis(500))) {
+                        got.lock().push(tag);
+                    }
+                })
+            })
+            .collect();
+        for tag in 0..10_000 {
+            q.inner().post(tag);
+        }
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let mut got = std::mem::take(&mut *got.lock());
+        got.sort_unstable();
+        assert_eq!(got, (0..10_000).collect::<Vec<u64>>());
+    }
+}
