@@ -337,6 +337,9 @@ impl RpcFuture {
     /// most: a second `notify` is an `InvalidArgument` error.
     pub fn notify(&self, queue: &crate::Queue, tag: u64) -> Result<()> {
         if self.slot.notify(queue.inner(), tag) {
+            if let Some(d) = &self.driver {
+                queue.inner().note_driver(&d.progress, d.dst);
+            }
             Ok(())
         } else {
             Err(RpcError::InvalidArgument(
@@ -366,6 +369,8 @@ impl RpcFuture {
 pub(crate) struct WaitSet {
     state: Mutex<WaitSetState>,
     posted_cv: Condvar,
+    /// Set by every post: a waiter reading replies itself stops then.
+    posted_flag: AtomicBool,
 }
 
 struct WaitSetState {
@@ -384,12 +389,14 @@ impl WaitSet {
                 sleeping: 0,
             }),
             posted_cv: Condvar::new(),
+            posted_flag: AtomicBool::new(false),
         })
     }
 
     fn post(&self, index: usize) {
         let mut st = self.state.lock();
         st.posted.push_back(index);
+        self.posted_flag.store(true, Ordering::Release);
         if st.sleeping > 0 {
             self.posted_cv.notify_one();
         }
@@ -438,9 +445,12 @@ pub(crate) fn wait_any_slots<'a>(
             return Some(i);
         }
         if !flushed {
-            // Requests held back for company leave before this thread
-            // sleeps (once per agent: neighbours usually share one).
+            // Before sleeping, once: requests held back for company leave
+            // (once per agent: neighbours usually share one), and this
+            // thread may read a reply itself, as a single wait does (no
+            // wake-up from the I/O thread when one call is in flight).
             flushed = true;
+            set.posted_flag.store(false, Ordering::Release);
             drop(st);
             let mut last: Option<*const ()> = None;
             for i in 0..n {
@@ -451,6 +461,16 @@ pub(crate) fn wait_any_slots<'a>(
                         last = Some(agent);
                     }
                 }
+            }
+            if let Some(f) = (0..n).map(&future).find(|f| !f.is_ready() && f.driver.is_some())
+                && let Some(d) = &f.driver
+                && let Some(progress) = d.progress.upgrade()
+            {
+                let until = match (deadline, d.deadline) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                progress.drive(d.dst, &|| set.posted_flag.load(Ordering::Acquire), until);
             }
             st = set.state.lock();
             continue;

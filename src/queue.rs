@@ -5,12 +5,14 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Result, RpcError};
+use crate::future::Progress;
 use crate::net::sys::EventFd;
 
 /// A completion queue. Clones share one queue; when the last clone goes,
@@ -36,6 +38,9 @@ impl Drop for Handle {
 pub(crate) struct QueueInner {
     tags: Mutex<Tags>,
     posted: Condvar,
+    /// Whether tags wait, readable without the lock (by a waiter reading
+    /// replies itself, see `wait`).
+    has_tags: AtomicBool,
 }
 
 struct Tags {
@@ -47,6 +52,10 @@ struct Tags {
     /// only on those transitions).
     fd: Option<EventFd>,
     closed: bool,
+    /// The agent and destination of the call attached last: a waiter
+    /// writes that agent's held-back requests and may read replies from
+    /// that destination itself instead of sleeping.
+    driver: Option<(Weak<dyn Progress>, usize)>,
 }
 
 impl QueueInner {
@@ -57,10 +66,11 @@ impl QueueInner {
             return;
         }
         tags.waiting.push_back(tag);
-        if tags.waiting.len() == 1
-            && let Some(fd) = &tags.fd
-        {
-            fd.set();
+        if tags.waiting.len() == 1 {
+            self.has_tags.store(true, Ordering::Release);
+            if let Some(fd) = &tags.fd {
+                fd.set();
+            }
         }
         if tags.sleepers > 0 {
             self.posted.notify_one();
@@ -69,12 +79,22 @@ impl QueueInner {
 
     fn take(&self, tags: &mut Tags) -> Option<u64> {
         let tag = tags.waiting.pop_front()?;
-        if tags.waiting.is_empty()
-            && let Some(fd) = &tags.fd
-        {
-            fd.clear();
+        if tags.waiting.is_empty() {
+            self.has_tags.store(false, Ordering::Release);
+            if let Some(fd) = &tags.fd {
+                fd.clear();
+            }
         }
         Some(tag)
+    }
+
+    /// Remembers where the call just attached goes (see `Tags::driver`).
+    pub(crate) fn note_driver(&self, progress: &Weak<dyn Progress>, dst: usize) {
+        let mut tags = self.tags.lock();
+        match &mut tags.driver {
+            Some((p, d)) if Weak::ptr_eq(p, progress) => *d = dst,
+            other => *other = Some((progress.clone(), dst)),
+        }
     }
 
     fn close(&self) {
@@ -101,8 +121,10 @@ impl Queue {
                         sleepers: 0,
                         fd: None,
                         closed: false,
+                        driver: None,
                     }),
                     posted: Condvar::new(),
+                    has_tags: AtomicBool::new(false),
                 }),
             }),
         }
@@ -118,12 +140,28 @@ impl Queue {
         let deadline = timeout.map(|t| Instant::now() + t);
         let inner = self.inner();
         let mut tags = inner.tags.lock();
+        let mut drove = false;
         loop {
             if let Some(tag) = inner.take(&mut tags) {
                 return Some(tag);
             }
             if deadline.is_some_and(|d| d <= Instant::now()) {
                 return None;
+            }
+            // Before sleeping, once: requests held back for company leave,
+            // and this thread may read the next reply itself (no wake-up
+            // from the I/O thread when one call is in flight).
+            if !drove {
+                drove = true;
+                if let Some((progress, dst)) = tags.driver.clone()
+                    && let Some(progress) = progress.upgrade()
+                {
+                    drop(tags);
+                    progress.flush_batches();
+                    progress.drive(dst, &|| inner.has_tags.load(Ordering::Acquire), deadline);
+                    tags = inner.tags.lock();
+                    continue;
+                }
             }
             tags.sleepers += 1;
             match deadline {

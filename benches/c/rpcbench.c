@@ -78,6 +78,8 @@
 /* ---------- options and process bookkeeping ---------- */
 
 static int opt_quick, opt_rounds = 5, opt_one_cpu;
+/* --depth: only this many calls in flight (for profiling one row). */
+static int opt_depth;
 static int want_latency = 1, want_inflight = 1, want_bandwidth = 1;
 static int is_child;
 static pid_t rpc_server_pid, raw_server_pid;
@@ -857,6 +859,7 @@ static void section_inflight(void) {
     fflush(stdout);
     for (size_t d = 0; d < sizeof depths / sizeof depths[0]; d++) {
         int n = depths[d];
+        if (opt_depth > 0 && n != opt_depth) continue;
         int total = opt_quick ? 2000 : (n == 1 ? 20000 : n == 16 ? 50000 : 100000);
         struct series rpc[N_MODES] = {0}, raw_each = {0}, raw_batched = {0};
         for (int m = 0; m < N_MODES; m++) inflight_modes[m].run(n, total / 4);
@@ -942,7 +945,8 @@ static void section_bandwidth(void) {
 /* ---------- main ---------- */
 
 static void usage(const char *argv0) {
-    fprintf(stderr, "usage: %s [--quick] [--rounds N] [--only latency,inflight,bandwidth] [--one-cpu]\n", argv0);
+    fprintf(stderr, "usage: %s [--quick] [--rounds N] [--only latency,inflight,bandwidth] [--one-cpu] [--depth 1|16|128]\n",
+            argv0);
     exit(2);
 }
 
@@ -966,6 +970,7 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0) opt_quick = 1;
         else if (strcmp(argv[i], "--one-cpu") == 0) opt_one_cpu = 1;
+        else if (strcmp(argv[i], "--depth") == 0 && i + 1 < argc) opt_depth = atoi(argv[++i]);
         else if (strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) {
             opt_rounds = atoi(argv[++i]);
             rounds_given = 1;
