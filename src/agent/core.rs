@@ -454,19 +454,25 @@ impl Core {
                 .send(Err((Status::Shutdown, format!("rank {} is shut down", self.rank))));
         }
         let mut reply = Reply::new(self.route(&request));
+        let src = request.src;
+        // Kept for the next large message once a borrowing handler is done.
+        let mut args = Some(request.args);
         let result = crate::threads::in_handler(|| {
             catch_unwind(AssertUnwindSafe(|| match &handler.handler.body {
                 Body::Borrowed(func) => {
                     let view = Request {
-                        src_rank: request.src,
+                        src_rank: src,
                         function: &handler.name,
-                        args: &request.args,
+                        args: args.as_deref().unwrap_or_default(),
                     };
                     func(&view, &mut reply)
                 }
-                Body::Owned(func) => func(request.src, request.args).map(|out| reply.set(out)),
+                Body::Owned(func) => func(src, args.take().unwrap_or_default()).map(|out| reply.set(out)),
             }))
         });
+        if let Some(args) = args {
+            crate::net::buffers::give_back(args);
+        }
         // Let go of the handler before answering: once the caller has its
         // reply, an unregister releases the handler's data at once.
         drop(handler);

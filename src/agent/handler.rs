@@ -112,9 +112,10 @@ impl Reply {
         self.data = data;
     }
 
-    /// A zeroed reply buffer of `len` bytes for the handler to fill in place.
+    /// A zeroed reply buffer of `len` bytes for the handler to fill in place
+    /// (a large one is a reused buffer, cleared: no page faults).
     pub fn alloc(&mut self, len: usize) -> &mut [u8] {
-        self.data = vec![0; len];
+        self.data = crate::net::buffers::take_zeroed(len);
         &mut self.data
     }
 
@@ -127,11 +128,16 @@ impl Reply {
             self.too_large = Some(why.clone());
             return Err(crate::RpcError::TooLarge(why));
         }
-        let mut data = Vec::new();
-        data.try_reserve_exact(len)
-            .map_err(|_| crate::RpcError::Io(format!("cannot allocate a reply of {len} bytes")))?;
-        data.resize(len, 0);
-        self.data = data;
+        self.data = if let Some(mut spare) = crate::net::buffers::take_spare(len) {
+            spare.fill(0);
+            spare
+        } else {
+            let mut data = Vec::new();
+            data.try_reserve_exact(len)
+                .map_err(|_| crate::RpcError::Io(format!("cannot allocate a reply of {len} bytes")))?;
+            data.resize(len, 0);
+            data
+        };
         Ok(&mut self.data)
     }
 

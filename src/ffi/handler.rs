@@ -167,7 +167,9 @@ pub unsafe extern "C" fn rpcagent_reply_set(
         // SAFETY: forwarded caller contract.
         let reply = unsafe { reply_mut(reply) }?;
         // SAFETY: forwarded caller contract.
-        reply.set(unsafe { super::bytes(data, len, "data") }?.to_vec());
+        reply.set(crate::net::buffers::copy_of(unsafe {
+            super::bytes(data, len, "data")
+        }?));
         Ok(RPCAGENT_OK)
     })
 }

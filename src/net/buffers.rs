@@ -2,20 +2,34 @@
 //! fault and a page of kernel zeroing per 4 KiB (the bulk of a large round
 //! trip's CPU time); a buffer whose pages were already touched costs
 //! neither. Replies this process has sent, and buffers the application hands
-//! back, wait here for the next large message.
+//! back, wait here for the next large message. What is kept is bounded:
+//! at most [`MAX_KEPT`] buffers of at least [`MIN_KEPT`] bytes each, and
+//! [`MAX_KEPT_BYTES`] in all, per process.
 
 use parking_lot::Mutex;
 
 /// Buffers smaller than this are not worth keeping.
-const MIN_KEPT: usize = 1 << 20;
+pub(crate) const MIN_KEPT: usize = 1 << 20;
 /// How many buffers are kept at most.
-const MAX_KEPT: usize = 4;
+pub(crate) const MAX_KEPT: usize = 4;
+/// How many bytes the kept buffers hold at most, together (a 256 MiB round
+/// trip needs two at its destination: the request's and the reply's).
+pub(crate) const MAX_KEPT_BYTES: usize = 512 << 20;
 
 static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 /// A buffer of exactly `len` bytes, reused when one fits (its old contents
 /// are overwritten by the caller before anyone reads them).
 pub(crate) fn take(len: usize) -> Vec<u8> {
+    take_spare(len).unwrap_or_else(|| {
+        let mut buf = vec![0u8; len];
+        super::sys::prefer_huge_pages(&mut buf);
+        buf
+    })
+}
+
+/// A kept buffer of exactly `len` bytes, if one fits (old contents).
+pub(crate) fn take_spare(len: usize) -> Option<Vec<u8>> {
     if len >= MIN_KEPT {
         let mut spare = SPARE.lock();
         // The smallest that fits, and not one far too large for it.
@@ -33,28 +47,50 @@ pub(crate) fn take(len: usize) -> Vec<u8> {
             } else {
                 buf.resize(len, 0);
             }
-            return buf;
+            return Some(buf);
         }
     }
-    let mut buf = vec![0u8; len];
-    super::sys::prefer_huge_pages(&mut buf);
+    None
+}
+
+/// Like [`take`], with every byte zero (a reused buffer is cleared: no
+/// bytes of an earlier message show through).
+pub(crate) fn take_zeroed(len: usize) -> Vec<u8> {
+    let mut buf = take(len);
+    if len >= MIN_KEPT {
+        buf.fill(0);
+    }
+    buf
+}
+
+/// A copy of `data`, in a reused buffer when it is large.
+pub(crate) fn copy_of(data: &[u8]) -> Vec<u8> {
+    if data.len() < MIN_KEPT {
+        return data.to_vec();
+    }
+    let mut buf = take(data.len());
+    buf.copy_from_slice(data);
     buf
 }
 
 /// Keeps `buf` for a later large message (or drops it).
 pub(crate) fn give_back(buf: Vec<u8>) {
-    if buf.capacity() < MIN_KEPT {
+    if buf.capacity() < MIN_KEPT || buf.capacity() > MAX_KEPT_BYTES {
         return;
     }
     let mut spare = SPARE.lock();
-    if spare.len() == MAX_KEPT {
-        // Make room by dropping the smallest.
+    // Make room by dropping the smallest, while they are smaller than it.
+    loop {
+        let held: usize = spare.iter().map(|b| b.capacity()).sum();
+        if spare.len() < MAX_KEPT && held + buf.capacity() <= MAX_KEPT_BYTES {
+            break;
+        }
         let smallest = spare
             .iter()
             .enumerate()
             .min_by_key(|(_, b)| b.capacity())
             .map(|(i, _)| i)
-            .expect("not empty");
+            .expect("not empty: the bounds hold without it");
         if spare[smallest].capacity() >= buf.capacity() {
             return;
         }
@@ -79,5 +115,28 @@ mod tests {
         assert_eq!(again.capacity(), cap);
         let small = take(100);
         assert_eq!(small, vec![0; 100]);
+        let mut dirty = again;
+        dirty.fill(9);
+        give_back(dirty);
+        assert!(take_zeroed(2 << 20).iter().all(|&b| b == 0));
+        what_is_kept_stays_within_its_bounds();
+    }
+
+    /// Run by the test above (both use the one process-wide store).
+    fn what_is_kept_stays_within_its_bounds() {
+        // Fresh buffers are lazily mapped: these cost no real memory.
+        for _ in 0..3 {
+            give_back(vec![0u8; 300 << 20]);
+        }
+        for _ in 0..8 {
+            give_back(vec![0u8; 2 << 20]);
+        }
+        let spare = SPARE.lock();
+        let held: usize = spare.iter().map(|b| b.capacity()).sum();
+        assert!(
+            spare.len() <= MAX_KEPT && held <= MAX_KEPT_BYTES,
+            "{} buffers, {held} bytes",
+            spare.len()
+        );
     }
 }

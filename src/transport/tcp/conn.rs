@@ -199,6 +199,13 @@ impl Outbox {
         } else {
             None
         };
+        // A large frame goes into a reused buffer (no page faults).
+        let spare = spare.or_else(|| {
+            crate::net::buffers::take_spare(len).map(|mut b| {
+                b.clear();
+                b
+            })
+        });
         let mut frame = spare.unwrap_or_else(|| Vec::with_capacity(len));
         for p in parts {
             frame.extend_from_slice(p);
@@ -217,6 +224,8 @@ impl Outbox {
             if buf.capacity() <= KEEP_FRAME_BUFFER && self.spare_frames.len() < MAX_SPARE_FRAMES {
                 buf.clear();
                 self.spare_frames.push(buf);
+            } else {
+                crate::net::buffers::give_back(buf);
             }
         }
         if self.spare_queue.capacity() < batch.capacity() && batch.capacity() <= 4 * MAX_CORKED {
