@@ -153,7 +153,8 @@ impl Queue {
             // from the I/O thread when one call is in flight).
             if !drove {
                 drove = true;
-                if let Some((progress, dst)) = tags.driver.clone()
+                let driver = tags.driver.clone();
+                if let Some((progress, dst)) = driver
                     && let Some(progress) = progress.upgrade()
                 {
                     drop(tags);
@@ -185,7 +186,17 @@ impl Queue {
 
     /// A descriptor, owned by the queue, that polls readable (level
     /// triggered) exactly while tags wait. Never read, write or close it.
-    pub fn as_raw_fd(&self) -> Result<RawFd> {
+    /// -1 if the system refused an eventfd (logged; [`Queue::fd`] returns
+    /// the error).
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.fd().unwrap_or_else(|e| {
+            crate::log::log_at!(Error, None, "{e}");
+            -1
+        })
+    }
+
+    /// Like [`Queue::as_raw_fd`], with the system's error.
+    pub fn fd(&self) -> Result<RawFd> {
         let mut tags = self.inner().tags.lock();
         if let Some(fd) = &tags.fd {
             return Ok(fd.as_raw_fd());
@@ -222,8 +233,8 @@ mod tests {
     fn the_fd_is_readable_exactly_while_tags_wait() {
         let q = Queue::new();
         q.inner().post(7);
-        let fd = q.as_raw_fd().unwrap();
-        assert_eq!(q.as_raw_fd().unwrap(), fd);
+        let fd = q.as_raw_fd();
+        assert_eq!(q.fd().unwrap(), fd);
         assert!(readable(fd));
         q.inner().post(8);
         assert_eq!(q.wait(Some(Duration::ZERO)), Some(7));
@@ -238,7 +249,7 @@ mod tests {
     fn a_dropped_queue_takes_no_more_tags() {
         let q = Queue::new();
         let inner = q.inner().clone();
-        q.as_raw_fd().unwrap();
+        q.fd().unwrap();
         drop(q);
         inner.post(1);
         assert!(inner.tags.lock().waiting.is_empty());

@@ -114,6 +114,6 @@ pub unsafe extern "C" fn rpcagent_queue_fd(q: *const rpcagent_queue_t) -> c_int 
     super::guard_value(-1, || {
         // SAFETY: forwarded caller contract.
         let q = unsafe { handle(q, "q") }?;
-        q.queue.as_raw_fd()
+        q.queue.fd()
     })
 }
