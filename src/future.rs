@@ -65,6 +65,10 @@ pub(crate) struct Slot {
     done: Condvar,
     /// Attached to a completion queue (once, ever).
     notifies: AtomicBool,
+    /// The first `wait_any` set that watched this call: where the next
+    /// `wait_any` over the same array finds its set, with no lock, whether
+    /// the call is still pending or not.
+    first_set: std::sync::OnceLock<Arc<WaitSet>>,
 }
 
 impl Slot {
@@ -78,6 +82,7 @@ impl Slot {
             ready: AtomicBool::new(false),
             done: Condvar::new(),
             notifies: AtomicBool::new(false),
+            first_set: std::sync::OnceLock::new(),
         })
     }
 
@@ -88,6 +93,7 @@ impl Slot {
             ready: AtomicBool::new(true),
             done: Condvar::new(),
             notifies: AtomicBool::new(false),
+            first_set: std::sync::OnceLock::new(),
         })
     }
 
@@ -177,6 +183,7 @@ impl Slot {
     /// Has `set` told (as `index`) when the call completes; false if it has
     /// completed already.
     fn watch(&self, set: &Arc<WaitSet>, index: usize) -> bool {
+        self.first_set.get_or_init(|| set.clone());
         match &mut *self.state.lock() {
             State::Pending { watchers, .. } => {
                 match watchers.iter_mut().find(|(w, _)| Arc::ptr_eq(w, set)) {
@@ -189,12 +196,9 @@ impl Slot {
         }
     }
 
-    /// The `wait_any` set that watches this call most recently, if any.
-    fn watcher(&self) -> Option<Arc<WaitSet>> {
-        match &*self.state.lock() {
-            State::Pending { watchers, .. } => watchers.last().map(|(w, _)| w.clone()),
-            State::Done(_) => None,
-        }
+    /// The first `wait_any` set that watched this call, if any.
+    fn watcher(&self) -> Option<&Arc<WaitSet>> {
+        self.first_set.get()
     }
 
     /// Waits up to `deadline` (`None`: forever). `None` if still pending.
@@ -416,7 +420,7 @@ pub(crate) fn wait_any_slots<'a>(
     // The set that watched these futures last time (found on one of the
     // first entries; the others are likely the same array).
     let set = (0..n.min(4))
-        .find_map(|i| future(i).slot.watcher())
+        .find_map(|i| future(i).slot.watcher().cloned())
         .unwrap_or_else(WaitSet::new);
     let mut st = set.state.lock();
     if st.known.len() != n {
