@@ -10,6 +10,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Result, RpcError};
 use crate::queue::QueueInner;
+use crate::transport::Waiting;
 
 pub(crate) type Callback = Box<dyn FnOnce() + Send>;
 
@@ -19,7 +20,7 @@ pub(crate) type Spawner = Arc<dyn Fn(Callback) + Send + Sync>;
 /// Something that can make progress on calls to a rank while a caller waits
 /// (the TCP transport lets the caller read the connection itself).
 pub(crate) trait Progress: Send + Sync {
-    fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>);
+    fn drive(&self, dst: usize, waiting: Waiting, done: &dyn Fn() -> bool, deadline: Option<Instant>);
     /// Writes the requests held back to share a write (a caller is about
     /// to wait for replies).
     fn flush_batches(&self);
@@ -281,7 +282,7 @@ impl RpcFuture {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            progress.drive(d.dst, &|| self.slot.is_ready(), until);
+            progress.drive(d.dst, Waiting::OwnReply, &|| self.slot.is_ready(), until);
         }
         self.slot.wait_until(deadline)
     }
@@ -474,7 +475,12 @@ pub(crate) fn wait_any_slots<'a>(
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
-                progress.drive(d.dst, &|| set.posted_flag.load(Ordering::Acquire), until);
+                progress.drive(
+                    d.dst,
+                    Waiting::AnyReply,
+                    &|| set.posted_flag.load(Ordering::Acquire),
+                    until,
+                );
             }
             st = set.state.lock();
             continue;

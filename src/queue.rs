@@ -14,6 +14,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::error::{Result, RpcError};
 use crate::future::Progress;
 use crate::net::sys::EventFd;
+use crate::transport::Waiting;
 
 /// A completion queue. Clones share one queue; when the last clone goes,
 /// the queue closes (its descriptor with it) and calls still attached to
@@ -159,7 +160,12 @@ impl Queue {
                 {
                     drop(tags);
                     progress.flush_batches();
-                    progress.drive(dst, &|| inner.has_tags.load(Ordering::Acquire), deadline);
+                    progress.drive(
+                        dst,
+                        Waiting::AnyReply,
+                        &|| inner.has_tags.load(Ordering::Acquire),
+                        deadline,
+                    );
                     tags = inner.tags.lock();
                     continue;
                 }

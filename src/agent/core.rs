@@ -19,7 +19,7 @@ use crate::log::log_at;
 use crate::pool::Pool;
 
 use super::shutdown::{self, Gather, Release};
-use crate::transport::{Dispatch, Executor, InRequest, OutRequest, Outcome, ReadPass, Transport, Transports};
+use crate::transport::{Dispatch, Executor, InRequest, OutRequest, Outcome, ReadPass, Transport, Transports, Waiting};
 use rustc_hash::FxHashMap;
 
 use super::handler::{Body, Handler, Reply, ReplyRoute, Request};
@@ -760,9 +760,9 @@ impl Executor for Core {
 }
 
 impl Progress for Core {
-    fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+    fn drive(&self, dst: usize, waiting: Waiting, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
         if self.transports.get().is_some() {
-            self.transport_to(dst).drive(dst, done, deadline);
+            self.transport_to(dst).drive(dst, waiting, done, deadline);
         }
     }
 

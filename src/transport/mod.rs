@@ -79,7 +79,7 @@ pub(crate) trait Transport: Send + Sync {
     /// Called by a caller about to wait for a reply from `dst`: the
     /// transport may use the caller's thread to read that reply itself until
     /// `done()` or `deadline`, instead of waking it from another thread.
-    fn drive(&self, _dst: usize, _done: &dyn Fn() -> bool, _deadline: Option<Instant>) {}
+    fn drive(&self, _dst: usize, _waiting: Waiting, _done: &dyn Fn() -> bool, _deadline: Option<Instant>) {}
 
     /// The pool's backlog fell below half full: connections whose reading
     /// stopped for it are read again.
@@ -88,6 +88,19 @@ pub(crate) trait Transport: Send + Sync {
     /// Writes every frame held back to share a write with others (a thread
     /// is about to wait, or a worker ran out of work).
     fn flush_batches(&self) {}
+}
+
+/// What a caller driving a connection waits for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Waiting {
+    /// Its own reply: it reads the connection only when that reply is the
+    /// one expected (with more in flight the I/O thread reads them in
+    /// batches, and reading here would only move that work).
+    OwnReply,
+    /// Whichever reply comes (`wait_any`, a completion queue): it reads
+    /// whatever is in flight, so a busy pipeline's completions are taken
+    /// on the waiting thread with no wake-up from the I/O thread.
+    AnyReply,
 }
 
 /// An agent's transports and the one that carries calls to each rank.

@@ -30,7 +30,7 @@ use crate::net::sys::{self, Epoll, READABLE};
 use crate::rendezvous;
 use crate::wire::{self, Header, Kind, Table};
 
-use super::{Dispatch, Executor, OutRequest, Transport};
+use super::{Dispatch, Executor, OutRequest, Transport, Waiting};
 
 mod accept;
 mod conn;
@@ -303,8 +303,8 @@ impl Transport for TcpTransport {
         self.shared.flush_batches();
     }
 
-    fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
-        self.shared.drive(dst, done, deadline);
+    fn drive(&self, dst: usize, waiting: Waiting, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+        self.shared.drive(dst, waiting, done, deadline);
     }
 
     fn resume_reading(&self) {

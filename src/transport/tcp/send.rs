@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Result, RpcError};
 use crate::net::framing::ReadEnd;
 use crate::net::sys;
-use crate::transport::OutRequest;
+use crate::transport::{OutRequest, Waiting};
 use crate::wire::{FLAG_INTERNAL, Header, Kind};
 
 use super::conn::{self, Conn};
@@ -215,7 +215,7 @@ impl Shared {
     /// (if nobody else is): the reply completes its call on its own thread,
     /// with no wake-up from the I/O thread. Other frames it meets are
     /// dispatched as the I/O thread would.
-    pub(super) fn drive(&self, dst: usize, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+    pub(super) fn drive(&self, dst: usize, waiting: Waiting, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
         self.flush_batches();
         let conn = match &*self.peers[dst].state.lock() {
             PeerState::Ready(c) => c.clone(),
@@ -231,7 +231,11 @@ impl Shared {
         };
         // With several calls in flight the I/O thread reads their replies in
         // batches; reading them here would only move that work.
-        let lead = if in_flight() <= 1 { conn.reader.try_lock() } else { None };
+        let lead = if in_flight() <= 1 || waiting == Waiting::AnyReply {
+            conn.reader.try_lock()
+        } else {
+            None
+        };
         let Some(mut reader) = lead else {
             if let Err(e) = conn.ensure_read() {
                 self.drop_conn(&conn, Some(RpcError::Io(format!("epoll: {e}"))));
