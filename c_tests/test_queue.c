@@ -226,6 +226,54 @@ static void check_wait_any(rpcagent_t *agent) {
     printf("wait_any over %d futures: each returned once, replies right\n", N);
 }
 
+/* A call whose future is freed and replaced at the same index (its slot's
+ * memory is likely reused for the new call) must still be seen: a fast call
+ * replaced 30 times beside a slow one always comes back first. Two threads
+ * waiting on the same array both see a completion. */
+static rpcagent_future_t *shared_pair[2];
+static atomic_int other_saw = -1;
+
+static void *other_waiter(void *arg) {
+    (void)arg;
+    size_t idx = 99;
+    CHECK_OK(rpcagent_future_wait_any(shared_pair, 2, 5000, &idx));
+    atomic_store(&other_saw, (int)idx);
+    return NULL;
+}
+
+static void check_wait_any_reuse(rpcagent_t *agent) {
+    rpcagent_future_t *pair[2];
+    pair[0] = call_delay(agent, 3000);
+    double t0 = now_ms();
+    for (int round = 0; round < 30; round++) {
+        CHECK_OK(rpcagent_call_async(agent, 1, "echo", (const uint8_t *)"x", 1, 10000, &pair[1]));
+        size_t idx = 99;
+        CHECK_OK(rpcagent_future_wait_any(pair, 2, 10000, &idx));
+        CHECK(idx == 1);
+        rpcagent_buffer_t out;
+        CHECK_OK(rpcagent_future_wait(pair[1], 0, &out));
+        rpcagent_buffer_free(&out);
+        rpcagent_future_free(pair[1]);
+    }
+    CHECK(now_ms() - t0 < 2500);
+    CHECK(!rpcagent_future_is_ready(pair[0]));
+
+    /* Two waiters, one array: both wake for one completion. */
+    shared_pair[0] = pair[0];
+    CHECK_OK(rpcagent_call_async(agent, 1, "delay", (const uint8_t *)&(uint32_t){200}, 4, 10000, &shared_pair[1]));
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, other_waiter, NULL) == 0);
+    size_t idx = 99;
+    CHECK_OK(rpcagent_future_wait_any(shared_pair, 2, 5000, &idx));
+    CHECK(idx == 1);
+    pthread_join(t, NULL);
+    CHECK(atomic_load(&other_saw) == 1);
+    CHECK(!rpcagent_future_is_ready(pair[0]));
+    rpcagent_future_free(shared_pair[1]);
+    rpcagent_future_free(pair[0]);
+    printf("wait_any: replaced futures seen at once; two waiters on one array both woke\n");
+}
+
 static void body(void) {
     rpcagent_t *agent = join_from_env();
     CHECK_OK(rpcagent_register(agent, "echo", echo, NULL, NULL, 0));
@@ -235,6 +283,7 @@ static void body(void) {
     if (rpcagent_rank(agent) == 0) {
         check_queue(agent);
         check_wait_any(agent);
+        check_wait_any_reuse(agent);
     }
     CHECK_OK(rpcagent_shutdown(agent, 1, 60000));
     rpcagent_free(agent);

@@ -365,8 +365,10 @@ impl RpcFuture {
 /// The waiting side of `wait_any`, kept between calls so that waiting again
 /// over the same futures does not subscribe to each of them again. Each call
 /// it watches is told to post its index here when it completes. A call of
-/// `wait_any` compares the array with the one it saw last (`known`: one
-/// pointer per entry) and only watches the entries that changed; it then
+/// `wait_any` compares the array with the one it saw last (`known`: a weak
+/// handle per entry, which keeps a freed slot's address from being reused
+/// by a new call while the set remembers it) and only watches the entries
+/// that changed; it then
 /// takes posted indexes, checking each against the array (an entry may
 /// have been replaced since), and sleeps when none is left. Before it
 /// sleeps it looks at every entry once, so it is right whatever the
@@ -374,14 +376,16 @@ impl RpcFuture {
 pub(crate) struct WaitSet {
     state: Mutex<WaitSetState>,
     posted_cv: Condvar,
-    /// Set by every post: a waiter reading replies itself stops then.
-    posted_flag: AtomicBool,
+    /// Counts posts: a waiter reading replies itself stops once it moves
+    /// (each waiter compares with the count it saw, so waiters sharing a
+    /// set never hide a post from each other).
+    posts: std::sync::atomic::AtomicU64,
 }
 
 struct WaitSetState {
     posted: std::collections::VecDeque<usize>,
     /// The slot each entry of the array held at the last call.
-    known: Vec<usize>,
+    known: Vec<Weak<Slot>>,
     sleeping: usize,
 }
 
@@ -394,18 +398,44 @@ impl WaitSet {
                 sleeping: 0,
             }),
             posted_cv: Condvar::new(),
-            posted_flag: AtomicBool::new(false),
+            posts: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     fn post(&self, index: usize) {
         let mut st = self.state.lock();
         st.posted.push_back(index);
-        self.posted_flag.store(true, Ordering::Release);
+        self.posts.fetch_add(1, Ordering::Release);
+        // Every waiter: wait_any takes nothing away, so each one whose
+        // array holds the entry must look.
         if st.sleeping > 0 {
-            self.posted_cv.notify_one();
+            self.posted_cv.notify_all();
         }
     }
+}
+
+/// The destination of every pending one of `n` futures, when they all go
+/// to one rank of one agent (the only case where reading that connection
+/// sees every completion: others arrive through the I/O thread), with the
+/// time to stop reading it: `deadline` or the earliest call's deadline.
+fn one_destination<'a>(
+    n: usize,
+    future: &impl Fn(usize) -> &'a RpcFuture,
+    deadline: Option<Instant>,
+) -> Option<(&'a Driver, Option<Instant>)> {
+    let mut found: Option<&Driver> = None;
+    let mut until = deadline;
+    for f in (0..n).map(future).filter(|f| !f.is_ready()) {
+        let d = f.driver.as_ref()?;
+        match found {
+            Some(first) if first.dst != d.dst || !Weak::ptr_eq(&first.progress, &d.progress) => return None,
+            _ => found = Some(d),
+        }
+        if let Some(t) = d.deadline {
+            until = Some(until.map_or(t, |u| u.min(t)));
+        }
+    }
+    found.map(|d| (d, until))
 }
 
 /// `wait_any` over `n` futures, the `i`th given by `future(i)`.
@@ -417,21 +447,20 @@ pub(crate) fn wait_any_slots<'a>(
     if n == 0 {
         return None;
     }
-    let slot_key = |i: usize| Arc::as_ptr(&future(i).slot) as usize;
-    // The set that watched these futures last time (found on one of the
-    // first entries; the others are likely the same array).
-    let set = (0..n.min(4))
+    // The set that watched these futures last time (found on the first
+    // entry that has one, without a lock: usually the first).
+    let set = (0..n)
         .find_map(|i| future(i).slot.watcher().cloned())
         .unwrap_or_else(WaitSet::new);
     let mut st = set.state.lock();
     if st.known.len() != n {
-        st.known.resize(n, 0);
+        st.known.resize(n, Weak::new());
     }
     for i in 0..n {
-        let key = slot_key(i);
-        if st.known[i] != key {
-            st.known[i] = key;
-            if !future(i).slot.watch(&set, i) {
+        let slot = &future(i).slot;
+        if st.known[i].as_ptr() != Arc::as_ptr(slot) {
+            st.known[i] = Arc::downgrade(slot);
+            if !slot.watch(&set, i) {
                 st.posted.push_back(i);
             }
         }
@@ -455,7 +484,7 @@ pub(crate) fn wait_any_slots<'a>(
             // thread may read a reply itself, as a single wait does (no
             // wake-up from the I/O thread when one call is in flight).
             flushed = true;
-            set.posted_flag.store(false, Ordering::Release);
+            let seen = set.posts.load(Ordering::Acquire);
             drop(st);
             let mut last: Option<*const ()> = None;
             for i in 0..n {
@@ -467,18 +496,13 @@ pub(crate) fn wait_any_slots<'a>(
                     }
                 }
             }
-            if let Some(f) = (0..n).map(&future).find(|f| !f.is_ready() && f.driver.is_some())
-                && let Some(d) = &f.driver
+            if let Some((d, until)) = one_destination(n, &future, deadline)
                 && let Some(progress) = d.progress.upgrade()
             {
-                let until = match (deadline, d.deadline) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
                 progress.drive(
                     d.dst,
                     Waiting::AnyReply,
-                    &|| set.posted_flag.load(Ordering::Acquire),
+                    &|| set.posts.load(Ordering::Acquire) != seen,
                     until,
                 );
             }

@@ -683,9 +683,12 @@ impl Core {
                     }
                     break;
                 }
-                // Dead: the next rank coordinates (this one never is lost
-                // to itself, so the loop ends here at the latest).
-                Err(RpcError::PeerLost { .. }) if coordinator != self.rank => lost.push(coordinator),
+                // Dead (or already gone, having met elsewhere): the next
+                // rank coordinates (this one is never lost to itself, so
+                // the loop ends here at the latest).
+                Err(RpcError::PeerLost { .. } | RpcError::Shutdown(_)) if coordinator != self.rank => {
+                    lost.push(coordinator)
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -30,6 +30,26 @@ pub(crate) fn take(len: usize) -> Vec<u8> {
 
 /// A kept buffer of exactly `len` bytes, if one fits (old contents).
 pub(crate) fn take_spare(len: usize) -> Option<Vec<u8>> {
+    take_kept(len).map(|mut buf| {
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
+        buf
+    })
+}
+
+/// A kept buffer with room for `len` bytes, empty, if one fits.
+pub(crate) fn take_spare_empty(len: usize) -> Option<Vec<u8>> {
+    take_kept(len).map(|mut buf| {
+        buf.clear();
+        buf
+    })
+}
+
+/// A kept buffer with room for `len` bytes, as it was given back.
+fn take_kept(len: usize) -> Option<Vec<u8>> {
     if len >= MIN_KEPT {
         let mut spare = SPARE.lock();
         // The smallest that fits, and not one far too large for it.
@@ -40,14 +60,7 @@ pub(crate) fn take_spare(len: usize) -> Option<Vec<u8>> {
             .min_by_key(|(_, b)| b.capacity())
             .map(|(i, _)| i);
         if let Some(i) = best {
-            let mut buf = spare.swap_remove(i);
-            drop(spare);
-            if buf.len() >= len {
-                buf.truncate(len);
-            } else {
-                buf.resize(len, 0);
-            }
-            return Some(buf);
+            return Some(spare.swap_remove(i));
         }
     }
     None

@@ -200,12 +200,7 @@ impl Outbox {
             None
         };
         // A large frame goes into a reused buffer (no page faults).
-        let spare = spare.or_else(|| {
-            crate::net::buffers::take_spare(len).map(|mut b| {
-                b.clear();
-                b
-            })
-        });
+        let spare = spare.or_else(|| crate::net::buffers::take_spare_empty(len));
         let mut frame = spare.unwrap_or_else(|| Vec::with_capacity(len));
         for p in parts {
             frame.extend_from_slice(p);

@@ -157,7 +157,10 @@ impl Shared {
                     Some(ex) => match ex.move_io(self.clone().io_loop_job()) {
                         Ok(()) => {
                             drop(role);
-                            job();
+                            // The loop runs elsewhere now: a panic here must
+                            // not reach `io_loop_job`, which would start a
+                            // second loop.
+                            run_contained(job);
                             return;
                         }
                         // Nobody idle: the loop stays here, the pool queues the job
@@ -173,7 +176,8 @@ impl Shared {
                         && self.become_responder()
                     {
                         drop(role);
-                        self.respond(&conn);
+                        let me = self.clone();
+                        run_contained(Box::new(move || me.respond(&conn)));
                         return;
                     }
                 }
@@ -406,6 +410,14 @@ impl Shared {
             }
         }
         Ok(())
+    }
+}
+
+/// Runs work this thread took on after handing the I/O loop to another
+/// thread; a panic in it is logged and goes no further.
+fn run_contained(work: crate::pool::Work) {
+    if catch_unwind(AssertUnwindSafe(work)).is_err() {
+        let _ = catch_unwind(|| log_at!(Error, None, "a job run beside the I/O loop panicked"));
     }
 }
 

@@ -119,6 +119,12 @@ impl Shared {
                                 *st = PeerState::Lost(e.clone());
                                 drop(st);
                                 self.done_opening();
+                                // As for any lost rank: its calls fail (this
+                                // one included) and a shutdown stops
+                                // waiting for it.
+                                if let Some(d) = self.dispatch() {
+                                    d.on_peer_lost(dst, e.clone());
+                                }
                                 return Err(e);
                             }
                         }
