@@ -228,7 +228,7 @@ static void check_wait_any(rpcagent_t *agent) {
 
 /* A call whose future is freed and replaced at the same index (its slot's
  * memory is likely reused for the new call) must still be seen: a fast call
- * replaced 30 times beside a slow one always comes back first. Two threads
+ * replaced 30 times beside a 5 s one always comes back first. Two threads
  * waiting on the same array both see a completion. */
 static rpcagent_future_t *shared_pair[2];
 static atomic_int other_saw = -1;
@@ -243,7 +243,7 @@ static void *other_waiter(void *arg) {
 
 static void check_wait_any_reuse(rpcagent_t *agent) {
     rpcagent_future_t *pair[2];
-    pair[0] = call_delay(agent, 3000);
+    pair[0] = call_delay(agent, 5000);
     double t0 = now_ms();
     for (int round = 0; round < 30; round++) {
         CHECK_OK(rpcagent_call_async(agent, 1, "echo", (const uint8_t *)"x", 1, 10000, &pair[1]));
@@ -255,14 +255,15 @@ static void check_wait_any_reuse(rpcagent_t *agent) {
         rpcagent_buffer_free(&out);
         rpcagent_future_free(pair[1]);
     }
-    CHECK(now_ms() - t0 < 2500);
+    CHECK(now_ms() - t0 < 3500);
     CHECK(!rpcagent_future_is_ready(pair[0]));
 
     /* Two waiters, one array: both wake for one completion. */
     shared_pair[0] = pair[0];
-    CHECK_OK(rpcagent_call_async(agent, 1, "delay", (const uint8_t *)&(uint32_t){200}, 4, 10000, &shared_pair[1]));
+    CHECK_OK(rpcagent_call_async(agent, 1, "delay", (const uint8_t *)&(uint32_t){400}, 4, 10000, &shared_pair[1]));
     pthread_t t;
     CHECK(pthread_create(&t, NULL, other_waiter, NULL) == 0);
+    usleep(50 * 1000); /* the other thread is asleep in wait_any by now */
     size_t idx = 99;
     CHECK_OK(rpcagent_future_wait_any(shared_pair, 2, 5000, &idx));
     CHECK(idx == 1);

@@ -98,6 +98,11 @@ impl QueueInner {
         let mut tags = self.tags.lock();
         match &tags.driver {
             Some((p, d)) if Weak::ptr_eq(p, progress) && *d == dst => {}
+            // The agent it named is gone: its calls are over.
+            Some((p, _)) if p.strong_count() == 0 => {
+                tags.driver = Some((progress.clone(), dst));
+                tags.mixed = false;
+            }
             Some(_) => tags.mixed = true,
             None => tags.driver = Some((progress.clone(), dst)),
         }

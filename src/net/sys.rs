@@ -276,7 +276,9 @@ fn poll_one(fd: &impl AsRawFd, events: libc::c_short, timeout: std::time::Durati
         events,
         revents: 0,
     };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // Rounded up: a wait shorter than a millisecond must still sleep, not
+    // turn into a poll that returns at once (and a loop around it, a spin).
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
     // SAFETY: `pfd` is one valid pollfd that outlives the call.
     match check(unsafe { libc::poll(&mut pfd, 1, ms) }) {
         Ok(n) => Ok(n > 0),

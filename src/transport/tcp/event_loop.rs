@@ -176,8 +176,7 @@ impl Shared {
                         && self.become_responder()
                     {
                         drop(role);
-                        let me = self.clone();
-                        run_contained(Box::new(move || me.respond(&conn)));
+                        run_contained(|| self.respond(&conn));
                         return;
                     }
                 }
@@ -415,7 +414,7 @@ impl Shared {
 
 /// Runs work this thread took on after handing the I/O loop to another
 /// thread; a panic in it is logged and goes no further.
-fn run_contained(work: crate::pool::Work) {
+fn run_contained(work: impl FnOnce()) {
     if catch_unwind(AssertUnwindSafe(work)).is_err() {
         let _ = catch_unwind(|| log_at!(Error, None, "a job run beside the I/O loop panicked"));
     }
