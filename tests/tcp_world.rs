@@ -112,7 +112,11 @@ fn join_all(configs: Vec<Config>) -> Vec<rpcagent::Result<RpcAgent>> {
 #[test]
 fn missing_ranks_are_named_when_init_times_out() {
     let port = common::free_port();
-    let results = join_all(vec![cfg(0, 3, port), cfg(1, 3, port)]);
+    // Rank 1 waits longer than rank 0: had it given up first (its clock
+    // started a little earlier on a busy machine), rank 0 would rightly
+    // name it missing too.
+    let patient = cfg(1, 3, port).init_timeout(Duration::from_millis(6000));
+    let results = join_all(vec![cfg(0, 3, port), patient]);
     for r in &results {
         let err = r.as_ref().unwrap_err();
         assert_eq!(err.status(), Status::Init, "{err}");
