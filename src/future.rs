@@ -104,20 +104,18 @@ impl Slot {
     pub(crate) fn complete(&self, result: Result<Vec<u8>>, spawner: Option<&Spawner>) -> bool {
         let (callbacks, queue, watchers) = {
             let mut state = self.state.lock();
-            if matches!(*state, State::Done(_)) {
-                return false;
-            }
             let State::Pending {
                 callbacks,
                 queue,
                 watchers,
-                ..
-            } = std::mem::replace(&mut *state, State::Done(result.map(Some)))
+            } = &mut *state
             else {
-                unreachable!("checked to be pending above")
+                return false;
             };
+            let told = (std::mem::take(callbacks), queue.take(), std::mem::take(watchers));
+            *state = State::Done(result.map(Some));
             self.ready.store(true, Ordering::Release);
-            (callbacks, queue, watchers)
+            told
         };
         self.done.notify_all();
         // Posted after the slot's lock is let go (lock order: a wait set,

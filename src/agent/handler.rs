@@ -128,8 +128,7 @@ impl Reply {
             self.too_large = Some(why.clone());
             return Err(crate::RpcError::TooLarge(why));
         }
-        self.data = if let Some(mut spare) = crate::net::buffers::take_spare(len) {
-            spare.fill(0);
+        self.data = if let Some(spare) = crate::net::buffers::take_spare_zeroed(len) {
             spare
         } else {
             let mut data = Vec::new();

@@ -21,15 +21,18 @@ static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 /// A buffer of exactly `len` bytes, reused when one fits (its old contents
 /// are overwritten by the caller before anyone reads them).
 pub(crate) fn take(len: usize) -> Vec<u8> {
-    take_spare(len).unwrap_or_else(|| {
-        let mut buf = vec![0u8; len];
-        super::sys::prefer_huge_pages(&mut buf);
-        buf
-    })
+    take_spare(len).unwrap_or_else(|| fresh(len))
+}
+
+/// A new zeroed buffer (the kernel maps its pages on first touch).
+fn fresh(len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    super::sys::prefer_huge_pages(&mut buf);
+    buf
 }
 
 /// A kept buffer of exactly `len` bytes, if one fits (old contents).
-pub(crate) fn take_spare(len: usize) -> Option<Vec<u8>> {
+fn take_spare(len: usize) -> Option<Vec<u8>> {
     take_kept(len).map(|mut buf| {
         if buf.len() >= len {
             buf.truncate(len);
@@ -69,11 +72,17 @@ fn take_kept(len: usize) -> Option<Vec<u8>> {
 /// Like [`take`], with every byte zero (a reused buffer is cleared: no
 /// bytes of an earlier message show through).
 pub(crate) fn take_zeroed(len: usize) -> Vec<u8> {
-    let mut buf = take(len);
-    if len >= MIN_KEPT {
-        buf.fill(0);
-    }
-    buf
+    // A fresh buffer is zero already (and not yet mapped): only a reused
+    // one needs clearing.
+    take_spare_zeroed(len).unwrap_or_else(|| fresh(len))
+}
+
+/// A kept buffer of exactly `len` bytes, cleared, if one fits.
+pub(crate) fn take_spare_zeroed(len: usize) -> Option<Vec<u8>> {
+    take_spare_empty(len).map(|mut buf| {
+        buf.resize(len, 0);
+        buf
+    })
 }
 
 /// A copy of `data`, in a reused buffer when it is large.
