@@ -134,6 +134,21 @@ int main(void) {
     CHECK_STATUS(rpcagent_set_log_level(9), E);
     size_t idx;
     CHECK_STATUS(rpcagent_future_wait_any(NULL, 0, 0, &idx), E);
+    /* A NULL entry is INVALID_ARGUMENT: on a first call over an array, and
+     * on a later call that reaches it (here: the entry it just answered). */
+    rpcagent_future_t *arr[2] = {NULL, NULL};
+    CHECK_OK(rpcagent_call_async(a, 1, "f", NULL, 0, -1, &arr[0]));
+    CHECK_OK(rpcagent_call_async(a, 1, "f", NULL, 0, -1, &arr[1]));
+    rpcagent_future_t *with_null[3] = {arr[0], NULL, arr[1]};
+    CHECK_STATUS(rpcagent_future_wait_any(with_null, 3, 1000, &idx), E);
+    CHECK_OK(rpcagent_future_wait_any(arr, 2, 5000, &idx));
+    CHECK(idx < 2);
+    rpcagent_future_t *answered = arr[idx];
+    arr[idx] = NULL;
+    CHECK_STATUS(rpcagent_future_wait_any(arr, 2, 5000, &idx), E);
+    rpcagent_future_free(answered);
+    rpcagent_future_free(arr[0]);
+    rpcagent_future_free(arr[1]);
 
     /* Unknown function on a live peer is NOT_FOUND, not a crash. */
     CHECK_STATUS(rpcagent_call_sync(a, 1, "f", NULL, 0, -1, &out), RPCAGENT_ERR_NOT_FOUND);

@@ -664,7 +664,12 @@ const char *rpcagent_future_error(const struct rpcagent_future_t *f);
 /**
  * Waits until one of `n` futures is complete: `RPCAGENT_OK` with its index
  * in `out_index`, or `RPCAGENT_PENDING` when `timeout_ms` passes first
- * (0 never blocks, < 0 waits forever).
+ * (0 never blocks, < 0 waits forever). Called again over the same array
+ * (entries replaced as they complete), it costs O(1) per completion: it
+ * answers completions it was told of, and reads every entry only before it
+ * waits. A NULL entry is `RPCAGENT_ERR_INVALID_ARGUMENT`, reported when the
+ * call reads that entry (on the first call over an array, and at the latest
+ * before any call waits).
  *
  * # Safety
  * `futures` is NULL or valid for `n` pointers, each a live future handle;

@@ -39,7 +39,7 @@ enum State {
         /// The completion queue this call posts its tag to.
         queue: Option<(Arc<QueueInner>, u64)>,
         /// The `wait_any` sets waiting on this call, with its index in each.
-        watchers: Vec<(Arc<WaitSet>, usize)>,
+        watchers: Watchers,
     },
     /// `Ok(None)`: the reply bytes were already taken by a wait.
     Done(Result<Option<Vec<u8>>>),
@@ -54,6 +54,37 @@ pub(crate) fn run_callback(cb: Callback) {
     let ran = crate::threads::in_callback(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(cb)));
     if ran.is_err() {
         crate::log::log_at!(Error, None, "a completion callback panicked");
+    }
+}
+
+/// The `wait_any` sets waiting on one call, with its index in each: almost
+/// always one set, kept inline so that watching a call allocates nothing.
+#[derive(Default)]
+struct Watchers {
+    first: Option<(Arc<WaitSet>, usize)>,
+    more: Vec<(Arc<WaitSet>, usize)>,
+}
+
+impl Watchers {
+    /// `set` is told `index` on completion (a set already watching gets
+    /// the new index: the call moved in its array).
+    fn set(&mut self, set: &Arc<WaitSet>, index: usize) {
+        let entry = match &mut self.first {
+            None => {
+                self.first = Some((set.clone(), index));
+                return;
+            }
+            Some(first) if Arc::ptr_eq(&first.0, set) => Some(first),
+            Some(_) => self.more.iter_mut().find(|(w, _)| Arc::ptr_eq(w, set)),
+        };
+        match entry {
+            Some(entry) => entry.1 = index,
+            None => self.more.push((set.clone(), index)),
+        }
+    }
+
+    fn into_iter(self) -> impl Iterator<Item = (Arc<WaitSet>, usize)> {
+        self.first.into_iter().chain(self.more)
     }
 }
 
@@ -78,7 +109,7 @@ impl Slot {
             state: Mutex::new(State::Pending {
                 callbacks: Vec::new(),
                 queue: None,
-                watchers: Vec::new(),
+                watchers: Watchers::default(),
             }),
             ready: AtomicBool::new(false),
             done: Condvar::new(),
@@ -123,7 +154,7 @@ impl Slot {
         if let Some((q, tag)) = queue {
             q.post(tag);
         }
-        for (set, index) in watchers {
+        for (set, index) in watchers.into_iter() {
             set.post(index);
         }
         for cb in callbacks {
@@ -185,10 +216,7 @@ impl Slot {
         self.first_set.get_or_init(|| set.clone());
         match &mut *self.state.lock() {
             State::Pending { watchers, .. } => {
-                match watchers.iter_mut().find(|(w, _)| Arc::ptr_eq(w, set)) {
-                    Some(entry) => entry.1 = index,
-                    None => watchers.push((set.clone(), index)),
-                }
+                watchers.set(set, index);
                 true
             }
             State::Done(_) => false,
@@ -328,11 +356,11 @@ impl RpcFuture {
 
     /// Waits until one of `futures` is complete and returns its index, or
     /// `None` when `timeout` (`None`: no bound) passes first. Called again
-    /// over (mostly) the same futures, it costs O(1) per completion plus a
-    /// comparison of the array with the last one: see [`WaitSet`].
+    /// over (mostly) the same futures, it costs O(1) per completion, plus one
+    /// look at every entry before it waits: see [`WaitSet`].
     pub fn wait_any(futures: &[&RpcFuture], timeout: Option<Duration>) -> Option<usize> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        wait_any_slots(futures.len(), |i| futures[i], deadline)
+        wait_any_slots(futures.len(), |i| Some(futures[i]), deadline).expect("no entry of a slice is missing")
     }
 
     /// Posts `tag` to `queue` once the call completes (at once if it has),
@@ -363,14 +391,14 @@ impl RpcFuture {
 /// The waiting side of `wait_any`, kept between calls so that waiting again
 /// over the same futures does not subscribe to each of them again. Each call
 /// it watches is told to post its index here when it completes. A call of
-/// `wait_any` compares the array with the one it saw last (`known`: a weak
-/// handle per entry, which keeps a freed slot's address from being reused
-/// by a new call while the set remembers it) and only watches the entries
-/// that changed; it then
-/// takes posted indexes, checking each against the array (an entry may
-/// have been replaced since), and sleeps when none is left. Before it
-/// sleeps it looks at every entry once, so it is right whatever the
-/// bookkeeping missed (an array shared with another set, say).
+/// `wait_any` first answers posted indexes, checking each against the array
+/// (an entry may have been replaced since): O(1) per completion. Only when
+/// none is left does it look at every entry (`full_pass`): it watches the
+/// entries that changed since the last look (`known`: a weak handle per
+/// entry, which keeps a freed slot's address from being reused by a new
+/// call while the set remembers it), answers one already complete (so it
+/// is right whatever the bookkeeping missed: an array shared with another
+/// set, say), and otherwise reads replies itself or sleeps.
 pub(crate) struct WaitSet {
     state: Mutex<WaitSetState>,
     posted_cv: Condvar,
@@ -412,112 +440,185 @@ impl WaitSet {
     }
 }
 
-/// The destination of every pending one of `n` futures, when they all go
-/// to one rank of one agent (the only case where reading that connection
-/// sees every completion: others arrive through the I/O thread), with the
-/// time to stop reading it: `deadline` or the earliest call's deadline.
-fn one_destination<'a>(
-    n: usize,
-    future: &impl Fn(usize) -> &'a RpcFuture,
-    deadline: Option<Instant>,
-) -> Option<(&'a Driver, Option<Instant>)> {
-    let mut found: Option<&Driver> = None;
-    let mut until = deadline;
-    for f in (0..n).map(future).filter(|f| !f.is_ready()) {
-        let d = f.driver.as_ref()?;
-        match found {
-            Some(first) if first.dst != d.dst || !Weak::ptr_eq(&first.progress, &d.progress) => return None,
-            _ => found = Some(d),
-        }
-        if let Some(t) = d.deadline {
-            until = Some(until.map_or(t, |u| u.min(t)));
-        }
-    }
-    found.map(|d| (d, until))
+/// What one look at every entry found (see `wait_any_slots`).
+struct FullPass<'a> {
+    /// A complete entry, if any.
+    ready: Option<usize>,
+    /// An entry whose agent holds requests back for company, and whether
+    /// the entries span more than one agent (then each is asked).
+    some_agent: Option<usize>,
+    many_agents: bool,
+    /// The one destination every pending entry goes to, with the time to
+    /// stop reading it (`deadline` or the earliest call's deadline); `None`
+    /// when they go to several, or one cannot be driven (only reading that
+    /// connection sees every completion: others arrive through the I/O thread).
+    one_destination: Option<(&'a Driver, Option<Instant>)>,
 }
 
-/// `wait_any` over `n` futures, the `i`th given by `future(i)`.
-pub(crate) fn wait_any_slots<'a>(
+/// Looks at every entry once: watches those that changed since the set's
+/// last pass (an entry already complete is posted at once), and notes what
+/// the waiter may do before it sleeps. Runs with the set's lock held.
+fn full_pass<'a>(
+    set: &Arc<WaitSet>,
+    st: &mut WaitSetState,
     n: usize,
-    future: impl Fn(usize) -> &'a RpcFuture,
+    future: &impl Fn(usize) -> Option<&'a RpcFuture>,
     deadline: Option<Instant>,
-) -> Option<usize> {
-    if n == 0 {
-        return None;
-    }
-    // The set that watched these futures last time (found on the first
-    // entry that has one, without a lock: usually the first).
-    let set = (0..n)
-        .find_map(|i| future(i).slot.watcher().cloned())
-        .unwrap_or_else(WaitSet::new);
-    let mut st = set.state.lock();
+) -> std::result::Result<FullPass<'a>, MissingEntry> {
     if st.known.len() != n {
         st.known.resize(n, Weak::new());
     }
+    let mut pass = FullPass {
+        ready: None,
+        some_agent: None,
+        many_agents: false,
+        one_destination: None,
+    };
+    let mut drivable = true;
+    let mut until = deadline;
     for i in 0..n {
-        let slot = &future(i).slot;
-        if st.known[i].as_ptr() != Arc::as_ptr(slot) {
-            st.known[i] = Arc::downgrade(slot);
-            if !slot.watch(&set, i) {
+        let f = future(i).ok_or(MissingEntry(i))?;
+        if st.known[i].as_ptr() != Arc::as_ptr(&f.slot) {
+            st.known[i] = Arc::downgrade(&f.slot);
+            if !f.slot.watch(set, i) {
                 st.posted.push_back(i);
             }
         }
+        if let Some(d) = &f.driver {
+            match pass.some_agent {
+                None => pass.some_agent = Some(i),
+                Some(first) => {
+                    let first = future(first).and_then(|f| f.driver.as_ref());
+                    pass.many_agents |= !first.is_some_and(|first| Weak::ptr_eq(&first.progress, &d.progress));
+                }
+            }
+        }
+        if f.slot.is_ready() {
+            pass.ready.get_or_insert(i);
+            continue;
+        }
+        match (&f.driver, pass.one_destination) {
+            (None, _) => drivable = false,
+            (Some(d), None) => pass.one_destination = Some((d, None)),
+            (Some(d), Some((first, _))) => {
+                drivable &= first.dst == d.dst && Weak::ptr_eq(&first.progress, &d.progress);
+            }
+        }
+        if let Some(t) = f.driver.as_ref().and_then(|d| d.deadline) {
+            until = Some(until.map_or(t, |u| u.min(t)));
+        }
     }
-    let mut flushed = false;
+    if !drivable {
+        pass.one_destination = None;
+    }
+    if let Some((d, _)) = pass.one_destination {
+        pass.one_destination = Some((d, until));
+    }
+    Ok(pass)
+}
+
+/// `wait_any` was given no future at this index (a NULL entry from C).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct MissingEntry(pub(crate) usize);
+
+/// `wait_any` over `n` futures, the `i`th given by `future(i)` (`None`: the
+/// entry is missing, an error found when the entry is looked at: at the
+/// latest in the call's first look at every entry).
+///
+/// Taking a completion costs O(1): posted indexes are answered first, each
+/// checked against the array (the entry may have been replaced since). Only
+/// when none is left does the call look at every entry (`full_pass`), once,
+/// before it reads replies itself or sleeps; that look is paid for by the
+/// wait it precedes. Entries replaced since the last pass are not watched
+/// until then, which only delays them behind completions already posted.
+pub(crate) fn wait_any_slots<'a>(
+    n: usize,
+    future: impl Fn(usize) -> Option<&'a RpcFuture>,
+    deadline: Option<Instant>,
+) -> std::result::Result<Option<usize>, MissingEntry> {
+    if n == 0 {
+        return Ok(None);
+    }
+    // The set that watched these futures last time (found on the first
+    // entry that has one, without a lock: usually among the first few).
+    let mut set = None;
+    for i in 0..n {
+        if let Some(s) = future(i).ok_or(MissingEntry(i))?.slot.watcher() {
+            set = Some(s.clone());
+            break;
+        }
+    }
+    let set = set.unwrap_or_else(WaitSet::new);
+    let mut st = set.state.lock();
+    let mut looked = false;
     loop {
         // A posted entry stays at the front while its future is the one
         // that completed (it is answered again until replaced).
         while let Some(&i) = st.posted.front() {
-            if i < n && future(i).is_ready() {
-                return Some(i);
+            if i < n && future(i).ok_or(MissingEntry(i))?.is_ready() {
+                return Ok(Some(i));
             }
             st.posted.pop_front();
         }
-        if let Some(i) = (0..n).find(|&i| future(i).is_ready()) {
-            return Some(i);
-        }
-        if !flushed {
-            // Before sleeping, once: requests held back for company leave
-            // (once per agent: neighbours usually share one), and this
-            // thread may read a reply itself, as a single wait does (no
-            // wake-up from the I/O thread when one call is in flight).
-            flushed = true;
-            let seen = set.posts.load(Ordering::Acquire);
-            drop(st);
-            let mut last: Option<*const ()> = None;
-            for i in 0..n {
-                if let Some(d) = &future(i).driver {
-                    let agent = d.progress.as_ptr() as *const ();
-                    if last != Some(agent) {
-                        future(i).flush_batches();
-                        last = Some(agent);
-                    }
+        if looked {
+            // Every entry is watched: sleep until one posts.
+            st.sleeping += 1;
+            let timed_out = match deadline {
+                None => {
+                    set.posted_cv.wait(&mut st);
+                    false
                 }
+                Some(d) => set.posted_cv.wait_until(&mut st, d).timed_out(),
+            };
+            st.sleeping -= 1;
+            if timed_out && st.posted.is_empty() {
+                return Ok((0..n).find(|&i| future(i).is_some_and(RpcFuture::is_ready)));
             }
-            if let Some((d, until)) = one_destination(n, &future, deadline)
-                && let Some(progress) = d.progress.upgrade()
-            {
-                progress.drive(
-                    d.dst,
-                    Waiting::AnyReply,
-                    &|| set.posts.load(Ordering::Acquire) != seen,
-                    until,
-                );
-            }
-            st = set.state.lock();
             continue;
         }
-        st.sleeping += 1;
-        let timed_out = match deadline {
-            None => {
-                set.posted_cv.wait(&mut st);
-                false
+        looked = true;
+        let pass = full_pass(&set, &mut st, n, &future, deadline)?;
+        if let Some(i) = pass.ready {
+            return Ok(Some(i));
+        }
+        if !st.posted.is_empty() {
+            continue;
+        }
+        // Before sleeping, once: requests held back for company leave
+        // (once per agent), and this thread may read a reply itself, as a
+        // single wait does (no wake-up from the I/O thread per reply).
+        let seen = set.posts.load(Ordering::Acquire);
+        drop(st);
+        match pass.some_agent.and_then(&future) {
+            Some(f) if !pass.many_agents => f.flush_batches(),
+            Some(_) => flush_each_agent(n, &future),
+            None => {}
+        }
+        if let Some((d, until)) = pass.one_destination
+            && let Some(progress) = d.progress.upgrade()
+        {
+            progress.drive(
+                d.dst,
+                Waiting::AnyReply,
+                &|| set.posts.load(Ordering::Acquire) != seen,
+                until,
+            );
+        }
+        st = set.state.lock();
+    }
+}
+
+/// Writes the requests every agent behind `n` futures holds back (once per
+/// run of neighbours on one agent).
+fn flush_each_agent<'a>(n: usize, future: &impl Fn(usize) -> Option<&'a RpcFuture>) {
+    let mut last: Option<*const ()> = None;
+    for f in (0..n).filter_map(future) {
+        if let Some(d) = &f.driver {
+            let agent = d.progress.as_ptr() as *const ();
+            if last != Some(agent) {
+                f.flush_batches();
+                last = Some(agent);
             }
-            Some(d) => set.posted_cv.wait_until(&mut st, d).timed_out(),
-        };
-        st.sleeping -= 1;
-        if timed_out && st.posted.is_empty() {
-            return (0..n).find(|&i| future(i).is_ready());
         }
     }
 }
@@ -573,5 +674,44 @@ mod tests {
         assert_eq!(RpcFuture::wait_any(&refs, None), Some(2));
         t.join().unwrap();
         assert_eq!(RpcFuture::wait_any(&refs, Some(Duration::ZERO)), Some(2));
+    }
+
+    #[test]
+    fn wait_any_sees_replaced_entries_posted_or_not() {
+        let mut slots: Vec<_> = (0..3).map(|_| Slot::new()).collect();
+        let mut futs: Vec<_> = slots.iter().map(|s| RpcFuture::new(s.clone())).collect();
+        let wait = |futs: &[RpcFuture], timeout_ms| {
+            let refs: Vec<&RpcFuture> = futs.iter().collect();
+            RpcFuture::wait_any(&refs, Some(Duration::from_millis(timeout_ms)))
+        };
+        assert_eq!(wait(&futs, 0), None); // the first look watches all three
+        slots[0].complete(Ok(vec![]), None);
+        slots[1].complete(Ok(vec![]), None);
+        assert_eq!(wait(&futs, 0), Some(0));
+        // Entry 0 replaced by a call not watched yet; the posted 1 comes first.
+        slots[0] = Slot::new();
+        futs[0] = RpcFuture::new(slots[0].clone());
+        assert_eq!(wait(&futs, 0), Some(1));
+        slots[1] = Slot::new();
+        futs[1] = RpcFuture::new(slots[1].clone());
+        // Nothing posted: the look at every entry watches the new ones, so
+        // a completion while the caller sleeps wakes it.
+        let s0 = slots[0].clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            s0.complete(Ok(vec![]), None);
+        });
+        assert_eq!(wait(&futs, 5000), Some(0));
+        t.join().unwrap();
+        // Replaced by a call that completed before any look: found too.
+        futs[0] = RpcFuture::new(Slot::completed(Ok(vec![])));
+        assert_eq!(wait(&futs, 0), Some(0));
+    }
+
+    #[test]
+    fn wait_any_reports_a_missing_entry() {
+        let futs: Vec<_> = (0..2).map(|_| RpcFuture::new(Slot::new())).collect();
+        let got = wait_any_slots(3, |i| if i == 1 { None } else { futs.get(i / 2) }, None);
+        assert_eq!(got, Err(MissingEntry(1)));
     }
 }

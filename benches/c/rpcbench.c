@@ -8,9 +8,13 @@
  * spread over the rounds of both, side by side.
  *
  *   rpcbench_c [--quick] [--rounds N] [--only latency,inflight,bandwidth] [--one-cpu]
+ *              [--depth N] [--variant NAME]
  *
  * --quick: tiny rounds, payloads up to 1 MiB (the ctest smoke run).
  * --one-cpu: pin all three processes (and every library thread) to CPU 0.
+ * --depth N: only the in-flight rows with N calls in flight (1, 16, 128).
+ * --variant NAME: only the in-flight variants whose name contains NAME
+ *   (wait_any, oldest, on_complete, queue); for profiling one of them.
  *
  * Every reply is checked (length, first and last byte, which encode the
  * call's sequence number); any failed call or wrong reply prints what failed
@@ -78,6 +82,7 @@
 /* ---------- options and process bookkeeping ---------- */
 
 static int opt_quick, opt_rounds = 5, opt_one_cpu;
+static const char *opt_variant; /* --variant: run only in-flight variants whose name contains it */
 /* --depth: only this many calls in flight (for profiling one row). */
 static int opt_depth;
 static int want_latency = 1, want_inflight = 1, want_bandwidth = 1;
@@ -844,6 +849,8 @@ static void raw_inflight(int n_inflight, int total, int batched) {
 static void raw_inflight_each(int n_inflight, int total) { raw_inflight(n_inflight, total, 0); }
 static void raw_inflight_batched(int n_inflight, int total) { raw_inflight(n_inflight, total, 1); }
 
+static int variant_wanted(int m) { return opt_variant == NULL || strstr(inflight_modes[m].name, opt_variant) != NULL; }
+
 static double timed_rate(void (*run)(int, int), int n_inflight, int total) {
     uint64_t t0 = now_ns();
     run(n_inflight, total);
@@ -862,15 +869,18 @@ static void section_inflight(void) {
         if (opt_depth > 0 && n != opt_depth) continue;
         int total = opt_quick ? 2000 : (n == 1 ? 20000 : n == 16 ? 50000 : 100000);
         struct series rpc[N_MODES] = {0}, raw_each = {0}, raw_batched = {0};
-        for (int m = 0; m < N_MODES; m++) inflight_modes[m].run(n, total / 4);
+        for (int m = 0; m < N_MODES; m++)
+            if (variant_wanted(m)) inflight_modes[m].run(n, total / 4);
         raw_inflight_each(n, total / 4);
         raw_inflight_batched(n, total / 4);
         for (int r = 0; r < opt_rounds; r++) {
-            for (int m = 0; m < N_MODES; m++) add(&rpc[m], timed_rate(inflight_modes[m].run, n, total));
+            for (int m = 0; m < N_MODES; m++)
+                if (variant_wanted(m)) add(&rpc[m], timed_rate(inflight_modes[m].run, n, total));
             add(&raw_each, timed_rate(raw_inflight_each, n, total));
             add(&raw_batched, timed_rate(raw_inflight_batched, n, total));
         }
         for (int m = 0; m < N_MODES; m++) {
+            if (!variant_wanted(m)) continue;
             char a[96], b[96], c[96];
             printf("| %d | %s | %s | %s | %.2fx | %s | %.2fx |\n", n, inflight_modes[m].name,
                    fmt_series(a, sizeof a, &rpc[m], RATE), fmt_series(b, sizeof b, &raw_each, RATE),
@@ -945,7 +955,7 @@ static void section_bandwidth(void) {
 /* ---------- main ---------- */
 
 static void usage(const char *argv0) {
-    fprintf(stderr, "usage: %s [--quick] [--rounds N] [--only latency,inflight,bandwidth] [--one-cpu] [--depth 1|16|128]\n",
+    fprintf(stderr, "usage: %s [--quick] [--rounds N] [--only latency,inflight,bandwidth] [--one-cpu] [--depth 1|16|128] [--variant NAME]\n",
             argv0);
     exit(2);
 }
@@ -971,6 +981,7 @@ int main(int argc, char **argv) {
         if (strcmp(argv[i], "--quick") == 0) opt_quick = 1;
         else if (strcmp(argv[i], "--one-cpu") == 0) opt_one_cpu = 1;
         else if (strcmp(argv[i], "--depth") == 0 && i + 1 < argc) opt_depth = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--variant") == 0 && i + 1 < argc) opt_variant = argv[++i];
         else if (strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) {
             opt_rounds = atoi(argv[++i]);
             rounds_given = 1;

@@ -105,7 +105,12 @@ pub unsafe extern "C" fn rpcagent_future_error(f: *const rpcagent_future_t) -> *
 
 /// Waits until one of `n` futures is complete: `RPCAGENT_OK` with its index
 /// in `out_index`, or `RPCAGENT_PENDING` when `timeout_ms` passes first
-/// (0 never blocks, < 0 waits forever).
+/// (0 never blocks, < 0 waits forever). Called again over the same array
+/// (entries replaced as they complete), it costs O(1) per completion: it
+/// answers completions it was told of, and reads every entry only before it
+/// waits. A NULL entry is `RPCAGENT_ERR_INVALID_ARGUMENT`, reported when the
+/// call reads that entry (on the first call over an array, and at the latest
+/// before any call waits).
 ///
 /// # Safety
 /// `futures` is NULL or valid for `n` pointers, each a live future handle;
@@ -123,20 +128,20 @@ pub unsafe extern "C" fn rpcagent_future_wait_any(
         }
         // SAFETY: `futures` is valid for `n` pointers by the caller's contract.
         let pointers = unsafe { std::slice::from_raw_parts(futures, n) };
-        if let Some(i) = pointers.iter().position(|p| p.is_null()) {
-            return Err(invalid(format!("futures[{i}] is NULL")));
-        }
-        // SAFETY: each entry is a live future by the caller's contract (and
-        // not NULL, checked above); they outlive this call.
-        let future = |i: usize| &unsafe { &*pointers[i] }.future;
+        // Entries are checked for NULL as they are looked at (not all on
+        // every call: taking a posted completion must not cost O(n)).
+        // SAFETY: each non-NULL entry is a live future by the caller's
+        // contract; they outlive this call.
+        let future = |i: usize| unsafe { pointers[i].as_ref() }.map(|f| &f.future);
         let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
         match crate::future::wait_any_slots(n, future, timeout.map(|t| std::time::Instant::now() + t)) {
-            Some(i) => {
+            Ok(Some(i)) => {
                 // SAFETY: checked non-NULL above.
                 unsafe { put(out_index, i, "out_index") }?;
                 Ok(RPCAGENT_OK)
             }
-            None => Ok(RPCAGENT_PENDING),
+            Ok(None) => Ok(RPCAGENT_PENDING),
+            Err(crate::future::MissingEntry(i)) => Err(invalid(format!("futures[{i}] is NULL"))),
         }
     })
 }
