@@ -363,6 +363,18 @@ uint32_t rpcagent_rank(const struct rpcagent_t *agent);
 uint32_t rpcagent_world_size(const struct rpcagent_t *agent);
 
 /**
+ * How calls to `rank` travel now: `"tcp"`, `"self"` for this rank (under
+ * any transport setting), `"local"` between the ranks of an in-process
+ * world (`rpcagent_init_local`); NULL before this rank's first call to
+ * `rank` (connections open lazily: joining the world opens none), for a
+ * rank out of range, or a NULL `agent`. The string is static.
+ *
+ * # Safety
+ * `agent` is NULL or a live agent handle.
+ */
+const char *rpcagent_peer_transport(const struct rpcagent_t *agent, uint32_t rank);
+
+/**
  * The rank whose worker name is `worker_name` (`RPCAGENT_ERR_NOT_FOUND` if none).
  *
  * # Safety
@@ -556,6 +568,20 @@ rpcagent_status_t rpcagent_config_set_master(struct rpcagent_config_t *cfg,
  * `cfg` is NULL or a live config handle; `host` is NULL or a NUL-terminated string.
  */
 rpcagent_status_t rpcagent_config_set_bind(struct rpcagent_config_t *cfg, const char *host);
+
+/**
+ * How calls to other ranks travel: `"auto"` (the default) or `"tcp"`; also
+ * `RPCAGENT_TRANSPORT`. Under `"auto"` ranks on this host are to talk
+ * through shared memory (that transport is not built yet: today they use
+ * TCP too). Under either, calls to this rank itself never touch a socket.
+ * Another name (or NULL) is `RPCAGENT_ERR_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `cfg` is NULL or a live config handle; `transport` is NULL or a
+ * NUL-terminated string.
+ */
+rpcagent_status_t rpcagent_config_set_transport(struct rpcagent_config_t *cfg,
+                                                const char *transport);
 
 /**
  * The default call deadline in milliseconds; 0 means calls have none.

@@ -97,6 +97,8 @@ public:
     Config &worker_threads(uint32_t n) { return set(rpcagent_config_set_worker_threads(cfg_, n)); }
     Config &max_message_bytes(uint64_t n) { return set(rpcagent_config_set_max_message_bytes(cfg_, n)); }
     Config &send_window_bytes(uint64_t n) { return set(rpcagent_config_set_send_window_bytes(cfg_, n)); }
+    /// "auto" (default) or "tcp"; see rpcagent_config_set_transport.
+    Config &transport(const std::string &name) { return set(rpcagent_config_set_transport(cfg_, name.c_str())); }
     Config &secret(std::string_view key) {
         return set(rpcagent_config_set_secret(cfg_, detail::bytes_of(key), key.size()));
     }
@@ -291,6 +293,9 @@ public:
 
     uint32_t rank() const { return rpcagent_rank(a_); }
     uint32_t world_size() const { return rpcagent_world_size(a_); }
+    /// How calls to `rank` travel ("tcp", "self", ...), or nullptr before
+    /// the first call to it; see rpcagent_peer_transport.
+    const char *peer_transport(uint32_t rank) const { return rpcagent_peer_transport(a_, rank); }
     uint32_t rank_of(const std::string &worker_name) const {
         uint32_t r = 0;
         detail::check(rpcagent_rank_of(a_, worker_name.c_str(), &r));

@@ -51,7 +51,7 @@ enum State {
 pub(crate) fn run_callback(cb: Callback) {
     // Callbacks must not block: a call one makes into a full send window
     // fails with BUSY instead of waiting for room.
-    let ran = crate::threads::in_callback(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(cb)));
+    let ran = crate::threads::must_not_block(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(cb)));
     if ran.is_err() {
         crate::log::log_at!(Error, None, "a completion callback panicked");
     }

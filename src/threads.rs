@@ -29,8 +29,10 @@ pub(crate) enum Role {
 #[derive(Clone, Copy)]
 struct ThreadState {
     role: Role,
-    /// Inside a completion callback (which must not block).
-    in_callback: bool,
+    /// Inside a completion callback or an inline handler, which must not
+    /// block whichever thread runs them (an inline handler runs on the
+    /// caller's own thread when a rank calls itself).
+    must_not_block: bool,
     /// Handlers running on this thread (nested through inline calls).
     handlers: u32,
 }
@@ -39,7 +41,7 @@ thread_local! {
     static STATE: Cell<ThreadState> = const {
         Cell::new(ThreadState {
             role: Role::User,
-            in_callback: false,
+            must_not_block: false,
             handlers: 0,
         })
     };
@@ -83,16 +85,17 @@ pub(crate) fn is_io_thread() -> bool {
 }
 
 /// Whether the calling thread may block (on a full socket, a full send
-/// window): not an I/O thread, not the deadline thread, not a callback.
+/// window): not an I/O thread, not the deadline thread, not in a callback
+/// or an inline handler.
 pub(crate) fn may_block() -> bool {
     let s = STATE.get();
-    matches!(s.role, Role::User | Role::Worker) && !s.in_callback
+    matches!(s.role, Role::User | Role::Worker) && !s.must_not_block
 }
 
-/// Runs `f` as a completion callback: a call it makes into a full send
-/// window fails with `Busy` at once.
-pub(crate) fn in_callback<R>(f: impl FnOnce() -> R) -> R {
-    let _restore = change(|s| s.in_callback = true);
+/// Runs `f` as a completion callback or an inline handler: a call it makes
+/// into a full send window fails with `Busy` at once.
+pub(crate) fn must_not_block<R>(f: impl FnOnce() -> R) -> R {
+    let _restore = change(|s| s.must_not_block = true);
     f()
 }
 
@@ -117,7 +120,7 @@ mod tests {
         {
             let _worker = enter(Role::Worker);
             assert!(may_block() && is_library() && !is_io_thread());
-            in_callback(|| assert!(!may_block()));
+            must_not_block(|| assert!(!may_block()));
             assert!(may_block());
             {
                 let _io = enter(Role::IoLoop { transport: 1 });

@@ -197,9 +197,19 @@ impl Core {
         self.transports.get().map_or(&[], |t| t.all())
     }
 
+    /// Where other ranks reach this one: its first transport's address
+    /// (the others carry calls to itself, or ride on the first's).
     pub(crate) fn listen_addr(&self) -> String {
-        let addrs: Vec<String> = self.transports().iter().map(|t| t.listen_addr()).collect();
-        addrs.join(", ")
+        self.transports().first().map(|t| t.listen_addr()).unwrap_or_default()
+    }
+
+    /// How calls to `rank` travel (see `Transport::peer_transport`); `None`
+    /// for a rank out of range or not called yet.
+    pub(crate) fn peer_transport(&self, rank: usize) -> Option<&'static str> {
+        if rank >= self.world_size {
+            return None;
+        }
+        self.transports.get()?.to(rank).peer_transport(rank)
     }
 
     // ---- registry ----
@@ -408,7 +418,9 @@ impl Core {
             return self.route(&request).send(Err((Status::NotFound, message)));
         };
         if handler.handler.options.inline {
-            return self.run_handler(handler, request, false);
+            // Never blocking, on whichever thread it runs (the caller's own
+            // when a rank calls itself).
+            return crate::threads::must_not_block(|| self.run_handler(handler, request, false));
         }
         let label = handler.name.clone();
         let me = self.me.clone();

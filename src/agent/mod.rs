@@ -76,7 +76,13 @@ impl RpcAgent {
                 return Err(e);
             }
         };
-        core.attach(Transports::single(transport, core.world_size));
+        // Calls to this rank itself are handed to it directly, never
+        // through a socket.
+        let to_self = local::to_self(
+            core.rank,
+            Arc::downgrade(&core) as std::sync::Weak<dyn crate::transport::Dispatch>,
+        );
+        core.attach(Transports::with_self(transport, to_self, core.rank, core.world_size));
         log_at!(
             Info,
             Some(core.rank),
@@ -312,5 +318,13 @@ impl RpcAgent {
     /// Where other ranks reach this one (`ip:port`, or `local` in-process).
     pub fn listen_addr(&self) -> String {
         self.core().listen_addr()
+    }
+
+    /// How calls to `rank` travel now: `"tcp"`, or `"self"` for this rank
+    /// (`"local"` between the ranks of an in-process world); `None` before
+    /// this rank's first call to `rank` (connections open lazily) or for a
+    /// rank out of range.
+    pub fn peer_transport(&self, rank: usize) -> Option<&'static str> {
+        self.core().peer_transport(rank)
     }
 }

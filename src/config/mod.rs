@@ -24,6 +24,8 @@ pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_SEND_WINDOW_BYTES: u64 = 64 << 20;
 /// The smallest send window accepted.
 pub const MIN_SEND_WINDOW_BYTES: u64 = 1 << 20;
+/// The transport names `Config::transport` and `RPCAGENT_TRANSPORT` accept.
+pub const TRANSPORT_NAMES: [&str; 2] = ["auto", "tcp"];
 /// Longest function or worker name, in bytes.
 pub const MAX_NAME_BYTES: usize = 255;
 
@@ -45,6 +47,8 @@ pub struct Config {
     pub(crate) secret: Option<Vec<u8>>,
     pub(crate) peer_timeout: Duration,
     pub(crate) send_window_bytes: u64,
+    /// One of [`TRANSPORT_NAMES`] (checked by `validate`).
+    pub(crate) transport: String,
 }
 
 impl std::fmt::Debug for Config {
@@ -63,6 +67,7 @@ impl std::fmt::Debug for Config {
             .field("secret", &self.secret.as_ref().map(|_| "<set>"))
             .field("peer_timeout", &self.peer_timeout)
             .field("send_window_bytes", &self.send_window_bytes)
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -91,6 +96,7 @@ impl Config {
             secret: None,
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             send_window_bytes: DEFAULT_SEND_WINDOW_BYTES,
+            transport: "auto".to_string(),
         }
     }
 
@@ -190,6 +196,12 @@ impl Config {
                 return Err(bad_var(key, &v, &format!("must be at least {MIN_SEND_WINDOW_BYTES}")));
             }
         }
+        if let Some((key, v)) = first(&["RPCAGENT_TRANSPORT"]) {
+            if !TRANSPORT_NAMES.contains(&v.as_str()) {
+                return Err(bad_var(key, &v, "must be 'auto' or 'tcp'"));
+            }
+            self.transport = v;
+        }
         if let Some((key, v)) = first(&["RPCAGENT_BIND"]) {
             if v.is_empty() {
                 return Err(bad_var(key, &v, "is empty"));
@@ -282,6 +294,16 @@ impl Config {
         self
     }
 
+    /// How calls to other ranks travel: `"auto"` (the default) or `"tcp"`.
+    /// Under `"auto"` ranks on this host are to talk through shared memory
+    /// (its transport is not built yet: today they use TCP too); under
+    /// either, calls to this rank itself never touch a socket. Another name
+    /// makes `init` fail with [`RpcError::InvalidArgument`].
+    pub fn transport(mut self, name: &str) -> Self {
+        self.transport = name.to_string();
+        self
+    }
+
     /// The job's shared secret; every connection must prove it knows it.
     pub fn secret(mut self, key: &[u8]) -> Self {
         self.secret = (!key.is_empty()).then(|| key.to_vec());
@@ -311,6 +333,9 @@ impl Config {
         }
         if self.send_window_bytes < MIN_SEND_WINDOW_BYTES {
             return bad(format!("send window must be at least {MIN_SEND_WINDOW_BYTES} bytes"));
+        }
+        if !TRANSPORT_NAMES.contains(&self.transport.as_str()) {
+            return bad(format!("unknown transport '{}' (auto, tcp)", self.transport));
         }
         if self.master_host.is_empty() {
             return bad("master host is empty".into());
@@ -394,6 +419,7 @@ mod tests {
             ("RPCAGENT_BIND", "127.0.0.2"),
             ("RPCAGENT_PEER_TIMEOUT_MS", "4000"),
             ("RPCAGENT_SEND_WINDOW_BYTES", "2097152"),
+            ("RPCAGENT_TRANSPORT", "tcp"),
         ])
         .unwrap();
         assert_eq!(cfg.worker_name(), "ps");
@@ -405,6 +431,7 @@ mod tests {
         assert_eq!(cfg.bind.as_deref(), Some("127.0.0.2"));
         assert_eq!(cfg.peer_timeout, Duration::from_secs(4));
         assert_eq!(cfg.send_window_bytes, 2 << 20);
+        assert_eq!(cfg.transport, "tcp");
         assert!(!format!("{cfg:?}").contains("s3cret"));
     }
 
@@ -412,6 +439,7 @@ mod tests {
     fn malformed_values_name_the_variable() {
         for (key, value) in [
             ("RANK", "x"),
+            ("RPCAGENT_TRANSPORT", "shm"),
             ("WORLD_SIZE", "0"),
             ("MASTER_PORT", "70000"),
             ("RPCAGENT_CALL_TIMEOUT_MS", "-5"),
@@ -480,6 +508,8 @@ mod tests {
         assert!(Config::new(0, 0).validate().is_err());
         assert!(Config::new(0, 1).worker_threads(0).validate().is_err());
         assert!(Config::new(0, 1).send_window_bytes(1000).validate().is_err());
+        assert!(Config::new(0, 1).transport("shm").validate().is_err());
+        assert!(Config::new(0, 1).transport("tcp").validate().is_ok());
         assert!(Config::new(0, 1).name("x".repeat(256)).validate().is_err());
         assert!(Config::new(1, 2).validate().is_ok());
     }

@@ -166,6 +166,29 @@ pub unsafe extern "C" fn rpcagent_world_size(agent: *const rpcagent_t) -> u32 {
     guard_value(0, || Ok(unsafe { agent_ref(agent) }?.world_size() as u32))
 }
 
+/// How calls to `rank` travel now: `"tcp"`, `"self"` for this rank (under
+/// any transport setting), `"local"` between the ranks of an in-process
+/// world (`rpcagent_init_local`); NULL before this rank's first call to
+/// `rank` (connections open lazily: joining the world opens none), for a
+/// rank out of range, or a NULL `agent`. The string is static.
+///
+/// # Safety
+/// `agent` is NULL or a live agent handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rpcagent_peer_transport(agent: *const rpcagent_t, rank: u32) -> *const c_char {
+    // SAFETY: forwarded caller contract.
+    guard_value(std::ptr::null(), || {
+        let name = unsafe { agent_ref(agent) }?.peer_transport(rank as usize);
+        Ok(match name {
+            Some("tcp") => c"tcp".as_ptr(),
+            Some("self") => c"self".as_ptr(),
+            Some("local") => c"local".as_ptr(),
+            Some("shm") => c"shm".as_ptr(),
+            _ => std::ptr::null(),
+        })
+    })
+}
+
 /// The rank whose worker name is `worker_name` (`RPCAGENT_ERR_NOT_FOUND` if none).
 ///
 /// # Safety

@@ -184,6 +184,33 @@ pub unsafe extern "C" fn rpcagent_config_set_bind(
     }
 }
 
+/// How calls to other ranks travel: `"auto"` (the default) or `"tcp"`; also
+/// `RPCAGENT_TRANSPORT`. Under `"auto"` ranks on this host are to talk
+/// through shared memory (that transport is not built yet: today they use
+/// TCP too). Under either, calls to this rank itself never touch a socket.
+/// Another name (or NULL) is `RPCAGENT_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `cfg` is NULL or a live config handle; `transport` is NULL or a
+/// NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rpcagent_config_set_transport(
+    cfg: *mut rpcagent_config_t,
+    transport: *const c_char,
+) -> rpcagent_status_t {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        update(cfg, |c| {
+            let name = super::c_str(transport, "transport")?;
+            if !crate::config::TRANSPORT_NAMES.contains(&name) {
+                return Err(invalid(format!("unknown transport '{name}' (auto, tcp)")));
+            }
+            c.transport = name.to_string();
+            Ok(())
+        })
+    }
+}
+
 /// The default call deadline in milliseconds; 0 means calls have none.
 ///
 /// # Safety

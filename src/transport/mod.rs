@@ -76,6 +76,11 @@ pub(crate) trait Transport: Send + Sync {
     /// The address other ranks reach this one at (for logs).
     fn listen_addr(&self) -> String;
 
+    /// How calls to `dst` travel, as `rpcagent_peer_transport` names it
+    /// (`"tcp"`, `"self"`, ...), or `None` before this rank's first call to
+    /// `dst`.
+    fn peer_transport(&self, dst: usize) -> Option<&'static str>;
+
     /// Called by a caller about to wait for a reply from `dst`: the
     /// transport may use the caller's thread to read that reply itself until
     /// `done()` or `deadline`, instead of waking it from another thread.
@@ -116,6 +121,22 @@ impl Transports {
         Transports {
             all: vec![transport],
             route: vec![0; world_size],
+        }
+    }
+
+    /// `others` for every rank of a world of `world_size` but `me`, whose
+    /// calls to itself go through `to_self`.
+    pub(crate) fn with_self(
+        others: Arc<dyn Transport>,
+        to_self: Arc<dyn Transport>,
+        me: usize,
+        world_size: usize,
+    ) -> Transports {
+        let mut route = vec![0; world_size];
+        route[me] = 1;
+        Transports {
+            all: vec![others, to_self],
+            route,
         }
     }
 

@@ -100,6 +100,8 @@ enum PeerState {
 
 struct Peer {
     addr: SocketAddr,
+    /// Set by this rank's first call to the peer (`peer_transport`).
+    called: AtomicBool,
     state: Mutex<PeerState>,
     /// Signalled (with `state` held) when calls waiting for room in the
     /// send window while the connection opens should look again: it is
@@ -198,6 +200,7 @@ impl TcpTransport {
                     .map_err(|_| RpcError::Init(format!("the rendezvous sent a bad address '{addr}'")))?;
                 Ok(Peer {
                     addr,
+                    called: AtomicBool::new(false),
                     state: Mutex::new(PeerState::Idle),
                     room: Condvar::new(),
                 })
@@ -297,6 +300,11 @@ impl Transport for TcpTransport {
 
     fn listen_addr(&self) -> String {
         self.shared.listen_addr.to_string()
+    }
+
+    fn peer_transport(&self, dst: usize) -> Option<&'static str> {
+        let peer = self.shared.peers.get(dst)?;
+        peer.called.load(Ordering::Relaxed).then_some("tcp")
     }
 
     fn flush_batches(&self) {

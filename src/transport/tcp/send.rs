@@ -81,6 +81,9 @@ impl Shared {
         // A request that must wait is copied before the peer's lock is taken
         // (it may be large): found not ready, the lock is let go, the copy
         // made, and the state looked at again.
+        if !self.peers[dst].called.load(Ordering::Relaxed) {
+            self.peers[dst].called.store(true, Ordering::Relaxed);
+        }
         let len = Queued::len_of(request);
         let mut waiting: Option<Queued> = None;
         let conn = loop {
