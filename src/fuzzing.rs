@@ -112,6 +112,8 @@ pub fn read_stream(data: &[u8], step: usize, max_payload: u64) -> Outcome {
     outcome
 }
 
+pub use crate::shm::hostile::{RingOutcome, read_ring};
+
 /// Runs the payload decoder of `kind` over `payload` (results are dropped:
 /// only a panic would be a bug).
 pub fn decode_payload(kind: Kind, payload: &[u8]) {

@@ -32,6 +32,8 @@ mod net;
 mod pool;
 mod queue;
 mod rendezvous;
+#[allow(unsafe_code)]
+mod shm;
 mod threads;
 mod transport;
 pub mod wire;

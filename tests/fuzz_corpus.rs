@@ -19,3 +19,25 @@ fn seed_corpus_is_read_without_panics() {
     }
     assert!(seen >= 10, "only {seen} seeds");
 }
+
+/// The ring target's seeds (`fuzz/corpus/ring`): frames a peer wrote into a
+/// ring are read back, and impossible counters are found corrupt.
+#[test]
+fn ring_seed_corpus_is_read_without_panics() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/ring");
+    let (mut seen, mut frames, mut corrupt) = (0, 0, 0);
+    for entry in std::fs::read_dir(dir).expect("the seed corpus is committed") {
+        let path = entry.unwrap().path();
+        let out = rpcagent::fuzzing::read_ring(&std::fs::read(&path).unwrap());
+        assert!(!(out.corrupt && out.refused), "{path:?}");
+        if path.ends_with("head_beyond_ring") || path.ends_with("head_backwards") {
+            assert!(out.corrupt, "{path:?} was not found corrupt");
+        }
+        frames += out.frames;
+        corrupt += out.corrupt as usize;
+        seen += 1;
+    }
+    assert!(seen >= 10, "only {seen} seeds");
+    assert!(frames >= 5, "only {frames} frames read from the seeds");
+    assert_eq!(corrupt, 2);
+}
