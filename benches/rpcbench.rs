@@ -22,6 +22,9 @@ mod mesh;
 #[path = "scale/flood.rs"]
 mod flood;
 
+#[path = "shm/probe.rs"]
+mod shm_probe;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--role") {
@@ -32,6 +35,7 @@ fn main() {
             "mesh-rank" => mesh::raw_rank(),
             "sweep-rank" => mesh::rpc_rank(),
             "flood-rank" => flood::flood_rank(),
+            "shm-echo" => shm_probe::echo_rank(),
             other => panic!("unknown role {other}"),
         }
         return;
@@ -67,6 +71,9 @@ fn main() {
     }
     if wanted("flood") {
         flood::flood(&mut table);
+    }
+    if wanted("shm-ring") {
+        shm_probe::shm_ring(&mut table, quick);
     }
 }
 

@@ -114,6 +114,38 @@ pub fn read_stream(data: &[u8], step: usize, max_payload: u64) -> Outcome {
 
 pub use crate::shm::hostile::{RingOutcome, read_ring};
 
+/// The same-host transport's pipe (two shared-memory rings, doorbells, and
+/// the socket the pair met on), for the benchmark's probe of what the rings
+/// cost between two processes. Not a stable API.
+pub struct ShmProbe(crate::shm::pipe::ShmPipe);
+
+impl ShmProbe {
+    /// The side that makes the rings (`ring_bytes` each, a power of two).
+    pub fn open(sock: std::os::unix::net::UnixStream, ring_bytes: usize) -> io::Result<ShmProbe> {
+        crate::shm::pipe::ShmPipe::open(sock, ring_bytes).map(ShmProbe)
+    }
+
+    /// The side that takes them.
+    pub fn accept(sock: std::os::unix::net::UnixStream) -> io::Result<ShmProbe> {
+        crate::shm::pipe::ShmPipe::accept(sock).map(ShmProbe)
+    }
+
+    /// Writes what fits (0 when full).
+    pub fn write(&self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.write(&[bytes], 0)
+    }
+
+    /// Reads what is there (`WouldBlock` when empty, 0 once the peer left).
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+
+    /// Spins up to `spin`, then sleeps on the doorbell up to `timeout`.
+    pub fn wait(&self, spin: std::time::Duration, timeout: std::time::Duration) -> io::Result<()> {
+        self.0.wait(spin, timeout)
+    }
+}
+
 /// Runs the payload decoder of `kind` over `payload` (results are dropped:
 /// only a panic would be a bug).
 pub fn decode_payload(kind: Kind, payload: &[u8]) {

@@ -10,4 +10,5 @@
 
 pub(crate) mod hostile;
 pub(crate) mod memfd;
+pub(crate) mod pipe;
 pub(crate) mod ring;
