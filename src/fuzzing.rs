@@ -140,9 +140,14 @@ impl ShmProbe {
         self.0.read(buf)
     }
 
-    /// Spins up to `spin`, then sleeps on the doorbell up to `timeout`.
+    /// Spins up to `spin`, then sleeps until bytes come, up to `timeout`.
     pub fn wait(&self, spin: std::time::Duration, timeout: std::time::Duration) -> io::Result<()> {
         self.0.wait(spin, timeout)
+    }
+
+    /// Sleeps until room frees in the ring this side writes, up to `timeout`.
+    pub fn wait_for_room(&self, timeout: std::time::Duration) -> io::Result<()> {
+        self.0.wait_for_room(timeout)
     }
 }
 

@@ -16,12 +16,12 @@ use super::{Table, cpus, percentile, pin, spawn};
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Writes all of `bytes`, waiting for room as needed.
-fn write_all(p: &ShmProbe, mut bytes: &[u8], spin: Duration) {
+fn write_all(p: &ShmProbe, mut bytes: &[u8]) {
     while !bytes.is_empty() {
         let n = p.write(bytes).unwrap();
         bytes = &bytes[n..];
         if n == 0 {
-            p.wait(spin, WAIT).unwrap();
+            p.wait_for_room(WAIT).unwrap();
         }
     }
 }
@@ -50,7 +50,7 @@ pub fn echo_rank() {
         if n == 0 {
             return;
         }
-        write_all(&pipe, &buf[..n], spin);
+        write_all(&pipe, &buf[..n]);
     }
 }
 
@@ -79,7 +79,7 @@ fn round_trips(table: &mut Table, quick: bool, placement: &str) {
         let mut buf = [0u8; 8];
         for i in 0..n + n / 10 {
             let t = Instant::now();
-            write_all(&pipe, &(i as u64).to_le_bytes(), spin);
+            write_all(&pipe, &(i as u64).to_le_bytes());
             let mut got = 0;
             while got < 8 {
                 got += read_some(&pipe, &mut buf[got..], spin);

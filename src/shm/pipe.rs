@@ -1,18 +1,20 @@
-//! One same-host pair's byte pipe: two rings in one sealed memfd, a
-//! doorbell (eventfd) per side, and the Unix socket the pair met on, kept
+//! One same-host pair's byte pipe: two rings in one sealed memfd, two
+//! doorbells (eventfds) per side, and the Unix socket the pair met on, kept
 //! open for the pair's life so that a dead peer is seen at once (EOF).
 //!
-//! Setup, after the two sides connected (and authenticated) over the
-//! socket: the opener sends `SETUP_MAGIC`, the ring size, and its memfd and
-//! doorbell (`SCM_RIGHTS`); the acceptor checks the size, maps the memfd
-//! only if it is sealed and long enough, and answers with the magic and
-//! its own doorbell. The opener writes ring 0 and reads ring 1; the
-//! acceptor the other way round.
+//! Setup, once the two sides are connected over the socket, never blocks:
+//! the opener makes the rings (`Offer`) and sends `SETUP_MAGIC`, the ring
+//! size, the memfd and its two bells (`SCM_RIGHTS`); the acceptor
+//! (`take_offer`) checks the size, maps the memfd only if it is sealed and
+//! long enough, and answers with the magic and its own two bells. The
+//! opener writes ring 0 and reads ring 1; the acceptor the other way round.
+//! `ShmPipe::open` and `accept` do the same, blocking (tests, the probe).
 //!
 //! Reading and writing never block: an empty ring reads as `WouldBlock`
-//! (after announcing sleep, so the writer rings the doorbell), a full one
-//! writes 0 bytes (after announcing the wait for room). `wait` sleeps on
-//! the doorbell and the socket after spinning a while.
+//! (after announcing sleep, so the writer rings the data bell), a full one
+//! writes 0 bytes (after announcing the wait, so the reader rings the room
+//! bell). `wait` spins a while, then sleeps on the data bell and the
+//! socket; `wait_for_room` sleeps on the room bell and the socket.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -24,7 +26,7 @@ use parking_lot::Mutex;
 use super::memfd::{SharedMemory, recv_with_fds, send_with_fds};
 use super::ring::{Consumer, Corrupt, Producer, Region};
 
-const SETUP_MAGIC: &[u8; 8] = b"RPCSHM01";
+const SETUP_MAGIC: &[u8; 8] = b"RPCSHM02";
 /// The ring sizes a peer may ask for.
 pub(crate) const MIN_RING: usize = 4096;
 pub(crate) const MAX_RING: usize = 1 << 30;
@@ -34,13 +36,43 @@ pub(crate) struct ShmPipe {
     _memory: SharedMemory,
     tx: Mutex<Producer>,
     rx: Mutex<Consumer>,
-    /// Rung by the peer: bytes for us, or room for us.
-    my_bell: OwnedFd,
-    peer_bell: OwnedFd,
+    /// Rung by the peer: `data` when bytes arrive for us (and we said we
+    /// sleep), `room` when room frees in the ring we write (and we said we
+    /// wait for it). Two bells, so a thread waiting for room and one
+    /// reading never take each other's wake-up.
+    mine: Bells,
+    peer: Bells,
+}
+
+struct Bells {
+    data: OwnedFd,
+    room: OwnedFd,
+}
+
+impl Bells {
+    fn new() -> io::Result<Bells> {
+        Ok(Bells {
+            data: eventfd()?,
+            room: eventfd()?,
+        })
+    }
+
+    /// From the two descriptors a peer sent (data, then room).
+    fn from_peer(mut fds: Vec<OwnedFd>) -> io::Result<Bells> {
+        let room = fds.pop();
+        match (fds.pop(), room, fds.is_empty()) {
+            (Some(data), Some(room), true) => Ok(Bells { data, room }),
+            _ => Err(bad_setup("the peer sent the wrong number of descriptors")),
+        }
+    }
 }
 
 fn corrupt(c: Corrupt) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, c.0)
+}
+
+fn bad_setup(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("bad ring setup: {why}"))
 }
 
 fn eventfd() -> io::Result<OwnedFd> {
@@ -53,64 +85,112 @@ fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn ring_bell(fd: RawFd) {
+fn ring_bell(fd: &OwnedFd) {
     let one: u64 = 1;
     // SAFETY: writes 8 bytes from a live u64 to an eventfd. A full counter
     // (EAGAIN) means it is rung already.
-    unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    unsafe { libc::write(fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
 }
 
-fn drain_bell(fd: RawFd) {
+fn drain_bell(fd: &OwnedFd) {
     let mut count: u64 = 0;
     // SAFETY: reads 8 bytes into a live u64; EAGAIN when not rung.
-    unsafe { libc::read(fd, &mut count as *mut u64 as *mut libc::c_void, 8) };
+    unsafe { libc::read(fd.as_raw_fd(), &mut count as *mut u64 as *mut libc::c_void, 8) };
 }
 
-impl ShmPipe {
-    /// The opener's side: makes the rings (`ring_bytes` each, a power of
-    /// two) and hands them to the peer over `sock` (blocking).
-    pub(crate) fn open(sock: UnixStream, ring_bytes: usize) -> io::Result<ShmPipe> {
+/// The opener's rings, made and offered to the acceptor, whose answer is
+/// awaited. Setup never blocks: the caller sends `message()` and hands the
+/// answer to `accepted` when the socket has it (an event loop can drive
+/// it; `ShmPipe::open` does it blocking).
+pub(crate) struct Offer {
+    memory: SharedMemory,
+    region: usize,
+    bells: Bells,
+    message: [u8; 16],
+}
+
+impl Offer {
+    /// Makes two rings of `ring_bytes` each (a power of two) in a sealed memfd.
+    pub(crate) fn new(ring_bytes: usize) -> io::Result<Offer> {
         if !(MIN_RING..=MAX_RING).contains(&ring_bytes) || !ring_bytes.is_power_of_two() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad ring size"));
         }
         let region = Region::bytes_for(ring_bytes);
-        let memory = SharedMemory::create("rpcagent-rings", 2 * region)?;
-        let my_bell = eventfd()?;
-        let mut setup = SETUP_MAGIC.to_vec();
-        setup.extend_from_slice(&(ring_bytes as u64).to_le_bytes());
-        send_with_fds(&sock, &setup, &[memory.fd(), my_bell.as_raw_fd()])?;
-        let mut reply = [0u8; 8];
-        let (n, mut fds) = recv_with_fds(&sock, &mut reply, 1)?;
-        if n != 8 || &reply != SETUP_MAGIC || fds.len() != 1 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "the peer refused the rings"));
-        }
-        let peer_bell = fds.pop().expect("one descriptor");
-        ShmPipe::over(sock, memory, region, 0, my_bell, peer_bell)
+        let mut message = [0u8; 16];
+        message[..8].copy_from_slice(SETUP_MAGIC);
+        message[8..].copy_from_slice(&(ring_bytes as u64).to_le_bytes());
+        Ok(Offer {
+            memory: SharedMemory::create("rpcagent-rings", 2 * region)?,
+            region,
+            bells: Bells::new()?,
+            message,
+        })
     }
 
-    /// The acceptor's side: takes the rings the opener sent (blocking).
+    /// What to send the acceptor: the bytes, and the memfd and our bells.
+    pub(crate) fn message(&self) -> (&[u8], [RawFd; 3]) {
+        (
+            &self.message,
+            [
+                self.memory.fd(),
+                self.bells.data.as_raw_fd(),
+                self.bells.room.as_raw_fd(),
+            ],
+        )
+    }
+
+    /// The acceptor's answer arrived: the pipe over `sock`.
+    pub(crate) fn accepted(self, sock: UnixStream, answer: &[u8], fds: Vec<OwnedFd>) -> io::Result<ShmPipe> {
+        if answer != SETUP_MAGIC {
+            return Err(bad_setup("the peer refused the rings"));
+        }
+        let peer = Bells::from_peer(fds)?;
+        ShmPipe::over(sock, self.memory, self.region, 0, self.bells, peer)
+    }
+}
+
+/// The acceptor's side: takes the rings a setup message offers (its bytes
+/// and descriptors, as received); returns the pipe, and the answer to send
+/// (the bytes, and the descriptors of the pipe's own bells).
+pub(crate) fn take_offer(
+    sock: UnixStream,
+    message: &[u8],
+    mut fds: Vec<OwnedFd>,
+) -> io::Result<(ShmPipe, &'static [u8], [RawFd; 2])> {
+    if message.len() != 16 || &message[..8] != SETUP_MAGIC || fds.len() != 3 {
+        return Err(bad_setup("not a setup message"));
+    }
+    let ring_bytes = u64::from_le_bytes(message[8..].try_into().expect("8 bytes"));
+    if !(MIN_RING as u64..=MAX_RING as u64).contains(&ring_bytes) || !ring_bytes.is_power_of_two() {
+        return Err(bad_setup("ring size"));
+    }
+    let region = Region::bytes_for(ring_bytes as usize);
+    let peer = Bells::from_peer(fds.split_off(1))?;
+    let memory = SharedMemory::from_peer(fds.pop().expect("three descriptors"), 2 * region)?;
+    let pipe = ShmPipe::over(sock, memory, region, 1, Bells::new()?, peer)?;
+    let answer_fds = [pipe.mine.data.as_raw_fd(), pipe.mine.room.as_raw_fd()];
+    Ok((pipe, SETUP_MAGIC, answer_fds))
+}
+
+impl ShmPipe {
+    /// The opener's side, blocking: offers rings of `ring_bytes` over
+    /// `sock` and waits for the answer.
+    pub(crate) fn open(sock: UnixStream, ring_bytes: usize) -> io::Result<ShmPipe> {
+        let offer = Offer::new(ring_bytes)?;
+        let (bytes, fds) = offer.message();
+        send_with_fds(&sock, bytes, &fds)?;
+        let mut answer = [0u8; 16];
+        let (n, fds) = recv_with_fds(&sock, &mut answer, 2)?;
+        offer.accepted(sock, &answer[..n], fds)
+    }
+
+    /// The acceptor's side, blocking: waits for the offer and answers it.
     pub(crate) fn accept(sock: UnixStream) -> io::Result<ShmPipe> {
-        let mut setup = [0u8; 16];
-        let (n, mut fds) = recv_with_fds(&sock, &mut setup, 2)?;
-        let bad = |why: &str| {
-            Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad ring setup: {why}"),
-            ))
-        };
-        if n != 16 || &setup[..8] != SETUP_MAGIC || fds.len() != 2 {
-            return bad("not a setup message");
-        }
-        let ring_bytes = u64::from_le_bytes(setup[8..].try_into().expect("8 bytes"));
-        if !(MIN_RING as u64..=MAX_RING as u64).contains(&ring_bytes) || !ring_bytes.is_power_of_two() {
-            return bad("ring size");
-        }
-        let region = Region::bytes_for(ring_bytes as usize);
-        let peer_bell = fds.pop().expect("two descriptors");
-        let memory = SharedMemory::from_peer(fds.pop().expect("two descriptors"), 2 * region)?;
-        let my_bell = eventfd()?;
-        send_with_fds(&sock, SETUP_MAGIC, &[my_bell.as_raw_fd()])?;
-        ShmPipe::over(sock, memory, region, 1, my_bell, peer_bell)
+        let mut message = [0u8; 32];
+        let (n, fds) = recv_with_fds(&sock, &mut message, 3)?;
+        let (pipe, answer, fds) = take_offer(sock, &message[..n], fds)?;
+        send_with_fds(&pipe.sock, answer, &fds)?;
+        Ok(pipe)
     }
 
     /// `side` 0 writes the first ring and reads the second; 1 the reverse.
@@ -119,8 +199,8 @@ impl ShmPipe {
         memory: SharedMemory,
         region: usize,
         side: usize,
-        my_bell: OwnedFd,
-        peer_bell: OwnedFd,
+        mine: Bells,
+        peer: Bells,
     ) -> io::Result<ShmPipe> {
         let ring = |i: usize| {
             // SAFETY: ring `i` is the `i`th of two `region`-byte halves of
@@ -135,8 +215,8 @@ impl ShmPipe {
             tx: Mutex::new(Producer::new(tx)),
             rx: Mutex::new(Consumer::new(rx)),
             _memory: memory,
-            my_bell,
-            peer_bell,
+            mine,
+            peer,
         })
     }
 
@@ -146,12 +226,15 @@ impl ShmPipe {
         let mut tx = self.tx.lock();
         let (n, wake) = tx.write(parts, skip).map_err(corrupt)?;
         if wake {
-            ring_bell(self.peer_bell.as_raw_fd());
+            ring_bell(&self.peer.data);
         }
         let left: usize = parts.iter().map(|p| p.len()).sum::<usize>() - skip - n;
-        if left > 0 && tx.prepare_wait_for_room(left as u64).map_err(corrupt)? {
-            drop(tx);
-            return Ok(n + self.write(parts, skip + n)?);
+        if left > 0 {
+            drain_bell(&self.mine.room);
+            if tx.prepare_wait_for_room(left as u64).map_err(corrupt)? {
+                drop(tx);
+                return Ok(n + self.write(parts, skip + n)?);
+            }
         }
         Ok(n)
     }
@@ -163,12 +246,12 @@ impl ShmPipe {
         loop {
             let (n, wake) = rx.read(buf).map_err(corrupt)?;
             if wake {
-                ring_bell(self.peer_bell.as_raw_fd());
+                ring_bell(&self.peer.room);
             }
             if n > 0 || buf.is_empty() {
                 return Ok(n);
             }
-            drain_bell(self.my_bell.as_raw_fd());
+            drain_bell(&self.mine.data);
             if rx.prepare_sleep().map_err(corrupt)? {
                 continue;
             }
@@ -203,8 +286,9 @@ impl ShmPipe {
         }
     }
 
-    /// Waits until the doorbell rings or the peer goes, at most `timeout`,
-    /// first spinning up to `spin` on the ring itself (no system call).
+    /// Waits until bytes arrive (the data bell rings) or the peer goes, at
+    /// most `timeout`, first spinning up to `spin` on the ring itself (no
+    /// system call). Call after `read` found the ring empty.
     pub(crate) fn wait(&self, spin: Duration, timeout: Duration) -> io::Result<()> {
         let start = Instant::now();
         while start.elapsed() < spin.min(timeout) {
@@ -216,10 +300,20 @@ impl ShmPipe {
             // spin, 110 us per round trip with a 50 us spin).
             std::thread::yield_now();
         }
-        let left = timeout.saturating_sub(start.elapsed());
+        self.sleep_on(&self.mine.data, timeout.saturating_sub(start.elapsed()))
+    }
+
+    /// Waits until room frees in the ring we write (the room bell rings) or
+    /// the peer goes, at most `timeout`. Call after `write` wrote less than
+    /// it was given (it announced the wait).
+    pub(crate) fn wait_for_room(&self, timeout: Duration) -> io::Result<()> {
+        self.sleep_on(&self.mine.room, timeout)
+    }
+
+    fn sleep_on(&self, bell: &OwnedFd, left: Duration) -> io::Result<()> {
         let mut fds = [
             libc::pollfd {
-                fd: self.my_bell.as_raw_fd(),
+                fd: bell.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -240,10 +334,14 @@ impl ShmPipe {
         Ok(())
     }
 
-    /// The descriptors an event loop watches: the doorbell (data or room)
-    /// and the socket (the peer going).
-    pub(crate) fn doorbell_fd(&self) -> RawFd {
-        self.my_bell.as_raw_fd()
+    /// The descriptors an event loop watches: the data bell (bytes to
+    /// read), the room bell (room to write), and the socket (the peer going).
+    pub(crate) fn data_bell_fd(&self) -> RawFd {
+        self.mine.data.as_raw_fd()
+    }
+
+    pub(crate) fn room_bell_fd(&self) -> RawFd {
+        self.mine.room.as_raw_fd()
     }
 
     pub(crate) fn socket_fd(&self) -> RawFd {
@@ -290,7 +388,7 @@ mod tests {
                 let n = a.write(&[&copy[at..]], 0).unwrap();
                 at += n;
                 if n == 0 {
-                    a.wait(Duration::from_micros(50), Duration::from_secs(5)).unwrap();
+                    a.wait_for_room(Duration::from_secs(5)).unwrap();
                 }
             }
             a
@@ -333,23 +431,53 @@ mod tests {
 
     #[test]
     fn a_bad_setup_is_refused() {
-        let (a, b) = UnixStream::pair().unwrap();
-        send_with_fds(
-            &a,
-            b"RPCSHM01\x00\x00\x00\x00\x00\x00\x00\x00",
-            &[a.as_raw_fd(), a.as_raw_fd()],
-        )
-        .unwrap();
-        assert!(ShmPipe::accept(b).is_err(), "ring size 0");
-        let (a, b) = UnixStream::pair().unwrap();
+        let offer = |bytes: &[u8], memory: &SharedMemory| {
+            let (a, b) = UnixStream::pair().unwrap();
+            let bells = Bells::new().unwrap();
+            send_with_fds(
+                &a,
+                bytes,
+                &[memory.fd(), bells.data.as_raw_fd(), bells.room.as_raw_fd()],
+            )
+            .unwrap();
+            ShmPipe::accept(b)
+        };
+        let memory = SharedMemory::create("test", 2 * Region::bytes_for(4096)).unwrap();
         let mut setup = SETUP_MAGIC.to_vec();
-        setup.extend_from_slice(&(1u64 << 20).to_le_bytes());
-        let small = SharedMemory::create("small", 4096).unwrap();
-        send_with_fds(&a, &setup, &[small.fd(), a.as_raw_fd()]).unwrap();
-        assert!(ShmPipe::accept(b).is_err(), "memory shorter than the rings");
+        setup.extend_from_slice(&0u64.to_le_bytes());
+        assert!(offer(&setup, &memory).is_err(), "ring size 0");
+        setup[8..].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        assert!(offer(&setup, &memory).is_err(), "memory shorter than the rings");
+        setup[8..].copy_from_slice(&4096u64.to_le_bytes());
+        assert!(offer(&setup, &memory).is_ok(), "the same offer with the right size");
+        setup[0] = b'X';
+        assert!(offer(&setup, &memory).is_err(), "not the magic");
         assert!(
             ShmPipe::open(UnixStream::pair().unwrap().0, 1000).is_err(),
             "not a power of two"
         );
+    }
+
+    #[test]
+    fn a_writer_waiting_for_room_is_woken_by_the_reader() {
+        let (a, b) = pair(4096);
+        let big = vec![9u8; 10_000];
+        let n = a.write(&[&big], 0).unwrap();
+        assert_eq!(n, 4096, "the ring is full");
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            read_exactly(&b, 10_000)
+        });
+        let t = Instant::now();
+        let mut at = n;
+        while at < big.len() {
+            let n = a.write(&[&big[at..]], 0).unwrap();
+            at += n;
+            if n == 0 {
+                a.wait_for_room(Duration::from_secs(10)).unwrap();
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "the room bell did not ring");
+        assert_eq!(reader.join().unwrap(), big);
     }
 }
