@@ -10,10 +10,13 @@
  *   calls to itself and 64 more in flight, twice), and keep their semantics:
  *   pool and inline handlers, a handler calling its own rank, errors,
  *   deadlines, wait_any and a completion queue.
+ * - an idle agent uses no CPU: with every connection open and nothing in
+ *   flight, a rank's process uses < 1% of a core over 5 s (getrusage).
  * A world of 2 runs twice: with the default setting and with
  * RPCAGENT_TRANSPORT=tcp. */
 #include <dirent.h>
 #include <pthread.h>
+#include <sys/resource.h>
 
 #include "harness.h"
 
@@ -151,6 +154,21 @@ static void each_rank(void) {
     CHECK(sockets_open() == sockets);
     CHECK(strcmp(rpcagent_peer_transport(agent, me), "self") == 0);
     CHECK(strcmp(rpcagent_peer_transport(agent, other), "tcp") == 0);
+
+    /* Idle: every connection open, nothing in flight, for 5 s. */
+    CHECK_OK(rpcagent_barrier(agent, 30000));
+    struct rusage before, after;
+    CHECK(getrusage(RUSAGE_SELF, &before) == 0);
+    double t0_idle = now_ms();
+    usleep(5 * 1000 * 1000);
+    CHECK(getrusage(RUSAGE_SELF, &after) == 0);
+    double wall_ms = now_ms() - t0_idle;
+    double cpu_ms = (after.ru_utime.tv_sec - before.ru_utime.tv_sec) * 1e3 +
+                    (after.ru_utime.tv_usec - before.ru_utime.tv_usec) / 1e3 +
+                    (after.ru_stime.tv_sec - before.ru_stime.tv_sec) * 1e3 +
+                    (after.ru_stime.tv_usec - before.ru_stime.tv_usec) / 1e3;
+    printf("rank %u idle: %.1f ms of CPU in %.0f ms\n", me, cpu_ms, wall_ms);
+    CHECK(cpu_ms < 0.01 * wall_ms);
 
     CHECK_OK(rpcagent_shutdown(agent, 1, 30000));
     rpcagent_free(agent);
