@@ -12,8 +12,9 @@
  *   deadlines, wait_any and a completion queue.
  * - an idle agent uses no CPU: with every connection open and nothing in
  *   flight, a rank's process uses < 1% of a core over 5 s (getrusage).
- * A world of 2 runs twice: with the default setting and with
- * RPCAGENT_TRANSPORT=tcp. */
+ * - rpcagent_config_set_spin_us accepts 0 to 1000000.
+ * A world of 2 runs twice: with the default settings, and with
+ * RPCAGENT_TRANSPORT=tcp and RPCAGENT_SPIN_US=0. */
 #include <dirent.h>
 #include <pthread.h>
 #include <sys/resource.h>
@@ -192,6 +193,10 @@ static void config_checks(void) {
     CHECK_STATUS(rpcagent_config_set_transport(cfg, ""), RPCAGENT_ERR_INVALID_ARGUMENT);
     CHECK_STATUS(rpcagent_config_set_transport(cfg, NULL), RPCAGENT_ERR_INVALID_ARGUMENT);
     CHECK_STATUS(rpcagent_config_set_transport(NULL, "tcp"), RPCAGENT_ERR_INVALID_ARGUMENT);
+    CHECK_OK(rpcagent_config_set_spin_us(cfg, 0));
+    CHECK_OK(rpcagent_config_set_spin_us(cfg, 1000000));
+    CHECK_STATUS(rpcagent_config_set_spin_us(cfg, 1000001), RPCAGENT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(rpcagent_config_set_spin_us(NULL, 5), RPCAGENT_ERR_INVALID_ARGUMENT);
     rpcagent_config_free(cfg);
 
     /* An in-process world: "self" and "local", no first call needed. */
@@ -207,7 +212,9 @@ int main(void) {
     config_checks();
     int failed = run_world("transport auto", 2, each_rank, "RANK", "WORLD_SIZE", 120);
     setenv("RPCAGENT_TRANSPORT", "tcp", 1);
+    setenv("RPCAGENT_SPIN_US", "0", 1); /* callers sleep at once: same outcomes */
     failed |= run_world("transport tcp", 2, each_rank, "RANK", "WORLD_SIZE", 120);
+    unsetenv("RPCAGENT_SPIN_US");
     setenv("RPCAGENT_TRANSPORT", "carrier-pigeon", 1);
     failed |= run_world("transport bad", 1, bad_env_body, "RANK", "WORLD_SIZE", 30);
     unsetenv("RPCAGENT_TRANSPORT");

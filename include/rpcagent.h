@@ -584,6 +584,17 @@ rpcagent_status_t rpcagent_config_set_transport(struct rpcagent_config_t *cfg,
                                                 const char *transport);
 
 /**
+ * How long a caller waiting for its reply looks for it, yielding the CPU
+ * between looks, before it sleeps in the kernel: in microseconds, at most
+ * 1000000 (else `RPCAGENT_ERR_INVALID_ARGUMENT`), default 50; also
+ * `RPCAGENT_SPIN_US`. 0 sleeps at once. An idle agent never spins.
+ *
+ * # Safety
+ * `cfg` is NULL or a live config handle.
+ */
+rpcagent_status_t rpcagent_config_set_spin_us(struct rpcagent_config_t *cfg, uint32_t us);
+
+/**
  * The default call deadline in milliseconds; 0 means calls have none.
  *
  * # Safety

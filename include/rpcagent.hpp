@@ -97,6 +97,8 @@ public:
     Config &worker_threads(uint32_t n) { return set(rpcagent_config_set_worker_threads(cfg_, n)); }
     Config &max_message_bytes(uint64_t n) { return set(rpcagent_config_set_max_message_bytes(cfg_, n)); }
     Config &send_window_bytes(uint64_t n) { return set(rpcagent_config_set_send_window_bytes(cfg_, n)); }
+    /// Microseconds a waiting caller looks for its reply before sleeping.
+    Config &spin_us(uint32_t us) { return set(rpcagent_config_set_spin_us(cfg_, us)); }
     /// "auto" (default) or "tcp"; see rpcagent_config_set_transport.
     Config &transport(const std::string &name) { return set(rpcagent_config_set_transport(cfg_, name.c_str())); }
     Config &secret(std::string_view key) {

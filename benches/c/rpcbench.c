@@ -16,6 +16,9 @@
  * --variant NAME: only the in-flight variants whose name contains NAME
  *   (wait_any, oldest, on_complete, queue); for profiling one of them.
  *
+ * The library's RPCAGENT_* environment variables apply to both ranks
+ * (RPCAGENT_SPIN_US, say).
+ *
  * Every reply is checked (length, first and last byte, which encode the
  * call's sequence number); any failed call or wrong reply prints what failed
  * and exits non-zero.
@@ -433,6 +436,9 @@ static int32_t h_stop(void *ud, const rpcagent_request_t *req, rpcagent_reply_t 
 static rpcagent_t *join_world(uint32_t rank, int port) {
     rpcagent_config_t *cfg = rpcagent_config_new();
     if (cfg == NULL) fail("rpcagent_config_new returned NULL");
+    /* RPCAGENT_* variables apply (RPCAGENT_SPIN_US, say); the world's
+     * shape below is this benchmark's own. */
+    check_status(rpcagent_config_from_env(cfg), "rpcagent_config_from_env");
     check_status(rpcagent_config_set_rank(cfg, rank), "rpcagent_config_set_rank");
     check_status(rpcagent_config_set_world_size(cfg, 2), "rpcagent_config_set_world_size");
     check_status(rpcagent_config_set_master(cfg, "127.0.0.1", (uint16_t)port), "rpcagent_config_set_master");

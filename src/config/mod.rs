@@ -24,6 +24,10 @@ pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_SEND_WINDOW_BYTES: u64 = 64 << 20;
 /// The smallest send window accepted.
 pub const MIN_SEND_WINDOW_BYTES: u64 = 1 << 20;
+/// Default time a waiting caller looks for its reply before it sleeps.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+/// The longest spin accepted.
+pub const MAX_SPIN: Duration = Duration::from_secs(1);
 /// The transport names `Config::transport` and `RPCAGENT_TRANSPORT` accept.
 pub const TRANSPORT_NAMES: [&str; 2] = ["auto", "tcp"];
 /// Longest function or worker name, in bytes.
@@ -49,6 +53,8 @@ pub struct Config {
     pub(crate) send_window_bytes: u64,
     /// One of [`TRANSPORT_NAMES`] (checked by `validate`).
     pub(crate) transport: String,
+    /// How long a waiting caller looks for its reply before it sleeps.
+    pub(crate) spin: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -68,6 +74,7 @@ impl std::fmt::Debug for Config {
             .field("peer_timeout", &self.peer_timeout)
             .field("send_window_bytes", &self.send_window_bytes)
             .field("transport", &self.transport)
+            .field("spin", &self.spin)
             .finish()
     }
 }
@@ -97,6 +104,7 @@ impl Config {
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             send_window_bytes: DEFAULT_SEND_WINDOW_BYTES,
             transport: "auto".to_string(),
+            spin: DEFAULT_SPIN,
         }
     }
 
@@ -202,6 +210,12 @@ impl Config {
             }
             self.transport = v;
         }
+        if let Some((key, v)) = first(&["RPCAGENT_SPIN_US"]) {
+            self.spin = Duration::from_micros(parse_number(key, &v)?);
+            if self.spin > MAX_SPIN {
+                return Err(bad_var(key, &v, "must be at most 1000000"));
+            }
+        }
         if let Some((key, v)) = first(&["RPCAGENT_BIND"]) {
             if v.is_empty() {
                 return Err(bad_var(key, &v, "is empty"));
@@ -304,6 +318,15 @@ impl Config {
         self
     }
 
+    /// How long a caller waiting for its reply looks for it (yielding the
+    /// CPU between looks) before it sleeps in the kernel; at most 1 s,
+    /// default 50 us. Longer spins trade CPU for latency when replies come
+    /// within microseconds; 0 sleeps at once.
+    pub fn spin(mut self, spin: Duration) -> Self {
+        self.spin = spin;
+        self
+    }
+
     /// The job's shared secret; every connection must prove it knows it.
     pub fn secret(mut self, key: &[u8]) -> Self {
         self.secret = (!key.is_empty()).then(|| key.to_vec());
@@ -333,6 +356,9 @@ impl Config {
         }
         if self.send_window_bytes < MIN_SEND_WINDOW_BYTES {
             return bad(format!("send window must be at least {MIN_SEND_WINDOW_BYTES} bytes"));
+        }
+        if self.spin > MAX_SPIN {
+            return bad("spin must be at most 1 s".into());
         }
         if !TRANSPORT_NAMES.contains(&self.transport.as_str()) {
             return bad(format!("unknown transport '{}' (auto, tcp)", self.transport));
@@ -420,6 +446,7 @@ mod tests {
             ("RPCAGENT_PEER_TIMEOUT_MS", "4000"),
             ("RPCAGENT_SEND_WINDOW_BYTES", "2097152"),
             ("RPCAGENT_TRANSPORT", "tcp"),
+            ("RPCAGENT_SPIN_US", "7"),
         ])
         .unwrap();
         assert_eq!(cfg.worker_name(), "ps");
@@ -432,6 +459,7 @@ mod tests {
         assert_eq!(cfg.peer_timeout, Duration::from_secs(4));
         assert_eq!(cfg.send_window_bytes, 2 << 20);
         assert_eq!(cfg.transport, "tcp");
+        assert_eq!(cfg.spin, Duration::from_micros(7));
         assert!(!format!("{cfg:?}").contains("s3cret"));
     }
 
@@ -440,6 +468,7 @@ mod tests {
         for (key, value) in [
             ("RANK", "x"),
             ("RPCAGENT_TRANSPORT", "shm"),
+            ("RPCAGENT_SPIN_US", "2000000"),
             ("WORLD_SIZE", "0"),
             ("MASTER_PORT", "70000"),
             ("RPCAGENT_CALL_TIMEOUT_MS", "-5"),
@@ -509,6 +538,8 @@ mod tests {
         assert!(Config::new(0, 1).worker_threads(0).validate().is_err());
         assert!(Config::new(0, 1).send_window_bytes(1000).validate().is_err());
         assert!(Config::new(0, 1).transport("shm").validate().is_err());
+        assert!(Config::new(0, 1).spin(Duration::from_secs(2)).validate().is_err());
+        assert!(Config::new(0, 1).spin(Duration::ZERO).validate().is_ok());
         assert!(Config::new(0, 1).transport("tcp").validate().is_ok());
         assert!(Config::new(0, 1).name("x".repeat(256)).validate().is_err());
         assert!(Config::new(1, 2).validate().is_ok());

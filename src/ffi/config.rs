@@ -211,6 +211,28 @@ pub unsafe extern "C" fn rpcagent_config_set_transport(
     }
 }
 
+/// How long a caller waiting for its reply looks for it, yielding the CPU
+/// between looks, before it sleeps in the kernel: in microseconds, at most
+/// 1000000 (else `RPCAGENT_ERR_INVALID_ARGUMENT`), default 50; also
+/// `RPCAGENT_SPIN_US`. 0 sleeps at once. An idle agent never spins.
+///
+/// # Safety
+/// `cfg` is NULL or a live config handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rpcagent_config_set_spin_us(cfg: *mut rpcagent_config_t, us: u32) -> rpcagent_status_t {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        update(cfg, |c| {
+            let spin = Duration::from_micros(us as u64);
+            if spin > crate::config::MAX_SPIN {
+                return Err(invalid("the spin must be at most 1000000 us"));
+            }
+            c.spin = spin;
+            Ok(())
+        })
+    }
+}
+
 /// The default call deadline in milliseconds; 0 means calls have none.
 ///
 /// # Safety

@@ -131,6 +131,8 @@ pub(crate) struct Shared {
     max_payload: u64,
     /// Request bytes held in memory per destination (see `send.rs`).
     send_window: u64,
+    /// How long a caller driving its reply looks before it sleeps.
+    spin: Duration,
     dispatch: Weak<dyn Dispatch>,
     epoll: Arc<Epoll>,
     listener: TcpListener,
@@ -223,6 +225,7 @@ impl TcpTransport {
             peer_timeout: config.peer_timeout,
             max_payload: dispatch.max_message_bytes(),
             send_window: config.send_window_bytes,
+            spin: config.spin,
             dispatch: weak,
             epoll,
             listener: world.listener,

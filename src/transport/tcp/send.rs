@@ -44,9 +44,6 @@ impl crate::transport::ReplySink for Conn {
     }
 }
 
-/// How long a caller waiting for its reply looks for it (yielding between
-/// looks) before it sleeps on the socket.
-const SPIN_FOR: Duration = Duration::from_micros(50);
 /// A caller whose reply another thread reads spins for it only while at
 /// most this many calls to that rank are in flight (measured: 16 in flight
 /// gains 20-100%, 128 in flight loses ~10% when it spins).
@@ -235,7 +232,7 @@ impl Shared {
         // Spinning never outlasts the caller's own bound. Read the clock
         // only once a first look found nothing (it usually finds the reply).
         let spin_bound = || {
-            let full = Instant::now() + SPIN_FOR;
+            let full = Instant::now() + self.spin;
             deadline.map_or(full, |d| d.min(full))
         };
         // With several calls in flight the I/O thread reads their replies in
