@@ -359,7 +359,7 @@ impl RpcFuture {
     /// over (mostly) the same futures, it costs O(1) per completion, plus one
     /// look at every entry before it waits: see [`WaitSet`].
     pub fn wait_any(futures: &[&RpcFuture], timeout: Option<Duration>) -> Option<usize> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         wait_any_slots(futures.len(), |i| Some(futures[i]), deadline).expect("no entry of a slice is missing")
     }
 
@@ -551,6 +551,7 @@ pub(crate) fn wait_any_slots<'a>(
     let set = set.unwrap_or_else(WaitSet::new);
     let mut st = set.state.lock();
     let mut looked = false;
+    let mut woken = false;
     loop {
         // A posted entry stays at the front while its future is the one
         // that completed (it is answered again until replaced).
@@ -559,6 +560,13 @@ pub(crate) fn wait_any_slots<'a>(
                 return Ok(Some(i));
             }
             st.posted.pop_front();
+        }
+        if std::mem::take(&mut woken) {
+            // The post that woke this call answered nothing here: it was
+            // another array's that shares the set, or for an entry this
+            // array holds twice (a slot posts one index per set). Look at
+            // every entry again rather than sleep past a completion.
+            looked = false;
         }
         if looked {
             // Every entry is watched: sleep until one posts.
@@ -574,6 +582,7 @@ pub(crate) fn wait_any_slots<'a>(
             if timed_out && st.posted.is_empty() {
                 return Ok((0..n).find(|&i| future(i).is_some_and(RpcFuture::is_ready)));
             }
+            woken = true;
             continue;
         }
         looked = true;
@@ -706,6 +715,53 @@ mod tests {
         // Replaced by a call that completed before any look: found too.
         futs[0] = RpcFuture::new(Slot::completed(Ok(vec![])));
         assert_eq!(wait(&futs, 0), Some(0));
+    }
+
+    /// A slot at two indexes posts only the later one; replacing that
+    /// entry must not lose the earlier one's completion.
+    #[test]
+    fn wait_any_sees_an_entry_held_twice_after_one_is_replaced() {
+        let x = Slot::new();
+        let (fx, fz) = (RpcFuture::new(x.clone()), RpcFuture::new(Slot::new()));
+        assert_eq!(RpcFuture::wait_any(&[&fx, &fx], Some(Duration::ZERO)), None);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            x.complete(Ok(vec![]), None);
+        });
+        let start = Instant::now();
+        assert_eq!(RpcFuture::wait_any(&[&fx, &fz], Some(Duration::from_secs(10))), Some(0));
+        t.join().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5), "the completion was missed");
+    }
+
+    /// Two threads over two arrays that share a set (a future moved from
+    /// one to the other): each sees its own completion.
+    #[test]
+    fn wait_any_over_arrays_sharing_a_set_misses_nothing() {
+        let (a0, a1) = (Slot::new(), Slot::new());
+        let f0 = Arc::new(RpcFuture::new(a0.clone()));
+        let f1 = Arc::new(RpcFuture::new(a1.clone()));
+        assert_eq!(RpcFuture::wait_any(&[&f0, &f1], Some(Duration::ZERO)), None);
+        let waiter = |f: Arc<RpcFuture>| {
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let got = RpcFuture::wait_any(&[&f], Some(Duration::from_secs(10)));
+                (got, start.elapsed())
+            })
+        };
+        let t0 = waiter(f0.clone());
+        std::thread::sleep(Duration::from_millis(50));
+        let t1 = waiter(f1.clone());
+        std::thread::sleep(Duration::from_millis(100));
+        a1.complete(Ok(vec![]), None);
+        let (got1, took1) = t1.join().unwrap();
+        a0.complete(Ok(vec![]), None);
+        let (got0, took0) = t0.join().unwrap();
+        assert_eq!((got0, got1), (Some(0), Some(0)));
+        assert!(
+            took1 < Duration::from_secs(5) && took0 < Duration::from_secs(5),
+            "{took0:?} {took1:?}"
+        );
     }
 
     #[test]

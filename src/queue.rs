@@ -153,7 +153,7 @@ impl Queue {
     /// Takes one posted tag, in completion order, waiting up to `timeout`
     /// (`None`: without bound; zero: not at all). `None` if none came.
     pub fn wait(&self, timeout: Option<Duration>) -> Option<u64> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let inner = self.inner();
         let mut tags = inner.tags.lock();
         let mut drove = false;
