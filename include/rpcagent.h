@@ -398,8 +398,10 @@ void rpcagent_free(struct rpcagent_t *agent);
 /**
  * Registers the C handler `fn` under `name` (1 to 255 bytes of UTF-8).
  * `flags`: 0 runs it on the worker pool (it may block and make nested
- * calls), `RPCAGENT_HANDLER_INLINE` on the I/O thread (tiny, non-blocking).
- * `free_user_data` (nullable) runs once when the function is unregistered or
+ * calls), `RPCAGENT_HANDLER_INLINE` on the I/O thread (tiny, non-blocking;
+ * a call it makes into a full send window fails with `RPCAGENT_ERR_BUSY`).
+ * A rank's calls to itself run an inline handler on a worker instead, never
+ * on the caller's thread. `free_user_data` (nullable) runs once when the function is unregistered or
  * the agent is freed; if registering fails, `user_data` stays the caller's.
  *
  * # Safety

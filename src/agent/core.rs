@@ -417,9 +417,8 @@ impl Core {
             let message = format!("rank {} has no function named '{}'", self.rank, request.name());
             return self.route(&request).send(Err((Status::NotFound, message)));
         };
-        if handler.handler.options.inline {
-            // Never blocking, on whichever thread it runs (the caller's own
-            // when a rank calls itself).
+        let inline = handler.handler.options.inline;
+        if inline && request.inline_here {
             return crate::threads::must_not_block(|| self.run_handler(handler, request, false));
         }
         let label = handler.name.clone();
@@ -432,7 +431,12 @@ impl Core {
             if let Some(core) = me.upgrade() {
                 core.left_backlog(bytes);
                 if !core.gave_up(&request) {
-                    core.run_handler(handler, request, true);
+                    // An inline handler on a worker (a rank's call to
+                    // itself) still must not block, as on the I/O thread.
+                    match inline {
+                        true => crate::threads::must_not_block(|| core.run_handler(handler, request, true)),
+                        false => core.run_handler(handler, request, true),
+                    }
                 }
             }
         });
@@ -638,7 +642,7 @@ impl Core {
     /// close. Otherwise: fail everything in flight and close at once. The
     /// agent is closed locally when this returns, whatever it returns.
     pub(crate) fn shutdown(&self, graceful: bool, timeout: Option<Duration>) -> Result<()> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         if self.state.load(Ordering::Acquire) == CLOSED {
             return Ok(());
         }

@@ -1,10 +1,12 @@
-//! The in-process transport: a request is handed straight to the
-//! destination agent, and its response straight back to the caller's. It
-//! joins the ranks of an in-process world, and carries a process's calls to
-//! its own rank (no socket).
+//! The in-process transports: a request is handed straight to the
+//! destination agent, and its response straight back to the caller's.
+//! `world` joins the ranks of an in-process world; `to_self` carries a
+//! process's calls to its own rank (no socket).
 
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Result, RpcError};
 
@@ -12,18 +14,7 @@ use super::{Dispatch, InRequest, OutRequest, Outcome, ReplySink, Transport};
 
 struct LocalTransport {
     me: usize,
-    /// The agents it reaches, by rank from `first`: a whole in-process
-    /// world (from rank 0), or this rank's own agent alone.
     agents: Arc<[Weak<dyn Dispatch>]>,
-    first: usize,
-    /// This rank's agent, where responses come back to.
-    own: Weak<dyn Dispatch>,
-}
-
-impl LocalTransport {
-    fn agent(&self, rank: usize) -> Option<&Weak<dyn Dispatch>> {
-        rank.checked_sub(self.first).and_then(|i| self.agents.get(i))
-    }
 }
 
 struct LocalReply {
@@ -39,46 +30,40 @@ pub(crate) fn world(agents: Vec<Weak<dyn Dispatch>>) -> Vec<Arc<dyn Transport>> 
             Arc::new(LocalTransport {
                 me,
                 agents: agents.clone(),
-                first: 0,
-                own: agents[me].clone(),
             }) as Arc<dyn Transport>
         })
         .collect()
 }
 
-/// The transport of rank `me`'s calls to itself, delivered to `agent`.
-pub(crate) fn to_self(me: usize, agent: Weak<dyn Dispatch>) -> Arc<dyn Transport> {
-    Arc::new(LocalTransport {
-        me,
-        agents: Arc::new([agent.clone()]),
-        first: me,
-        own: agent,
-    })
+/// The request as the destination gets it.
+fn in_request(src: usize, request: &OutRequest<'_>, inline_here: bool, reply_to: LocalReply) -> InRequest {
+    InRequest {
+        src,
+        id: request.id,
+        function: request.function.as_bytes().to_vec(),
+        internal: request.internal,
+        deadline: request.deadline,
+        args: request.args.to_vec(),
+        inline_here,
+        reply_to: Arc::new(reply_to),
+    }
+}
+
+fn freed(rank: usize) -> RpcError {
+    RpcError::PeerLost {
+        rank,
+        reason: "the agent was freed".into(),
+    }
 }
 
 impl Transport for LocalTransport {
     fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
-        let Some(target) = self.agent(dst).and_then(Weak::upgrade) else {
-            return Err(RpcError::PeerLost {
-                rank: dst,
-                reason: "the agent was freed".into(),
-            });
+        let target = self.agents[dst].upgrade().ok_or_else(|| freed(dst))?;
+        let reply_to = LocalReply {
+            caller: self.agents[self.me].clone(),
+            from: dst,
         };
-        target.on_request(
-            InRequest {
-                src: self.me,
-                id: request.id,
-                function: request.function.as_bytes().to_vec(),
-                internal: request.internal,
-                deadline: request.deadline,
-                args: request.args.to_vec(),
-                reply_to: Arc::new(LocalReply {
-                    caller: self.own.clone(),
-                    from: dst,
-                }),
-            },
-            None,
-        );
+        target.on_request(in_request(self.me, request, true, reply_to), None);
         Ok(())
     }
 
@@ -88,14 +73,102 @@ impl Transport for LocalTransport {
         "local".into()
     }
 
-    /// `"self"` for this rank; `"local"` for the other ranks of an
-    /// in-process world (there is no first connection to wait for).
+    /// `"self"` for this rank, `"local"` for the others (no first
+    /// connection to wait for).
     fn peer_transport(&self, dst: usize) -> Option<&'static str> {
-        match self.agent(dst) {
-            Some(_) if dst == self.me => Some("self"),
-            Some(_) => Some("local"),
-            None => None,
+        Some(if dst == self.me { "self" } else { "local" })
+    }
+}
+
+/// A rank's calls to itself, handed to its own agent on the caller's
+/// thread. They keep what calls to another rank promise:
+/// - a handler never runs on the caller's thread (an inline one goes to
+///   the pool, where it cannot recurse into the caller or take its locks);
+/// - the caller's own memory stays bounded: while the agent's backlog of
+///   requests waiting for a worker is full, a call waits for room up to its
+///   deadline (`Timeout`), or fails at once with `Busy` where the thread
+///   must not block, as with a full send window;
+/// - the agent's own requests (barrier, shutdown) are served as the I/O
+///   thread serves them, never blocking on a socket.
+struct SelfTransport {
+    me: usize,
+    agent: Weak<dyn Dispatch>,
+    /// Signalled when the backlog drains below half (`resume_reading`).
+    room: Condvar,
+    room_lock: Mutex<()>,
+}
+
+/// A caller waiting for room in the backlog looks again at least this often
+/// (the backlog also drains without crossing the half-full mark).
+const ROOM_SLICE: Duration = Duration::from_millis(5);
+
+/// The transport of rank `me`'s calls to itself, delivered to `agent`.
+pub(crate) fn to_self(me: usize, agent: Weak<dyn Dispatch>) -> Arc<dyn Transport> {
+    Arc::new(SelfTransport {
+        me,
+        agent,
+        room: Condvar::new(),
+        room_lock: Mutex::new(()),
+    })
+}
+
+impl SelfTransport {
+    /// Waits while the agent's backlog is full (user calls only).
+    fn wait_for_room(&self, agent: &Arc<dyn Dispatch>, request: &OutRequest<'_>) -> Result<()> {
+        if request.internal || !agent.backlog_full() {
+            return Ok(());
         }
+        if !crate::threads::may_block() {
+            return Err(RpcError::Busy(format!(
+                "call to '{}' on rank {}: this rank's backlog is full and this thread must not wait",
+                request.function, self.me
+            )));
+        }
+        let mut guard = self.room_lock.lock();
+        while agent.backlog_full() {
+            let now = Instant::now();
+            if request.deadline.is_some_and(|d| d <= now) {
+                return Err(RpcError::Timeout(format!(
+                    "call to '{}' on rank {} timed out waiting for room in its backlog",
+                    request.function, self.me
+                )));
+            }
+            let slice = request.deadline.map_or(ROOM_SLICE, |d| (d - now).min(ROOM_SLICE));
+            self.room.wait_for(&mut guard, slice);
+        }
+        Ok(())
+    }
+}
+
+impl Transport for SelfTransport {
+    fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
+        let target = self.agent.upgrade().ok_or_else(|| freed(dst))?;
+        self.wait_for_room(&target, request)?;
+        let reply_to = LocalReply {
+            caller: self.agent.clone(),
+            from: dst,
+        };
+        let request = in_request(self.me, request, false, reply_to);
+        crate::threads::must_not_block(|| target.on_request(request, None));
+        Ok(())
+    }
+
+    fn close(&self, _graceful: bool, _deadline: Instant) {
+        let _guard = self.room_lock.lock();
+        self.room.notify_all();
+    }
+
+    fn listen_addr(&self) -> String {
+        "self".into()
+    }
+
+    fn peer_transport(&self, _dst: usize) -> Option<&'static str> {
+        Some("self")
+    }
+
+    fn resume_reading(&self) {
+        let _guard = self.room_lock.lock();
+        self.room.notify_all();
     }
 }
 

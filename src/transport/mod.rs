@@ -35,6 +35,10 @@ pub(crate) struct InRequest {
     /// The caller's deadline on this rank's clock.
     pub deadline: Option<Instant>,
     pub args: Vec<u8>,
+    /// An inline function's handler may run on the thread delivering the
+    /// request (an I/O thread); false for a rank's calls to itself, which
+    /// arrive on the caller's own thread.
+    pub inline_here: bool,
     pub reply_to: Arc<dyn ReplySink>,
 }
 

@@ -386,6 +386,7 @@ impl Shared {
                         internal: h.flags & FLAG_INTERNAL != 0,
                         deadline: (h.timeout_us > 0).then(|| Instant::now() + Duration::from_micros(h.timeout_us)),
                         args: frame.payload,
+                        inline_here: true,
                         reply_to: conn.clone(),
                     },
                     pass,

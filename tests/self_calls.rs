@@ -1,0 +1,93 @@
+//! A rank's calls to itself (no socket) keep what calls to other ranks
+//! promise: the caller's memory stays bounded by its window, and an inline
+//! handler never runs on the caller's thread (so it cannot recurse into it).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rpcagent::{Config, HandlerOptions, RpcAgent};
+
+fn world_of_one(config: impl FnOnce(Config) -> Config) -> RpcAgent {
+    let port = common::free_port();
+    let base = Config::new(0, 1)
+        .master("127.0.0.1", port)
+        .init_timeout(Duration::from_secs(10));
+    RpcAgent::init(config(base)).unwrap()
+}
+
+fn rss_mib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    (statm.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096) >> 20
+}
+
+#[test]
+fn self_calls_wait_for_room_in_the_backlog() {
+    let agent = world_of_one(|c| {
+        c.worker_threads(1)
+            .send_window_bytes(1 << 20)
+            .call_timeout(Duration::from_secs(60))
+    });
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    agent
+        .register("slow", move |_args| {
+            std::thread::sleep(Duration::from_millis(5));
+            count.fetch_add(1, Ordering::Relaxed);
+            Ok(vec![])
+        })
+        .unwrap();
+    agent.start().unwrap();
+    let before = rss_mib();
+    let args = vec![7u8; 1 << 20];
+    let started = Instant::now();
+    let futures: Vec<_> = (0..200).map(|_| agent.rpc_async(0, "slow", &args)).collect();
+    let issued_in = started.elapsed();
+    let grew = rss_mib().saturating_sub(before);
+    // 200 MiB of arguments went through a 1 MiB backlog: issuing waited for
+    // the worker, and memory held a few calls' worth, not all of them.
+    assert!(grew < 64, "memory grew {grew} MiB while issuing");
+    assert!(
+        issued_in > Duration::from_millis(200),
+        "issuing did not wait: {issued_in:?}"
+    );
+    for f in futures {
+        f.wait().unwrap();
+    }
+    assert_eq!(served.load(Ordering::Relaxed), 200);
+    agent.shutdown(true, Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn an_inline_handler_calling_its_own_rank_does_not_recurse() {
+    let agent = world_of_one(|c| c);
+    let deepest = Arc::new(AtomicUsize::new(0));
+    let (me, seen) = (agent.clone(), deepest.clone());
+    agent
+        .register_with("hop", HandlerOptions { inline: true }, move |request, _reply| {
+            let n = u32::from_le_bytes(request.args.try_into().unwrap());
+            seen.fetch_max(n as usize, Ordering::Relaxed);
+            if n < 20_000 {
+                drop(me.rpc_async(0, "hop", &(n + 1).to_le_bytes()));
+            }
+            Ok(())
+        })
+        .unwrap();
+    agent.start().unwrap();
+    // On a small stack: each hop must run on a worker, not nested here.
+    let caller = agent.clone();
+    std::thread::Builder::new()
+        .stack_size(256 << 10)
+        .spawn(move || caller.rpc_async(0, "hop", &1u32.to_le_bytes()).wait().unwrap())
+        .unwrap()
+        .join()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while deepest.load(Ordering::Relaxed) < 20_000 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(deepest.load(Ordering::Relaxed), 20_000);
+    agent.shutdown(true, Duration::from_secs(10)).unwrap();
+}
