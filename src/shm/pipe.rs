@@ -33,7 +33,6 @@ pub(crate) const MAX_RING: usize = 1 << 30;
 
 pub(crate) struct ShmPipe {
     sock: UnixStream,
-    _memory: SharedMemory,
     tx: Mutex<Producer>,
     rx: Mutex<Consumer>,
     /// Rung by the peer: `data` when bytes arrive for us (and we said we
@@ -42,6 +41,8 @@ pub(crate) struct ShmPipe {
     /// reading never take each other's wake-up.
     mine: Bells,
     peer: Bells,
+    /// Last, so it is unmapped after the rings that point into it.
+    _memory: SharedMemory,
 }
 
 struct Bells {
@@ -57,11 +58,14 @@ impl Bells {
         })
     }
 
-    /// From the two descriptors a peer sent (data, then room).
+    /// From the two descriptors a peer sent (data, then room). Each must
+    /// be an eventfd: a pipe's write end, say, could block the thread that
+    /// rings it.
     fn from_peer(mut fds: Vec<OwnedFd>) -> io::Result<Bells> {
         let room = fds.pop();
         match (fds.pop(), room, fds.is_empty()) {
-            (Some(data), Some(room), true) => Ok(Bells { data, room }),
+            (Some(data), Some(room), true) if is_eventfd(&data) && is_eventfd(&room) => Ok(Bells { data, room }),
+            (Some(_), Some(_), true) => Err(bad_setup("the peer's doorbells are not eventfds")),
             _ => Err(bad_setup("the peer sent the wrong number of descriptors")),
         }
     }
@@ -83,6 +87,11 @@ fn eventfd() -> io::Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn is_eventfd(fd: &OwnedFd) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]")
 }
 
 fn ring_bell(fd: &OwnedFd) {
@@ -222,21 +231,30 @@ impl ShmPipe {
 
     /// Writes what fits of `parts` from byte `skip` on; 0 when the ring is
     /// full (the peer is then asked to ring when it makes room).
+    /// A peer that is gone is `BrokenPipe`.
     pub(crate) fn write(&self, parts: &[&[u8]], skip: usize) -> io::Result<usize> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
         let mut tx = self.tx.lock();
-        let (n, wake) = tx.write(parts, skip).map_err(corrupt)?;
-        if wake {
-            ring_bell(&self.peer.data);
-        }
-        let left: usize = parts.iter().map(|p| p.len()).sum::<usize>() - skip - n;
-        if left > 0 {
+        let mut wrote = 0;
+        loop {
+            let (n, wake) = tx.write(parts, skip + wrote).map_err(corrupt)?;
+            if wake {
+                ring_bell(&self.peer.data);
+            }
+            wrote += n;
+            let left = total.saturating_sub(skip + wrote);
+            if left == 0 {
+                return Ok(wrote);
+            }
             drain_bell(&self.mine.room);
-            if tx.prepare_wait_for_room(left as u64).map_err(corrupt)? {
-                drop(tx);
-                return Ok(n + self.write(parts, skip + n)?);
+            // Room freed meanwhile: write on, else the reader rings.
+            if !tx.prepare_wait_for_room(left as u64).map_err(corrupt)? {
+                if wrote == 0 && self.peer_gone()? {
+                    return Err(io::ErrorKind::BrokenPipe.into());
+                }
+                return Ok(wrote);
             }
         }
-        Ok(n)
     }
 
     /// Reads what the ring holds; `WouldBlock` when empty (the peer is then
@@ -256,6 +274,8 @@ impl ShmPipe {
                 continue;
             }
             return match self.peer_gone() {
+                // Its last bytes may have landed after the look above.
+                Ok(true) if rx.ready().map_err(corrupt)? > 0 => continue,
                 Ok(true) => Ok(0),
                 Ok(false) => Err(io::ErrorKind::WouldBlock.into()),
                 Err(e) => Err(e),
@@ -306,8 +326,13 @@ impl ShmPipe {
     /// Waits until room frees in the ring we write (the room bell rings) or
     /// the peer goes, at most `timeout`. Call after `write` wrote less than
     /// it was given (it announced the wait).
+    /// A peer that is gone is `BrokenPipe`.
     pub(crate) fn wait_for_room(&self, timeout: Duration) -> io::Result<()> {
-        self.sleep_on(&self.mine.room, timeout)
+        self.sleep_on(&self.mine.room, timeout)?;
+        if self.peer_gone()? {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        Ok(())
     }
 
     fn sleep_on(&self, bell: &OwnedFd, left: Duration) -> io::Result<()> {
@@ -456,6 +481,37 @@ mod tests {
             ShmPipe::open(UnixStream::pair().unwrap().0, 1000).is_err(),
             "not a power of two"
         );
+    }
+
+    #[test]
+    fn a_writer_to_a_gone_peer_gets_broken_pipe() {
+        let (a, b) = pair(4096);
+        assert_eq!(a.write(&[&[1u8; 5000]], 0).unwrap(), 4096);
+        drop(b);
+        let start = Instant::now();
+        let err = loop {
+            match a.write(&[&[1u8; 904]], 0) {
+                Ok(0) => match a.wait_for_room(Duration::from_secs(5)) {
+                    Ok(()) => continue,
+                    Err(e) => break e,
+                },
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn doorbells_that_are_not_eventfds_are_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let memory = SharedMemory::create("test", 2 * Region::bytes_for(4096)).unwrap();
+        let mut setup = SETUP_MAGIC.to_vec();
+        setup.extend_from_slice(&4096u64.to_le_bytes());
+        let (pipe_r, pipe_w) = UnixStream::pair().unwrap();
+        send_with_fds(&a, &setup, &[memory.fd(), pipe_r.as_raw_fd(), pipe_w.as_raw_fd()]).unwrap();
+        assert!(ShmPipe::accept(b).is_err());
     }
 
     #[test]
