@@ -550,26 +550,29 @@ pub(crate) fn wait_any_slots<'a>(
     }
     let set = set.unwrap_or_else(WaitSet::new);
     let mut st = set.state.lock();
-    let mut looked = false;
-    let mut woken = false;
+    // The post count when this call last looked at every entry: a post
+    // since then that answers nothing here (another array's that shares
+    // the set, or for an entry this array holds twice: a slot posts one
+    // index per set) means the look must be made again, or the call could
+    // sleep past a completion. `None`: no look yet.
+    let mut looked_at: Option<u64> = None;
     loop {
         // A posted entry stays at the front while its future is the one
         // that completed (it is answered again until replaced).
-        while let Some(&i) = st.posted.front() {
-            if i < n && future(i).ok_or(MissingEntry(i))?.is_ready() {
-                return Ok(Some(i));
-            }
-            st.posted.pop_front();
+        if let Some(i) = take_posted(&mut st, n, &future)? {
+            return Ok(Some(i));
         }
-        if std::mem::take(&mut woken) {
-            // The post that woke this call answered nothing here: it was
-            // another array's that shares the set, or for an entry this
-            // array holds twice (a slot posts one index per set). Look at
-            // every entry again rather than sleep past a completion.
-            looked = false;
+        if looked_at.is_some() && deadline.is_some_and(|d| Instant::now() >= d) {
+            // Looked once at least: posts that keep answering nothing here
+            // do not hold the call past its deadline.
+            return Ok((0..n).find(|&i| future(i).is_some_and(RpcFuture::is_ready)));
         }
-        if looked {
-            // Every entry is watched: sleep until one posts.
+        if looked_at.is_some_and(|seen| seen != set.posts.load(Ordering::Acquire)) {
+            looked_at = None;
+        }
+        if looked_at.is_some() {
+            // Every entry is watched and nothing posted since: sleep until
+            // one posts.
             st.sleeping += 1;
             let timed_out = match deadline {
                 None => {
@@ -579,13 +582,17 @@ pub(crate) fn wait_any_slots<'a>(
                 Some(d) => set.posted_cv.wait_until(&mut st, d).timed_out(),
             };
             st.sleeping -= 1;
-            if timed_out && st.posted.is_empty() {
+            if timed_out {
+                // Once, and never past the deadline again: a post that came
+                // with it, else any entry complete by now.
+                if let Some(i) = take_posted(&mut st, n, &future)? {
+                    return Ok(Some(i));
+                }
                 return Ok((0..n).find(|&i| future(i).is_some_and(RpcFuture::is_ready)));
             }
-            woken = true;
             continue;
         }
-        looked = true;
+        looked_at = Some(set.posts.load(Ordering::Acquire));
         let pass = full_pass(&set, &mut st, n, &future, deadline)?;
         if let Some(i) = pass.ready {
             return Ok(Some(i));
@@ -615,6 +622,22 @@ pub(crate) fn wait_any_slots<'a>(
         }
         st = set.state.lock();
     }
+}
+
+/// The first posted index that answers this array (its entry is complete),
+/// dropping those that do not.
+fn take_posted<'a>(
+    st: &mut WaitSetState,
+    n: usize,
+    future: &impl Fn(usize) -> Option<&'a RpcFuture>,
+) -> std::result::Result<Option<usize>, MissingEntry> {
+    while let Some(&i) = st.posted.front() {
+        if i < n && future(i).ok_or(MissingEntry(i))?.is_ready() {
+            return Ok(Some(i));
+        }
+        st.posted.pop_front();
+    }
+    Ok(None)
 }
 
 /// Writes the requests every agent behind `n` futures holds back (once per
