@@ -1,6 +1,7 @@
 //! A rank's calls to itself (no socket) keep what calls to other ranks
-//! promise: the caller's memory stays bounded by its window, and an inline
-//! handler never runs on the caller's thread (so it cannot recurse into it).
+//! promise: the caller's memory stays bounded by its window, inline
+//! handlers calling their own rank do not recurse on one stack, and an
+//! inline function is served even when every worker is busy.
 
 mod common;
 
@@ -89,5 +90,31 @@ fn an_inline_handler_calling_its_own_rank_does_not_recurse() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(deepest.load(Ordering::Relaxed), 20_000);
+    agent.shutdown(true, Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn a_pool_handler_calling_its_own_inline_function_needs_no_free_worker() {
+    let agent = world_of_one(|c| c.worker_threads(1));
+    agent
+        .register_with("tiny", HandlerOptions { inline: true }, |_request, reply| {
+            reply.set(b"tiny".to_vec());
+            Ok(())
+        })
+        .unwrap();
+    let me = agent.clone();
+    agent
+        .register("outer", move |_args| {
+            me.rpc_sync_timeout(0, "tiny", b"", Some(Duration::from_secs(5)))
+                .map_err(|e| format!("inner call: {e}"))
+        })
+        .unwrap();
+    agent.start().unwrap();
+    let started = Instant::now();
+    let reply = agent
+        .rpc_sync_timeout(0, "outer", b"", Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(reply, b"tiny");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
     agent.shutdown(true, Duration::from_secs(10)).unwrap();
 }

@@ -240,8 +240,9 @@ pub unsafe extern "C" fn rpcagent_free(agent: *mut rpcagent_t) {
 /// `flags`: 0 runs it on the worker pool (it may block and make nested
 /// calls), `RPCAGENT_HANDLER_INLINE` on the I/O thread (tiny, non-blocking;
 /// a call it makes into a full send window fails with `RPCAGENT_ERR_BUSY`).
-/// A rank's calls to itself run an inline handler on a worker instead, never
-/// on the caller's thread. `free_user_data` (nullable) runs once when the function is unregistered or
+/// A rank's call to its own inline function runs it on the calling thread,
+/// as a nested call (do not hold a lock it takes), or on a worker when made
+/// from inside an inline handler. `free_user_data` (nullable) runs once when the function is unregistered or
 /// the agent is freed; if registering fails, `user_data` stays the caller's.
 ///
 /// # Safety

@@ -82,8 +82,10 @@ impl Transport for LocalTransport {
 
 /// A rank's calls to itself, handed to its own agent on the caller's
 /// thread. They keep what calls to another rank promise:
-/// - a handler never runs on the caller's thread (an inline one goes to
-///   the pool, where it cannot recurse into the caller or take its locks);
+/// - a pool handler runs on the pool; an inline one runs on the caller's
+///   thread as a nested call (so it is served even when every worker is
+///   busy, as the I/O thread serves it over TCP), except from inside an
+///   inline handler, where it goes to the pool (no recursion on one stack);
 /// - the caller's own memory stays bounded: while the agent's backlog of
 ///   requests waiting for a worker is full, a call waits for room up to its
 ///   deadline (`Timeout`), or fails at once with `Busy` where the thread
@@ -93,9 +95,11 @@ impl Transport for LocalTransport {
 struct SelfTransport {
     me: usize,
     agent: Weak<dyn Dispatch>,
-    /// Signalled when the backlog drains below half (`resume_reading`).
+    /// Signalled when the backlog drains below half (`resume_reading`)
+    /// or the agent closes.
     room: Condvar,
-    room_lock: Mutex<()>,
+    /// True once the agent closed: waiters for room give up.
+    room_lock: Mutex<bool>,
 }
 
 /// A caller waiting for room in the backlog looks again at least this often
@@ -108,7 +112,7 @@ pub(crate) fn to_self(me: usize, agent: Weak<dyn Dispatch>) -> Arc<dyn Transport
         me,
         agent,
         room: Condvar::new(),
-        room_lock: Mutex::new(()),
+        room_lock: Mutex::new(false),
     })
 }
 
@@ -124,8 +128,11 @@ impl SelfTransport {
                 request.function, self.me
             )));
         }
-        let mut guard = self.room_lock.lock();
+        let mut closed = self.room_lock.lock();
         while agent.backlog_full() {
+            if *closed {
+                return Err(RpcError::Shutdown(format!("rank {} is shut down", self.me)));
+            }
             let now = Instant::now();
             if request.deadline.is_some_and(|d| d <= now) {
                 return Err(RpcError::Timeout(format!(
@@ -134,7 +141,7 @@ impl SelfTransport {
                 )));
             }
             let slice = request.deadline.map_or(ROOM_SLICE, |d| (d - now).min(ROOM_SLICE));
-            self.room.wait_for(&mut guard, slice);
+            self.room.wait_for(&mut closed, slice);
         }
         Ok(())
     }
@@ -148,13 +155,14 @@ impl Transport for SelfTransport {
             caller: self.agent.clone(),
             from: dst,
         };
-        let request = in_request(self.me, request, false, reply_to);
+        let inline_here = !crate::threads::in_inline_handler();
+        let request = in_request(self.me, request, inline_here, reply_to);
         crate::threads::must_not_block(|| target.on_request(request, None));
         Ok(())
     }
 
     fn close(&self, _graceful: bool, _deadline: Instant) {
-        let _guard = self.room_lock.lock();
+        *self.room_lock.lock() = true;
         self.room.notify_all();
     }
 

@@ -36,8 +36,9 @@ pub(crate) struct InRequest {
     pub deadline: Option<Instant>,
     pub args: Vec<u8>,
     /// An inline function's handler may run on the thread delivering the
-    /// request (an I/O thread); false for a rank's calls to itself, which
-    /// arrive on the caller's own thread.
+    /// request (an I/O thread, or a caller calling its own rank); false for
+    /// a rank's call to itself made from inside an inline handler, which
+    /// goes to a worker instead of recursing.
     pub inline_here: bool,
     pub reply_to: Arc<dyn ReplySink>,
 }
