@@ -402,7 +402,7 @@ void rpcagent_free(struct rpcagent_t *agent);
  * a call it makes into a full send window fails with `RPCAGENT_ERR_BUSY`).
  * A rank's call to its own inline function runs it on the calling thread,
  * as a nested call (do not hold a lock it takes), or on a worker when made
- * from inside an inline handler. `free_user_data` (nullable) runs once when the function is unregistered or
+ * from inside an inline handler or a completion callback. `free_user_data` (nullable) runs once when the function is unregistered or
  * the agent is freed; if registering fails, `user_data` stays the caller's.
  *
  * # Safety

@@ -33,9 +33,6 @@ struct ThreadState {
     /// block whichever thread runs them (an inline handler runs on the
     /// caller's own thread when a rank calls itself).
     must_not_block: bool,
-    /// An inline handler runs on this thread (a rank's call to its own
-    /// inline function made from it goes to a worker: no recursion).
-    in_inline: bool,
     /// Handlers running on this thread (nested through inline calls).
     handlers: u32,
 }
@@ -45,7 +42,6 @@ thread_local! {
         Cell::new(ThreadState {
             role: Role::User,
             must_not_block: false,
-            in_inline: false,
             handlers: 0,
         })
     };
@@ -101,21 +97,6 @@ pub(crate) fn may_block() -> bool {
 pub(crate) fn must_not_block<R>(f: impl FnOnce() -> R) -> R {
     let _restore = change(|s| s.must_not_block = true);
     f()
-}
-
-/// Runs `f` as an inline handler: it must not block, and a call it makes
-/// to its own rank's inline functions does not run them here.
-pub(crate) fn inline_handler<R>(f: impl FnOnce() -> R) -> R {
-    let _restore = change(|s| {
-        s.must_not_block = true;
-        s.in_inline = true;
-    });
-    f()
-}
-
-/// Whether an inline handler runs on the calling thread.
-pub(crate) fn in_inline_handler() -> bool {
-    STATE.get().in_inline
 }
 
 /// Runs `f` as a handler (calls it makes are let through a draining agent).

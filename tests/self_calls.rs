@@ -118,3 +118,66 @@ fn a_pool_handler_calling_its_own_inline_function_needs_no_free_worker() {
     assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
     agent.shutdown(true, Duration::from_secs(10)).unwrap();
 }
+
+#[test]
+fn an_inline_self_call_never_waits_for_room_in_the_pools_backlog() {
+    let agent = world_of_one(|c| c.worker_threads(1).send_window_bytes(1 << 20));
+    agent
+        .register_with("tiny", HandlerOptions { inline: true }, |_request, reply| {
+            reply.set(b"tiny".to_vec());
+            Ok(())
+        })
+        .unwrap();
+    let me = agent.clone();
+    agent
+        .register("outer", move |_args| {
+            me.rpc_sync_timeout(0, "tiny", b"", Some(Duration::from_secs(5)))
+                .map_err(|e| format!("inner call: {e}"))
+        })
+        .unwrap();
+    agent.start().unwrap();
+    // The backlog fills with "outer" calls that only the one worker drains;
+    // each one's call to the inline "tiny" must not wait for that room.
+    let args = vec![1u8; 1 << 20];
+    let started = Instant::now();
+    let futures: Vec<_> = (0..8)
+        .map(|_| agent.rpc_async_timeout(0, "outer", &args, Some(Duration::from_secs(30))))
+        .collect();
+    for f in futures {
+        assert_eq!(f.wait().unwrap(), b"tiny");
+    }
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    agent.shutdown(true, Duration::from_secs(10)).unwrap();
+}
+
+/// Issues the next call of a chain from the previous one's completion
+/// callback; the last link reports on `done`.
+fn next_link(agent: RpcAgent, left: u32, done: std::sync::mpsc::Sender<()>) {
+    if left == 0 {
+        done.send(()).unwrap();
+        return;
+    }
+    let future = agent.rpc_async(0, "tiny", b"");
+    let me = agent.clone();
+    future.on_complete(move || next_link(me, left - 1, done));
+}
+
+#[test]
+fn a_chain_of_self_calls_from_callbacks_does_not_recurse() {
+    let agent = world_of_one(|c| c);
+    agent
+        .register_with("tiny", HandlerOptions { inline: true }, |_request, _reply| Ok(()))
+        .unwrap();
+    agent.start().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let me = agent.clone();
+    // A small stack: the links must not nest on it.
+    std::thread::Builder::new()
+        .stack_size(256 << 10)
+        .spawn(move || next_link(me, 20_000, tx))
+        .unwrap()
+        .join()
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    agent.shutdown(true, Duration::from_secs(10)).unwrap();
+}

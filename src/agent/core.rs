@@ -419,7 +419,7 @@ impl Core {
         };
         let inline = handler.handler.options.inline;
         if inline && request.inline_here {
-            return crate::threads::inline_handler(|| self.run_handler(handler, request, false));
+            return crate::threads::must_not_block(|| self.run_handler(handler, request, false));
         }
         let label = handler.name.clone();
         let me = self.me.clone();
@@ -434,7 +434,7 @@ impl Core {
                     // An inline handler on a worker (a rank's call to
                     // itself) still must not block, as on the I/O thread.
                     match inline {
-                        true => crate::threads::inline_handler(|| core.run_handler(handler, request, true)),
+                        true => crate::threads::must_not_block(|| core.run_handler(handler, request, true)),
                         false => core.run_handler(handler, request, true),
                     }
                 }
@@ -847,5 +847,12 @@ impl Dispatch for Core {
 
     fn backlog_full(&self) -> bool {
         self.backlog_bytes.load(Ordering::Acquire) >= self.config.send_window_bytes
+    }
+
+    fn is_inline(&self, function: &str) -> bool {
+        self.registry
+            .read()
+            .get(function.as_bytes())
+            .is_some_and(|r| r.handler.options.inline)
     }
 }

@@ -24,7 +24,10 @@ pub struct Request<'a> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HandlerOptions {
     /// Run on the I/O thread that read the request instead of the worker
-    /// pool: no hand-off, but the handler must be tiny and never block.
+    /// pool: no hand-off, but the handler must be tiny and never block. A
+    /// rank's call to its own inline function runs it on the calling thread
+    /// as a nested call (do not hold a lock it takes), or on a worker from
+    /// inside an inline handler or a completion callback.
     pub inline: bool,
 }
 

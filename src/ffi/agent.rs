@@ -242,7 +242,7 @@ pub unsafe extern "C" fn rpcagent_free(agent: *mut rpcagent_t) {
 /// a call it makes into a full send window fails with `RPCAGENT_ERR_BUSY`).
 /// A rank's call to its own inline function runs it on the calling thread,
 /// as a nested call (do not hold a lock it takes), or on a worker when made
-/// from inside an inline handler. `free_user_data` (nullable) runs once when the function is unregistered or
+/// from inside an inline handler or a completion callback. `free_user_data` (nullable) runs once when the function is unregistered or
 /// the agent is freed; if registering fails, `user_data` stays the caller's.
 ///
 /// # Safety

@@ -84,8 +84,10 @@ impl Transport for LocalTransport {
 /// thread. They keep what calls to another rank promise:
 /// - a pool handler runs on the pool; an inline one runs on the caller's
 ///   thread as a nested call (so it is served even when every worker is
-///   busy, as the I/O thread serves it over TCP), except from inside an
-///   inline handler, where it goes to the pool (no recursion on one stack);
+///   busy, as the I/O thread serves it over TCP), unless that thread must
+///   not block (an inline handler or a completion callback runs on it):
+///   then it goes to the pool, so chains of calls never recurse on one
+///   stack;
 /// - the caller's own memory stays bounded: while the agent's backlog of
 ///   requests waiting for a worker is full, a call waits for room up to its
 ///   deadline (`Timeout`), or fails at once with `Busy` where the thread
@@ -117,7 +119,7 @@ pub(crate) fn to_self(me: usize, agent: Weak<dyn Dispatch>) -> Arc<dyn Transport
 }
 
 impl SelfTransport {
-    /// Waits while the agent's backlog is full (user calls only).
+    /// Waits while the agent's backlog is full (user calls for the pool only).
     fn wait_for_room(&self, agent: &Arc<dyn Dispatch>, request: &OutRequest<'_>) -> Result<()> {
         if request.internal || !agent.backlog_full() {
             return Ok(());
@@ -150,13 +152,16 @@ impl SelfTransport {
 impl Transport for SelfTransport {
     fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
         let target = self.agent.upgrade().ok_or_else(|| freed(dst))?;
-        self.wait_for_room(&target, request)?;
+        // Served here and now, or queued for the pool (which the backlog bounds).
+        let here = crate::threads::may_block() && target.is_inline(request.function);
+        if !here {
+            self.wait_for_room(&target, request)?;
+        }
         let reply_to = LocalReply {
             caller: self.agent.clone(),
             from: dst,
         };
-        let inline_here = !crate::threads::in_inline_handler();
-        let request = in_request(self.me, request, inline_here, reply_to);
+        let request = in_request(self.me, request, here, reply_to);
         crate::threads::must_not_block(|| target.on_request(request, None));
         Ok(())
     }

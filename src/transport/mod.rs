@@ -37,8 +37,9 @@ pub(crate) struct InRequest {
     pub args: Vec<u8>,
     /// An inline function's handler may run on the thread delivering the
     /// request (an I/O thread, or a caller calling its own rank); false for
-    /// a rank's call to itself made from inside an inline handler, which
-    /// goes to a worker instead of recursing.
+    /// a rank's call to itself from a thread that must not block (inside an
+    /// inline handler or a callback), which goes to a worker instead of
+    /// recursing.
     pub inline_here: bool,
     pub reply_to: Arc<dyn ReplySink>,
 }
@@ -215,4 +216,6 @@ pub(crate) trait Dispatch: Send + Sync {
     /// The worker pool's backlog is full: read no more requests until
     /// [`Transport::resume_reading`] is called.
     fn backlog_full(&self) -> bool;
+    /// `function` is registered to run inline.
+    fn is_inline(&self, function: &str) -> bool;
 }
