@@ -446,7 +446,7 @@ struct FullPass<'a> {
     ready: Option<usize>,
     /// An entry whose agent holds requests back for company, and whether
     /// the entries span more than one agent (then each is asked).
-    some_agent: Option<usize>,
+    some_agent: Option<&'a RpcFuture>,
     many_agents: bool,
     /// The one destination every pending entry goes to, with the time to
     /// stop reading it (`deadline` or the earliest call's deadline); `None`
@@ -485,12 +485,9 @@ fn full_pass<'a>(
             }
         }
         if let Some(d) = &f.driver {
-            match pass.some_agent {
-                None => pass.some_agent = Some(i),
-                Some(first) => {
-                    let first = future(first).and_then(|f| f.driver.as_ref());
-                    pass.many_agents |= !first.is_some_and(|first| Weak::ptr_eq(&first.progress, &d.progress));
-                }
+            match pass.some_agent.and_then(|first| first.driver.as_ref()) {
+                None => pass.some_agent = Some(f),
+                Some(first) => pass.many_agents |= !Weak::ptr_eq(&first.progress, &d.progress),
             }
         }
         if f.slot.is_ready() {
@@ -565,7 +562,7 @@ pub(crate) fn wait_any_slots<'a>(
         if looked_at.is_some() && deadline.is_some_and(|d| Instant::now() >= d) {
             // Looked once at least: posts that keep answering nothing here
             // do not hold the call past its deadline.
-            return Ok((0..n).find(|&i| future(i).is_some_and(RpcFuture::is_ready)));
+            return Ok(first_ready(n, &future));
         }
         if looked_at.is_some_and(|seen| seen != set.posts.load(Ordering::Acquire)) {
             looked_at = None;
@@ -588,7 +585,7 @@ pub(crate) fn wait_any_slots<'a>(
                 if let Some(i) = take_posted(&mut st, n, &future)? {
                     return Ok(Some(i));
                 }
-                return Ok((0..n).find(|&i| future(i).is_some_and(RpcFuture::is_ready)));
+                return Ok(first_ready(n, &future));
             }
             continue;
         }
@@ -605,7 +602,7 @@ pub(crate) fn wait_any_slots<'a>(
         // single wait does (no wake-up from the I/O thread per reply).
         let seen = set.posts.load(Ordering::Acquire);
         drop(st);
-        match pass.some_agent.and_then(&future) {
+        match pass.some_agent {
             Some(f) if !pass.many_agents => f.flush_batches(),
             Some(_) => flush_each_agent(n, &future),
             None => {}
@@ -622,6 +619,12 @@ pub(crate) fn wait_any_slots<'a>(
         }
         st = set.state.lock();
     }
+}
+
+/// The first complete entry, looking at every one (a missing one is
+/// skipped: the look that found it missing already reported it).
+fn first_ready<'a>(n: usize, future: &impl Fn(usize) -> Option<&'a RpcFuture>) -> Option<usize> {
+    (0..n).find(|&i| future(i).is_some_and(RpcFuture::is_ready))
 }
 
 /// The first posted index that answers this array (its entry is complete),

@@ -93,9 +93,10 @@ fn an_inline_handler_calling_its_own_rank_does_not_recurse() {
     agent.shutdown(true, Duration::from_secs(10)).unwrap();
 }
 
-#[test]
-fn a_pool_handler_calling_its_own_inline_function_needs_no_free_worker() {
-    let agent = world_of_one(|c| c.worker_threads(1));
+/// Registers the inline "tiny" (answers "tiny") and the pool function
+/// "outer", which calls its own rank's "tiny" and answers with its reply;
+/// then starts the agent.
+fn register_outer_calling_own_inline(agent: &RpcAgent) {
     agent
         .register_with("tiny", HandlerOptions { inline: true }, |_request, reply| {
             reply.set(b"tiny".to_vec());
@@ -110,6 +111,12 @@ fn a_pool_handler_calling_its_own_inline_function_needs_no_free_worker() {
         })
         .unwrap();
     agent.start().unwrap();
+}
+
+#[test]
+fn a_pool_handler_calling_its_own_inline_function_needs_no_free_worker() {
+    let agent = world_of_one(|c| c.worker_threads(1));
+    register_outer_calling_own_inline(&agent);
     let started = Instant::now();
     let reply = agent
         .rpc_sync_timeout(0, "outer", b"", Some(Duration::from_secs(20)))
@@ -122,20 +129,7 @@ fn a_pool_handler_calling_its_own_inline_function_needs_no_free_worker() {
 #[test]
 fn an_inline_self_call_never_waits_for_room_in_the_pools_backlog() {
     let agent = world_of_one(|c| c.worker_threads(1).send_window_bytes(1 << 20));
-    agent
-        .register_with("tiny", HandlerOptions { inline: true }, |_request, reply| {
-            reply.set(b"tiny".to_vec());
-            Ok(())
-        })
-        .unwrap();
-    let me = agent.clone();
-    agent
-        .register("outer", move |_args| {
-            me.rpc_sync_timeout(0, "tiny", b"", Some(Duration::from_secs(5)))
-                .map_err(|e| format!("inner call: {e}"))
-        })
-        .unwrap();
-    agent.start().unwrap();
+    register_outer_calling_own_inline(&agent);
     // The backlog fills with "outer" calls that only the one worker drains;
     // each one's call to the inline "tiny" must not wait for that room.
     let args = vec![1u8; 1 << 20];

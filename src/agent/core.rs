@@ -433,9 +433,10 @@ impl Core {
                 if !core.gave_up(&request) {
                     // An inline handler on a worker (a rank's call to
                     // itself) still must not block, as on the I/O thread.
-                    match inline {
-                        true => crate::threads::must_not_block(|| core.run_handler(handler, request, true)),
-                        false => core.run_handler(handler, request, true),
+                    if inline {
+                        crate::threads::must_not_block(|| core.run_handler(handler, request, true));
+                    } else {
+                        core.run_handler(handler, request, true);
                     }
                 }
             }

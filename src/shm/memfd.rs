@@ -113,24 +113,37 @@ impl Drop for SharedMemory {
     }
 }
 
+/// A control buffer with room for `fd_bytes` of descriptors (8-aligned).
+fn control_buffer(fd_bytes: usize) -> Vec<u64> {
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    vec![0u64; space.div_ceil(8)]
+}
+
+/// A message header over one buffer and a control buffer; the pointers
+/// must outlive its use.
+fn message(iov: &mut libc::iovec, control: &mut [u64]) -> libc::msghdr {
+    // SAFETY: `msghdr` is plain data, all zeros a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(control) as _;
+    msg
+}
+
 /// Sends `bytes` with `fds` attached (`SCM_RIGHTS`) in one message.
 pub(crate) fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let fd_bytes = std::mem::size_of_val(fds);
-    // SAFETY: CMSG_SPACE is arithmetic.
-    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
-    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut control = control_buffer(fd_bytes);
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),
     };
-    // SAFETY: `msghdr` is plain data; every pointer set below outlives the
-    // sendmsg call, and the control buffer is large enough (CMSG_SPACE).
+    let msg = message(&mut iov, &mut control);
+    // SAFETY: every pointer in `msg` outlives the sendmsg call, and the
+    // control buffer holds one header with `fd_bytes` of data (CMSG_SPACE).
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space as _;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
@@ -154,24 +167,17 @@ pub(crate) fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> i
 /// descriptors; returns the bytes read and the descriptors (owned: closed
 /// if dropped). A message whose descriptors were cut off is an error.
 pub(crate) fn recv_with_fds(sock: &UnixStream, buf: &mut [u8], max_fds: usize) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let fd_bytes = max_fds * std::mem::size_of::<RawFd>();
-    // SAFETY: CMSG_SPACE is arithmetic.
-    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
-    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut control = control_buffer(max_fds * std::mem::size_of::<RawFd>());
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
     };
+    let mut msg = message(&mut iov, &mut control);
     let mut fds = Vec::new();
-    // SAFETY: as in `send_with_fds`; the kernel writes at most `space`
-    // control bytes, and each header it returns is walked with the CMSG
+    // SAFETY: as in `send_with_fds`; the kernel writes at most the control
+    // buffer's length, and each header it returns is walked with the CMSG
     // macros within `msg_controllen`.
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space as _;
         let got = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
         if got < 0 {
             return Err(io::Error::last_os_error());

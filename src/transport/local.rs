@@ -119,12 +119,14 @@ pub(crate) fn to_self(me: usize, agent: Weak<dyn Dispatch>) -> Arc<dyn Transport
 }
 
 impl SelfTransport {
-    /// Waits while the agent's backlog is full (user calls for the pool only).
-    fn wait_for_room(&self, agent: &Arc<dyn Dispatch>, request: &OutRequest<'_>) -> Result<()> {
-        if request.internal || !agent.backlog_full() {
+    /// Waits while the agent's backlog is full, for a user call the pool
+    /// will run (`here`: an inline one runs on this thread, outside the
+    /// backlog; the registry is asked only when the backlog is full).
+    fn wait_for_room(&self, agent: &Arc<dyn Dispatch>, request: &OutRequest<'_>, here: bool) -> Result<()> {
+        if request.internal || !agent.backlog_full() || (here && agent.is_inline(request.function)) {
             return Ok(());
         }
-        if !crate::threads::may_block() {
+        if !here {
             return Err(RpcError::Busy(format!(
                 "call to '{}' on rank {}: this rank's backlog is full and this thread must not wait",
                 request.function, self.me
@@ -152,11 +154,10 @@ impl SelfTransport {
 impl Transport for SelfTransport {
     fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()> {
         let target = self.agent.upgrade().ok_or_else(|| freed(dst))?;
-        // Served here and now, or queued for the pool (which the backlog bounds).
-        let here = crate::threads::may_block() && target.is_inline(request.function);
-        if !here {
-            self.wait_for_room(&target, request)?;
-        }
+        // An inline function is served here and now where this thread may
+        // block; anything else is queued for the pool, which the backlog bounds.
+        let here = crate::threads::may_block();
+        self.wait_for_room(&target, request, here)?;
         let reply_to = LocalReply {
             caller: self.agent.clone(),
             from: dst,
