@@ -58,5 +58,7 @@ run() {
 }
 case $verb in
     demo) run 'cmake -S . -B build && cmake --build build -j2 && ./build/examples/ps_demo' ;;
-    test) run 'cargo test --locked && cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2 && ctest --test-dir build --output-on-failure' ;;
+    # Worlds of processes run twice: over shared memory (the default for
+    # ranks on one host) and with RPCAGENT_TRANSPORT=tcp.
+    test) run 'cargo test --locked && RPCAGENT_TRANSPORT=tcp cargo test --locked --test tcp_world --test failures --test connections && cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2 && ctest --test-dir build --output-on-failure && RPCAGENT_TRANSPORT=tcp ctest --test-dir build --output-on-failure' ;;
 esac

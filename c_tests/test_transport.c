@@ -2,8 +2,9 @@
  * - rpcagent_config_set_transport and RPCAGENT_TRANSPORT accept "auto" and
  *   "tcp" and refuse anything else with RPCAGENT_ERR_INVALID_ARGUMENT;
  * - rpcagent_peer_transport: "self" for the own rank (under either
- *   setting), NULL for another rank until the first call to it, "tcp"
- *   after, NULL out of range or for a NULL agent; "self" and "local" in an
+ *   setting), NULL for another rank until the first call to it, then
+ *   "shm" (same host, `auto`) or "tcp" (`RPCAGENT_TRANSPORT=tcp`), NULL
+ *   out of range or for a NULL agent; "self" and "local" in an
  *   in-process world;
  * - calls to the own rank never touch a socket (once both ranks called
  *   each other, the process's socket count does not move over 2,000
@@ -12,7 +13,8 @@
  *   deadlines, wait_any and a completion queue.
  * - an idle agent uses no CPU: with every connection open and nothing in
  *   flight, a rank's process uses < 1% of a core over 5 s (getrusage).
- * - rpcagent_config_set_spin_us accepts 0 to 1000000.
+ * - rpcagent_config_set_spin_us accepts 0 to 1000000;
+ *   rpcagent_config_set_shm_ring_bytes powers of two from 4096 to 2^30.
  * A world of 2 runs twice: with the default settings, and with
  * RPCAGENT_TRANSPORT=tcp and RPCAGENT_SPIN_US=0. */
 #include <dirent.h>
@@ -22,6 +24,12 @@
 #include "harness.h"
 
 static rpcagent_t *agent;
+
+/* How calls to the other rank (on this host) travel under this run's setting. */
+static const char *expected_other(void) {
+    const char *t = getenv("RPCAGENT_TRANSPORT");
+    return (t && strcmp(t, "tcp") == 0) ? "tcp" : "shm";
+}
 
 static int32_t echo(void *u, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
     (void)u;
@@ -93,9 +101,9 @@ static void each_rank(void) {
     CHECK(rpcagent_peer_transport(agent, 2) == NULL);
     CHECK(rpcagent_peer_transport(NULL, 0) == NULL);
 
-    /* The other rank: TCP once called. */
+    /* The other rank: shared memory (or TCP if asked) once called. */
     check_echo(other, "echo", "over there");
-    CHECK(strcmp(rpcagent_peer_transport(agent, other), "tcp") == 0);
+    CHECK(strcmp(rpcagent_peer_transport(agent, other), expected_other()) == 0);
     /* Both ranks have called each other: every connection is open now. */
     CHECK_OK(rpcagent_barrier(agent, 30000));
 
@@ -154,7 +162,7 @@ static void each_rank(void) {
     rpcagent_queue_free(q);
     CHECK(sockets_open() == sockets);
     CHECK(strcmp(rpcagent_peer_transport(agent, me), "self") == 0);
-    CHECK(strcmp(rpcagent_peer_transport(agent, other), "tcp") == 0);
+    CHECK(strcmp(rpcagent_peer_transport(agent, other), expected_other()) == 0);
 
     /* Idle: every connection open, nothing in flight, for 5 s. */
     CHECK_OK(rpcagent_barrier(agent, 30000));
@@ -197,6 +205,12 @@ static void config_checks(void) {
     CHECK_OK(rpcagent_config_set_spin_us(cfg, 1000000));
     CHECK_STATUS(rpcagent_config_set_spin_us(cfg, 1000001), RPCAGENT_ERR_INVALID_ARGUMENT);
     CHECK_STATUS(rpcagent_config_set_spin_us(NULL, 5), RPCAGENT_ERR_INVALID_ARGUMENT);
+    CHECK_OK(rpcagent_config_set_shm_ring_bytes(cfg, 4096));
+    CHECK_OK(rpcagent_config_set_shm_ring_bytes(cfg, 1u << 30));
+    CHECK_STATUS(rpcagent_config_set_shm_ring_bytes(cfg, 2048), RPCAGENT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(rpcagent_config_set_shm_ring_bytes(cfg, 100000), RPCAGENT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(rpcagent_config_set_shm_ring_bytes(cfg, 1ull << 31), RPCAGENT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(rpcagent_config_set_shm_ring_bytes(NULL, 4096), RPCAGENT_ERR_INVALID_ARGUMENT);
     rpcagent_config_free(cfg);
 
     /* An in-process world: "self" and "local", no first call needed. */

@@ -598,6 +598,18 @@ rpcagent_status_t rpcagent_config_set_transport(struct rpcagent_config_t *cfg,
 rpcagent_status_t rpcagent_config_set_spin_us(struct rpcagent_config_t *cfg, uint32_t us);
 
 /**
+ * The size of each shared-memory ring between two ranks on one host: a
+ * power of two from 4096 to 2^30 bytes (else
+ * `RPCAGENT_ERR_INVALID_ARGUMENT`), default 131072; also
+ * `RPCAGENT_SHM_RING_BYTES`. Each direction a pair calls in maps two
+ * rings (requests and replies).
+ *
+ * # Safety
+ * `cfg` is NULL or a live config handle.
+ */
+rpcagent_status_t rpcagent_config_set_shm_ring_bytes(struct rpcagent_config_t *cfg, uint64_t bytes);
+
+/**
  * The default call deadline in milliseconds; 0 means calls have none.
  *
  * # Safety

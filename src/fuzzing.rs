@@ -137,7 +137,7 @@ impl ShmProbe {
 
     /// Reads what is there (`WouldBlock` when empty, 0 once the peer left).
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
+        self.0.read(buf, true)
     }
 
     /// Spins up to `spin`, then sleeps until bytes come, up to `timeout`.

@@ -569,7 +569,12 @@ impl Core {
             return;
         };
         let lost = shutdown::encode_ranks(&release.lost);
-        for route in release.routes {
+        // This rank's own arrival is answered last: once answered, its
+        // shutdown goes on to close every connection, and the others'
+        // answers must have been sent (or queued) by then.
+        let mut routes = release.routes;
+        routes.sort_by_key(|(rank, _)| *rank == self.rank);
+        for (_, route) in routes {
             route.send(Ok(lost.clone()));
         }
     }

@@ -28,9 +28,9 @@ pub(crate) struct Gather<R> {
     done: Option<Vec<usize>>,
 }
 
-/// Arrivals to answer, with the ranks that were lost.
+/// Arrivals to answer (by rank), with the ranks that were lost.
 pub(crate) struct Release<R> {
-    pub routes: Vec<R>,
+    pub routes: Vec<(usize, R)>,
     pub lost: Vec<usize>,
 }
 
@@ -50,7 +50,7 @@ impl<R> Gather<R> {
     pub(crate) fn arrive(&mut self, src: usize, lost: &[usize], route: R, now: Instant) -> Option<Release<R>> {
         if let Some(done) = &self.done {
             return Some(Release {
-                routes: vec![route],
+                routes: vec![(src, route)],
                 lost: done.clone(),
             });
         }
@@ -90,7 +90,7 @@ impl<R> Gather<R> {
         let lost: Vec<usize> = self.lost.iter().copied().collect();
         self.done = Some(lost.clone());
         Some(Release {
-            routes: std::mem::take(&mut self.arrived).into_values().collect(),
+            routes: std::mem::take(&mut self.arrived).into_iter().collect(),
             lost,
         })
     }
@@ -125,11 +125,11 @@ mod tests {
         assert!(g.arrive(0, &[], 'a', now).is_none());
         assert!(g.arrive(2, &[], 'c', now).is_none());
         let r = g.arrive(1, &[], 'b', now).unwrap();
-        assert_eq!(r.routes, vec!['a', 'b', 'c']);
+        assert_eq!(r.routes.iter().map(|r| r.1).collect::<Vec<_>>(), vec!['a', 'b', 'c']);
         assert!(r.lost.is_empty());
         // Late: answered at once with the same outcome.
         let late = g.arrive(1, &[], 'x', now).unwrap();
-        assert_eq!(late.routes, vec!['x']);
+        assert_eq!(late.routes.iter().map(|r| r.1).collect::<Vec<_>>(), vec!['x']);
     }
 
     #[test]
@@ -140,7 +140,7 @@ mod tests {
         assert!(g.arrive(2, &[0], 'c', now).is_none());
         assert!(g.arrive(1, &[0], 'b', now).is_none());
         let r = g.peer_lost(3).unwrap();
-        assert_eq!(r.routes, vec!['b', 'c']);
+        assert_eq!(r.routes.iter().map(|r| r.1).collect::<Vec<_>>(), vec!['b', 'c']);
         assert_eq!(r.lost, vec![0, 3]);
     }
 

@@ -28,6 +28,11 @@ pub const MIN_SEND_WINDOW_BYTES: u64 = 1 << 20;
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 /// The longest spin accepted.
 pub const MAX_SPIN: Duration = Duration::from_secs(1);
+/// Default size of each of the two shared-memory rings of a same-host pair.
+pub const DEFAULT_SHM_RING_BYTES: usize = 128 << 10;
+/// The ring sizes accepted (powers of two only).
+pub const MIN_SHM_RING_BYTES: usize = 4096;
+pub const MAX_SHM_RING_BYTES: usize = 1 << 30;
 /// The transport names `Config::transport` and `RPCAGENT_TRANSPORT` accept.
 pub const TRANSPORT_NAMES: [&str; 2] = ["auto", "tcp"];
 /// Longest function or worker name, in bytes.
@@ -55,6 +60,8 @@ pub struct Config {
     pub(crate) transport: String,
     /// How long a waiting caller looks for its reply before it sleeps.
     pub(crate) spin: Duration,
+    /// The size of each ring of a same-host pair (checked by `validate`).
+    pub(crate) shm_ring_bytes: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -75,6 +82,7 @@ impl std::fmt::Debug for Config {
             .field("send_window_bytes", &self.send_window_bytes)
             .field("transport", &self.transport)
             .field("spin", &self.spin)
+            .field("shm_ring_bytes", &self.shm_ring_bytes)
             .finish()
     }
 }
@@ -105,6 +113,7 @@ impl Config {
             send_window_bytes: DEFAULT_SEND_WINDOW_BYTES,
             transport: "auto".to_string(),
             spin: DEFAULT_SPIN,
+            shm_ring_bytes: DEFAULT_SHM_RING_BYTES,
         }
     }
 
@@ -214,6 +223,12 @@ impl Config {
             self.spin = Duration::from_micros(parse_number(key, &v)?);
             if self.spin > MAX_SPIN {
                 return Err(bad_var(key, &v, "must be at most 1000000"));
+            }
+        }
+        if let Some((key, v)) = first(&["RPCAGENT_SHM_RING_BYTES"]) {
+            self.shm_ring_bytes = parse_number(key, &v)?;
+            if let Err(why) = check_ring_bytes(self.shm_ring_bytes) {
+                return Err(bad_var(key, &v, &why));
             }
         }
         if let Some((key, v)) = first(&["RPCAGENT_BIND"]) {
@@ -327,6 +342,15 @@ impl Config {
         self
     }
 
+    /// The size of each of the two rings a pair of ranks on one host talks
+    /// through: a power of two from 4 KiB to 1 GiB, default 128 KiB. A pair
+    /// maps two rings per direction it calls in (four when both call the
+    /// other).
+    pub fn shm_ring_bytes(mut self, bytes: usize) -> Self {
+        self.shm_ring_bytes = bytes;
+        self
+    }
+
     /// The job's shared secret; every connection must prove it knows it.
     pub fn secret(mut self, key: &[u8]) -> Self {
         self.secret = (!key.is_empty()).then(|| key.to_vec());
@@ -363,11 +387,25 @@ impl Config {
         if !TRANSPORT_NAMES.contains(&self.transport.as_str()) {
             return bad(format!("unknown transport '{}' (auto, tcp)", self.transport));
         }
+        if let Err(why) = check_ring_bytes(self.shm_ring_bytes) {
+            return bad(format!("shared-memory ring size {}", why));
+        }
         if self.master_host.is_empty() {
             return bad("master host is empty".into());
         }
         check_name(&self.worker_name()).map_err(|why| RpcError::InvalidArgument(format!("worker name {why}")))?;
         Ok(())
+    }
+}
+
+/// A ring size is a power of two within the bounds.
+pub(crate) fn check_ring_bytes(bytes: usize) -> std::result::Result<(), String> {
+    if (MIN_SHM_RING_BYTES..=MAX_SHM_RING_BYTES).contains(&bytes) && bytes.is_power_of_two() {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be a power of two from {MIN_SHM_RING_BYTES} to {MAX_SHM_RING_BYTES}"
+        ))
     }
 }
 

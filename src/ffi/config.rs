@@ -233,6 +233,30 @@ pub unsafe extern "C" fn rpcagent_config_set_spin_us(cfg: *mut rpcagent_config_t
     }
 }
 
+/// The size of each shared-memory ring between two ranks on one host: a
+/// power of two from 4096 to 2^30 bytes (else
+/// `RPCAGENT_ERR_INVALID_ARGUMENT`), default 131072; also
+/// `RPCAGENT_SHM_RING_BYTES`. Each direction a pair calls in maps two
+/// rings (requests and replies).
+///
+/// # Safety
+/// `cfg` is NULL or a live config handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rpcagent_config_set_shm_ring_bytes(
+    cfg: *mut rpcagent_config_t,
+    bytes: u64,
+) -> rpcagent_status_t {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        update(cfg, |c| {
+            let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+            crate::config::check_ring_bytes(bytes).map_err(|why| invalid(format!("the ring size {why}")))?;
+            c.shm_ring_bytes = bytes;
+            Ok(())
+        })
+    }
+}
+
 /// The default call deadline in milliseconds; 0 means calls have none.
 ///
 /// # Safety

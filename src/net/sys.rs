@@ -35,6 +35,14 @@ pub(crate) struct Event {
 }
 
 impl Event {
+    /// Bytes to read on `token`, as if epoll had said so.
+    pub(crate) fn readable_now(token: u64) -> Event {
+        Event {
+            token,
+            events: libc::EPOLLIN as u32,
+        }
+    }
+
     pub(crate) fn readable(&self) -> bool {
         self.events & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
     }
@@ -243,6 +251,37 @@ pub(crate) fn connect_started(addr: std::net::SocketAddr) -> io::Result<std::net
         Err(e) => return Err(e),
     }
     Ok(socket.into())
+}
+
+/// The abstract Unix socket name (no file; reachable only from this
+/// network namespace) of the rank listening on TCP at `tcp_addr`. That
+/// address is unique within a network namespace while its listener lives,
+/// and so is the name.
+pub(crate) fn same_host_name(tcp_addr: std::net::SocketAddr) -> String {
+    format!("\0rpcagent/{tcp_addr}")
+}
+
+/// A non-blocking listener on the abstract Unix socket `name`.
+pub(crate) fn listen_unix(name: &str) -> io::Result<std::os::unix::net::UnixListener> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.bind(&SockAddr::unix(name)?)?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(
+        socket,
+    )))
+}
+
+/// Connects to the abstract Unix socket `name` without waiting: a listener
+/// there takes the connection at once, or the call fails (nobody listens:
+/// another host or network namespace; its queue is full).
+pub(crate) fn connect_unix(name: &str) -> io::Result<std::os::unix::net::UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.connect(&SockAddr::unix(name)?)?;
+    Ok(std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(socket)))
 }
 
 /// Makes the kernel declare the connection dead when the peer stays silent

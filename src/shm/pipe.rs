@@ -232,8 +232,8 @@ impl ShmPipe {
     /// Writes what fits of `parts` from byte `skip` on; 0 when the ring is
     /// full (the peer is then asked to ring when it makes room).
     /// A peer that is gone is `BrokenPipe`.
-    pub(crate) fn write(&self, parts: &[&[u8]], skip: usize) -> io::Result<usize> {
-        let total: usize = parts.iter().map(|p| p.len()).sum();
+    pub(crate) fn write<P: AsRef<[u8]>>(&self, parts: &[P], skip: usize) -> io::Result<usize> {
+        let total: usize = parts.iter().map(|p| p.as_ref().len()).sum();
         let mut tx = self.tx.lock();
         let mut wrote = 0;
         loop {
@@ -257,19 +257,25 @@ impl ShmPipe {
         }
     }
 
-    /// Reads what the ring holds; `WouldBlock` when empty (the peer is then
-    /// asked to ring), `Ok(0)` once it is empty and the peer is gone.
-    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads what the ring holds; `WouldBlock` when empty. With `announce`
+    /// (the caller will sleep until told, as an event loop does), an empty
+    /// ring first asks the peer to ring the data bell, and reads as
+    /// `Ok(0)` once the peer is gone too. Without it (a caller spinning),
+    /// an empty ring costs no system call and the peer rings nothing.
+    pub(crate) fn read(&self, buf: &mut [u8], announce: bool) -> io::Result<usize> {
         let mut rx = self.rx.lock();
         loop {
             let (n, wake) = rx.read(buf).map_err(corrupt)?;
             if wake {
                 ring_bell(&self.peer.room);
             }
-            if n > 0 || buf.is_empty() {
-                return Ok(n);
+            if n > 0 || buf.is_empty() || !announce {
+                return if n > 0 || buf.is_empty() {
+                    Ok(n)
+                } else {
+                    Err(io::ErrorKind::WouldBlock.into())
+                };
             }
-            drain_bell(&self.mine.data);
             if rx.prepare_sleep().map_err(corrupt)? {
                 continue;
             }
@@ -281,6 +287,21 @@ impl ShmPipe {
                 Err(e) => Err(e),
             };
         }
+    }
+
+    /// An event loop takes over reading: the peer is asked to ring the data
+    /// bell, which is rung here at once if bytes are waiting already (they
+    /// raise no event by themselves).
+    pub(crate) fn arm_reads(&self) -> io::Result<()> {
+        if self.rx.lock().prepare_sleep().map_err(corrupt)? {
+            ring_bell(&self.mine.data);
+        }
+        Ok(())
+    }
+
+    /// Bytes wait in the ring this side reads.
+    pub(crate) fn has_data(&self) -> io::Result<bool> {
+        Ok(self.rx.lock().ready().map_err(corrupt)? > 0)
     }
 
     /// True once the peer's end of the socket is closed (it exited).
@@ -312,13 +333,19 @@ impl ShmPipe {
     pub(crate) fn wait(&self, spin: Duration, timeout: Duration) -> io::Result<()> {
         let start = Instant::now();
         while start.elapsed() < spin.min(timeout) {
-            if self.rx.lock().ready().map_err(corrupt)? > 0 {
+            if self.has_data()? {
                 return Ok(());
             }
             // Lets the peer run if it shares this CPU (measured: spinning
             // without yielding on one CPU holds the peer off for the whole
             // spin, 110 us per round trip with a 50 us spin).
             std::thread::yield_now();
+        }
+        // Old rings are forgotten, then the sleep announced, and the ring
+        // looked at once more before sleeping (see `ring`).
+        drain_bell(&self.mine.data);
+        if self.rx.lock().prepare_sleep().map_err(corrupt)? {
+            return Ok(());
         }
         self.sleep_on(&self.mine.data, timeout.saturating_sub(start.elapsed()))
     }
@@ -390,7 +417,7 @@ mod tests {
         let mut got = Vec::new();
         let mut buf = vec![0u8; 4096];
         while got.len() < len {
-            match p.read(&mut buf[..(len - got.len()).min(4096)]) {
+            match p.read(&mut buf[..(len - got.len()).min(4096)], true) {
                 Ok(0) => panic!("the peer went"),
                 Ok(n) => got.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -428,7 +455,7 @@ mod tests {
     fn an_idle_reader_sleeps_until_the_doorbell_rings() {
         let (a, b) = pair(4096);
         let mut buf = [0u8; 16];
-        assert_eq!(b.read(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(b.read(&mut buf, true).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         let t = Instant::now();
         b.wait(Duration::ZERO, Duration::from_millis(100)).unwrap();
         assert!(t.elapsed() >= Duration::from_millis(90), "nothing rang");
@@ -451,7 +478,7 @@ mod tests {
         drop(a);
         b.wait(Duration::ZERO, Duration::from_secs(5)).unwrap();
         assert_eq!(read_exactly(&b, 10), b"last words");
-        assert_eq!(b.read(&mut [0u8; 8]).unwrap(), 0);
+        assert_eq!(b.read(&mut [0u8; 8], true).unwrap(), 0);
     }
 
     #[test]

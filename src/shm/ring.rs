@@ -162,11 +162,12 @@ impl Producer {
     /// Writes as much of `parts` (from byte `skip` of their concatenation
     /// on) as fits; returns the bytes written, and whether to ring the
     /// consumer's doorbell.
-    pub(crate) fn write(&mut self, parts: &[&[u8]], skip: usize) -> Result<(usize, Wake), Corrupt> {
+    pub(crate) fn write<P: AsRef<[u8]>>(&mut self, parts: &[P], skip: usize) -> Result<(usize, Wake), Corrupt> {
         let mut room = self.room()? as usize;
         let mut skip = skip;
         let mut wrote = 0;
         for part in parts {
+            let part = part.as_ref();
             if room == 0 {
                 break;
             }
@@ -298,7 +299,7 @@ mod tests {
     fn writes_split_parts_and_stop_when_full() {
         let mut heap = Heap::new(16);
         let (mut p, mut c) = (Producer::new(heap.region()), Consumer::new(heap.region()));
-        let (n, _) = p.write(&[b"abc", b"defghij", b"klmnopqrstu"], 1).unwrap();
+        let (n, _) = p.write(&[&b"abc"[..], b"defghij", b"klmnopqrstu"], 1).unwrap();
         assert_eq!(n, 16);
         assert_eq!(p.write(&[b"x"], 0).unwrap(), (0, false));
         let mut out = [0u8; 32];

@@ -12,6 +12,7 @@ use crate::wire::MAX_HANDSHAKE_PAYLOAD;
 use super::Shared;
 use super::conn::Conn;
 use super::event_loop::RESPONDER_IDLE;
+use super::stream::{ShmStream, Stream};
 
 impl Shared {
     pub(super) fn accept_all(&self) {
@@ -35,6 +36,30 @@ impl Shared {
         }
     }
 
+    /// Accepts the connections of ranks on this host (each then offers its
+    /// rings: see `step_rings`).
+    pub(super) fn accept_same_host(&self) {
+        let Some(listener) = &self.same_host else {
+            return;
+        };
+        loop {
+            match listener.accept() {
+                Ok(_) if self.stopping.load(Ordering::Acquire) => {}
+                Ok((sock, _)) => {
+                    if let Err(e) = ShmStream::accepted(sock).and_then(|s| self.adopt_conn(Stream::Shm(s))) {
+                        log_at!(Warn, Some(self.me), "could not take a connection from this host: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log_at!(Warn, Some(self.me), "accept on the same-host socket failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
     pub(super) fn adopt(&self, stream: TcpStream) -> io::Result<()> {
         // Left in blocking mode, so that a responder can wait in `recv`
         // (every other read and write on it says MSG_DONTWAIT).
@@ -42,6 +67,11 @@ impl Shared {
         stream.set_read_timeout(Some(RESPONDER_IDLE))?;
         stream.set_nodelay(true)?;
         sys::detect_silent_peer(&stream, self.peer_timeout)?;
+        self.adopt_conn(Stream::Tcp(stream))
+    }
+
+    /// An accepted connection joins the others, in its handshake.
+    fn adopt_conn(&self, stream: Stream) -> io::Result<()> {
         let conn = Arc::new(Conn::new(
             stream,
             self.next_token.fetch_add(1, Ordering::Relaxed),

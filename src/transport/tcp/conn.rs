@@ -12,8 +12,7 @@
 //! the connection for data meanwhile.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
-use std::net::{Shutdown, TcpStream};
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -25,16 +24,15 @@ use crate::error::Status;
 use crate::transport::Outcome;
 use crate::wire::{self, Header, Kind};
 
-use crate::net::framing::{FrameReader, gather_from, slices_from};
-use crate::net::sys::{self, EDGE, Epoll, HANGUP, MAX_IOV, READABLE, WRITABLE};
+use crate::net::framing::FrameReader;
+use crate::net::sys::Epoll;
+
+use super::stream::{Stream, Watch};
 
 const NO_PEER: usize = usize::MAX;
 /// How long a thread that may wait blocks on a full socket before it hands
 /// the rest to the I/O thread.
 const WAIT_FOR_SOCKET: Duration = Duration::from_millis(200);
-/// Up to this many bytes left to write are copied into one buffer and sent
-/// with one plain `send`.
-const GATHER: usize = 512;
 /// A corked batch is written once it holds this many frames.
 const MAX_CORKED: usize = 64;
 /// Buffers of queued frames up to this size are kept for the next ones
@@ -150,13 +148,18 @@ struct Interest {
     /// Someone needed the I/O thread reading while another thread led: it takes
     /// over when the leader is done.
     wanted: bool,
+    /// A pipe's bells are in the epoll set (see `Stream::watch`).
+    bells: bool,
 }
 
 /// Where a connection is in its handshake (stepped by the I/O loop only).
 pub(crate) enum Greeting {
+    /// Accepted over a same-host socket: the opener's rings are awaited.
+    AwaitRings,
     /// Accepted: the server side, fed the client's frames.
     Serve(Handshake),
-    /// Opened by this rank: the non-blocking `connect` has not finished.
+    /// Opened by this rank: the non-blocking `connect` has not finished, or
+    /// (same host) the rings offered are not answered yet.
     Connecting,
     /// Opened by this rank: `Hello` sent; the client side, fed the server's frames.
     Greet(ClientHandshake),
@@ -165,7 +168,7 @@ pub(crate) enum Greeting {
 }
 
 pub(crate) struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub token: u64,
     /// We opened it (our calls go out on it) or accepted it (we serve on it).
     pub outbound: bool,
@@ -241,7 +244,7 @@ impl Conn {
     /// opened by this rank to `opened_to` with its `connect` under way.
     /// Until the handshake is done, frames are read up to `max_payload`.
     pub(crate) fn new(
-        stream: TcpStream,
+        stream: Stream,
         token: u64,
         opened_to: Option<usize>,
         max_payload: u64,
@@ -249,6 +252,7 @@ impl Conn {
         owner: std::sync::Weak<super::Shared>,
     ) -> Conn {
         let outbound = opened_to.is_some();
+        let is_shm = stream.is_shm();
         Conn {
             stream,
             token,
@@ -262,6 +266,8 @@ impl Conn {
             reader: Mutex::new(FrameReader::new(max_payload)),
             greeting: Mutex::new(if outbound {
                 Greeting::Connecting
+            } else if is_shm {
+                Greeting::AwaitRings
             } else {
                 Greeting::Serve(Handshake::AwaitHello)
             }),
@@ -273,6 +279,7 @@ impl Conn {
                 write: false,
                 leader: false,
                 wanted: false,
+                bells: false,
             }),
             epoll,
             owner,
@@ -280,10 +287,17 @@ impl Conn {
     }
 
     /// Adds the connection to the epoll set for its handshake: readable,
-    /// and for one this rank opened also writable (its `connect` finishing).
+    /// and for a TCP connection this rank opened also writable (its
+    /// `connect` finishing).
     pub(crate) fn watch_handshake(&self) -> io::Result<()> {
         let mut i = self.interest.lock();
-        i.write = self.outbound;
+        i.write = self.outbound && !self.stream.is_shm();
+        self.apply(&mut i)
+    }
+
+    /// A pipe's rings are up: its bells join the epoll set.
+    pub(crate) fn watch_rings(&self) -> io::Result<()> {
+        let mut i = self.interest.lock();
         self.apply(&mut i)
     }
 
@@ -303,11 +317,12 @@ impl Conn {
     }
 
     fn apply(&self, i: &mut Interest) -> io::Result<()> {
-        let events = EDGE | HANGUP | if i.read { READABLE } else { 0 } | if i.write { WRITABLE } else { 0 };
-        if i.registered {
-            return self.epoll.modify(&self.stream, self.token, events);
-        }
-        self.epoll.add(&self.stream, self.token, events)?;
+        let watch = Watch {
+            read: i.read,
+            write: i.write,
+        };
+        self.stream
+            .watch(&self.epoll, self.token, watch, i.registered, &mut i.bells)?;
         i.registered = true;
         Ok(())
     }
@@ -369,6 +384,22 @@ impl Conn {
         applied
     }
 
+    /// A caller or a responder is reading it.
+    pub(crate) fn is_led(&self) -> bool {
+        self.interest.lock().leader
+    }
+
+    /// It was closed (no more traffic).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.out.lock().closed
+    }
+
+    /// The I/O loop read a pipe without asking the peer to ring, and is
+    /// about to sleep: ask now.
+    pub(crate) fn arm_reads(&self) -> io::Result<()> {
+        self.stream.arm_reads()
+    }
+
     /// A caller or a responder starts reading this connection itself (it
     /// holds `reader`): the I/O thread stops watching it for data.
     pub(crate) fn begin_lead(&self) -> io::Result<()> {
@@ -400,7 +431,7 @@ impl Conn {
             // of its packets (measured: ~0.2 us per round trip). It joins
             // again when the I/O thread has to read or write it.
             if self.outbound && i.registered && !i.write {
-                self.epoll.delete(&self.stream)?;
+                self.stream.unwatch(&self.epoll, &mut i.bells)?;
                 i.registered = false;
             }
             return Ok(());
@@ -555,20 +586,8 @@ impl Conn {
         let total: usize = parts.iter().map(|p| p.as_ref().len()).sum::<usize>() - skip;
         let mut sent = 0;
         let mut waited_since: Option<Instant> = None;
-        // Built only for a large remainder: most writes are one small frame.
-        let mut slices = None;
         while sent < total {
-            let result = if total - sent <= GATHER {
-                // Plain `send` of one buffer skips importing an iovec array:
-                // measurably cheaper per small frame (~0.2-0.4 us per round trip).
-                let mut gathered = [0u8; GATHER];
-                let n = gather_from(parts, skip + sent, &mut gathered);
-                sys::send_one(&self.stream, &gathered[..n])
-            } else {
-                let slices = slices.get_or_insert([IoSlice::new(&[]); MAX_IOV]);
-                let n = slices_from(parts, skip + sent, slices);
-                sys::send_vectored(&self.stream, &slices[..n])
-            };
+            let result = self.stream.write_some(parts, skip + sent);
             match result {
                 Ok(n) => {
                     sent += n;
@@ -581,7 +600,7 @@ impl Conn {
                     if mode == Mode::NoWait || left.is_zero() {
                         return Ok(Wrote::Partly(sent));
                     }
-                    sys::wait_writable(&self.stream, left)?;
+                    self.stream.wait_writable(left)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -672,7 +691,7 @@ impl Conn {
             // (its reader sees the end, and the rank's calls fail with
             // PEER_LOST) rather than leave callers to their deadlines.
             out.closed = true;
-            let _ = self.stream.shutdown(Shutdown::Both);
+            self.stream.shutdown();
         }
         armed
     }
@@ -709,8 +728,8 @@ impl Conn {
     pub(crate) fn close(&self) {
         self.out.lock().closed = true;
         self.room.notify_all();
-        let _ = self.epoll.delete(&self.stream);
-        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.stream.unwatch(&self.epoll, &mut self.interest.lock().bells);
+        self.stream.shutdown();
     }
 
     /// A response frame for `outcome`, and its payload.
@@ -741,8 +760,10 @@ pub(crate) fn mode_here() -> Mode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
-    use std::net::TcpListener;
+    use crate::net::framing::slices_from;
+    use crate::net::sys::MAX_IOV;
+    use std::io::{IoSlice, Read, Write};
+    use std::net::{TcpListener, TcpStream};
 
     /// A connection this rank opened (token 7, its handshake done, not yet
     /// in its epoll set), the peer's end of it, and the epoll set.
@@ -752,7 +773,14 @@ mod tests {
         let (server, _) = listener.accept().unwrap();
         client.set_nonblocking(true).unwrap();
         let epoll = Arc::new(Epoll::new().unwrap());
-        let conn = Conn::new(client, 7, Some(1), 1 << 30, epoll.clone(), std::sync::Weak::new());
+        let conn = Conn::new(
+            Stream::Tcp(client),
+            7,
+            Some(1),
+            1 << 30,
+            epoll.clone(),
+            std::sync::Weak::new(),
+        );
         // As if the handshake had been done, and before it joins epoll.
         conn.set_peer(1);
         *conn.greeting.lock() = Greeting::Done;
@@ -821,7 +849,7 @@ mod tests {
     fn fill_socket(conn: &Conn) {
         let junk = vec![0u8; 1 << 16];
         loop {
-            match sys::send_one(&conn.stream, &junk) {
+            match crate::net::sys::send_one(conn.stream.tcp().unwrap(), &junk) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => panic!("{e}"),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Result, RpcError};
 use crate::log::log_at;
 use crate::net::framing::{Frame, FrameReader, ReadEnd};
-use crate::net::sys::{self, Event};
+use crate::net::sys::Event;
 use crate::threads::Role;
 use crate::transport::{InRequest, ReadPass};
 use crate::wire::{self, FLAG_INTERNAL, Kind};
@@ -24,6 +24,7 @@ use crate::wire::{self, FLAG_INTERNAL, Kind};
 use super::Shared;
 use super::conn::{Conn, Greeting};
 use super::open::HANDSHAKE_SWEEP;
+use super::stream::{How, Part, Stream};
 
 /// A responder that has waited this long for a request gives its connection
 /// back to the I/O loop (and its thread back to the pool). The kernel rounds
@@ -35,6 +36,12 @@ pub(super) const RESPONDER_IDLE: Duration = Duration::from_millis(2);
 pub(super) const LISTENER: u64 = 0;
 
 pub(super) const WAKER: u64 = 1;
+
+/// The Unix socket ranks on this host connect to.
+pub(super) const SAME_HOST_LISTENER: u64 = 2;
+
+/// Connections' tokens count up from here.
+pub(super) const FIRST_CONN_TOKEN: u64 = 3;
 
 impl Shared {
     pub(super) fn io_loop_job(self: Arc<Self>) -> crate::pool::Work {
@@ -102,20 +109,43 @@ impl Shared {
         let role = crate::threads::enter(self.loop_role());
         let mut events = Vec::with_capacity(128);
         let mut last_sweep = Instant::now();
+        // Same-host connections read in the last pass, without asking their
+        // peers to ring: looked at again before the loop sleeps, and asked
+        // to ring only then (see `Hot`).
+        let mut hot = Hot {
+            conns: std::mem::take(&mut *self.hot_handed_on.lock()),
+        };
         while !self.stopping.load(Ordering::Acquire) {
-            // Corked batches are written within about a millisecond.
-            // Idle first, then look: a cork added after the look sees the
-            // flag and nudges the loop.
-            self.io_loop_idle.store(true, Ordering::SeqCst);
-            let corks = self.has_corks.load(Ordering::SeqCst);
-            if corks {
-                self.io_loop_idle.store(false, Ordering::SeqCst);
-            }
             let handshakes = self.handshaking.load(Ordering::Acquire) > 0;
-            let timeout_ms = match (corks, handshakes) {
-                (true, _) => 1,
-                (false, true) => HANDSHAKE_SWEEP.as_millis() as i32,
-                (false, false) => -1,
+            // Corks met while spinning are written at the end of the pass.
+            let mut flush_now = false;
+            let spun = if hot.conns.is_empty() {
+                Spun::Nothing
+            } else {
+                self.spin_for_data(&mut hot)
+            };
+            let timeout_ms = match spun {
+                Spun::Data => 0,
+                Spun::Corks => {
+                    flush_now = true;
+                    0
+                }
+                Spun::Nothing => {
+                    hot.arm(&self);
+                    // Corked batches are written within about a millisecond.
+                    // Idle first, then look: a cork added after the look sees
+                    // the flag and nudges the loop.
+                    self.io_loop_idle.store(true, Ordering::SeqCst);
+                    let corks = self.has_corks.load(Ordering::SeqCst);
+                    if corks {
+                        self.io_loop_idle.store(false, Ordering::SeqCst);
+                    }
+                    match (corks, handshakes) {
+                        (true, _) => 1,
+                        (false, true) => HANDSHAKE_SWEEP.as_millis() as i32,
+                        (false, false) => -1,
+                    }
+                }
             };
             let waited = self.epoll.wait(&mut events, timeout_ms);
             self.io_loop_idle.store(false, Ordering::SeqCst);
@@ -128,17 +158,27 @@ impl Shared {
             let nudged_only = !events.is_empty() && events.iter().all(|e| e.token == WAKER);
             // A connection whose requests this round served.
             let mut served = None;
+            // The connections the spin found bytes on, read as if epoll had
+            // reported them.
+            let found: Vec<Arc<Conn>> = std::mem::take(&mut hot.conns);
+            for conn in found {
+                if self.on_event(&conn, Event::readable_now(conn.token), Part::Main, pass, &mut hot) {
+                    served = Some(conn);
+                }
+            }
             for ev in &events {
                 match ev.token {
                     LISTENER => self.accept_all(),
+                    SAME_HOST_LISTENER => self.accept_same_host(),
                     WAKER => {
                         let mut drain = [0u8; 64];
                         let _ = io::Read::read(&mut &self.waker, &mut drain);
                     }
-                    token => {
+                    _ => {
+                        let (token, part, ev) = Part::split(*ev);
                         let conn = self.conns.lock().get(&token).cloned();
                         if let Some(conn) = conn
-                            && self.on_event(&conn, *ev, pass)
+                            && self.on_event(&conn, ev, part, pass, &mut hot)
                         {
                             served = Some(conn);
                         }
@@ -149,12 +189,12 @@ impl Shared {
                 last_sweep = Instant::now();
                 self.close_stale_handshakes();
             }
-            if !nudged_only {
+            if !nudged_only || flush_now {
                 self.flush_batches();
             }
             match std::mem::take(pass) {
                 ReadPass::One(label, job) => match self.executor.upgrade() {
-                    Some(ex) => match ex.move_io(self.clone().io_loop_job()) {
+                    Some(ex) => match self.move_loop(&ex, &mut hot) {
                         Ok(()) => {
                             drop(role);
                             // The loop runs elsewhere now: a panic here must
@@ -173,7 +213,7 @@ impl Shared {
                 // ones on that connection likely are too.
                 ReadPass::Nothing => {
                     if let Some(conn) = served
-                        && self.become_responder()
+                        && self.become_responder(&mut hot)
                     {
                         drop(role);
                         run_contained(|| self.respond(&conn));
@@ -188,16 +228,59 @@ impl Shared {
         self.io_loop_done.notify_all();
     }
 
+    /// Before the loop sleeps: looks at the hot connections (no system
+    /// call: the rings' counters) for up to the spin time, yielding the CPU
+    /// between looks, until bytes come on one (it stays in `hot`; the
+    /// others are asked to ring and leave it) or a batch is corked.
+    fn spin_for_data(&self, hot: &mut Hot) -> Spun {
+        // A connection closed or led meanwhile is no longer this loop's to read.
+        hot.conns.retain(|c| !c.is_closed() && !c.is_led());
+        let until = Instant::now() + self.spin;
+        loop {
+            if hot.conns.iter().any(|c| c.stream.has_data()) {
+                let (with_data, idle): (Vec<_>, Vec<_>) = hot.conns.drain(..).partition(|c| c.stream.has_data());
+                Hot { conns: idle }.arm(self);
+                hot.conns = with_data;
+                return Spun::Data;
+            }
+            if self.has_corks.load(Ordering::Relaxed) {
+                return Spun::Corks;
+            }
+            let starved = || self.executor.upgrade().is_some_and(|ex| ex.starved());
+            if self.stopping.load(Ordering::Acquire) || Instant::now() >= until || starved() {
+                return Spun::Nothing;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Moves the I/O loop to an idle library thread, handing it the hot
+    /// connections (it looks at them first); if none is idle, gives the
+    /// job back and keeps them.
+    fn move_loop(
+        self: &Arc<Self>,
+        ex: &Arc<dyn crate::transport::Executor>,
+        hot: &mut Hot,
+    ) -> Result<(), crate::pool::Work> {
+        *self.hot_handed_on.lock() = std::mem::take(&mut hot.conns);
+        let moved = ex.move_io(self.clone().io_loop_job());
+        if moved.is_err() {
+            hot.conns = std::mem::take(&mut *self.hot_handed_on.lock());
+        }
+        moved
+    }
+
     /// Claims the responder's place and moves the I/O loop to an idle pool
-    /// thread; false (and nothing changed) if either is taken.
-    pub(super) fn become_responder(self: &Arc<Self>) -> bool {
+    /// thread (with the `hot` connections); false (and nothing changed) if
+    /// either is taken.
+    pub(super) fn become_responder(self: &Arc<Self>, hot: &mut Hot) -> bool {
         if self.stopping.load(Ordering::Acquire) || self.responder.swap(true, Ordering::AcqRel) {
             return false;
         }
         let moved = self
             .executor
             .upgrade()
-            .is_some_and(|ex| ex.move_io(self.clone().io_loop_job()).is_ok());
+            .is_some_and(|ex| self.move_loop(&ex, hot).is_ok());
         if !moved {
             self.responder.store(false, Ordering::Release);
         }
@@ -265,7 +348,10 @@ impl Shared {
             // threads' frames must not queue behind it meanwhile.
             let mut corked = None;
             let mut kept = ReadPass::Nothing;
-            let mut stream = sys::Recv::waiting(&conn.stream);
+            let mut stream = conn.stream.incoming(How::Waiting {
+                spin: self.spin,
+                idle: RESPONDER_IDLE,
+            });
             let result = reader.read_from(&mut stream, &mut |frame, reader| {
                 cork_for_batch(conn, &mut corked, reader);
                 self.on_frame(conn, frame, reader, Some(&mut kept))
@@ -290,17 +376,30 @@ impl Shared {
 
     /// Handles one readiness event; true if it served requests (one that
     /// needs the pool may be kept in `pass`).
-    pub(super) fn on_event(&self, conn: &Arc<Conn>, ev: Event, pass: &mut ReadPass) -> bool {
-        if let Some(dst) = conn.opened_to
-            && conn.peer().is_none()
-            && matches!(*conn.greeting.lock(), Greeting::Connecting)
-        {
-            if !ev.writable() {
-                return false;
-            }
-            if let Err(e) = self.on_connect_event(conn, dst) {
-                self.drop_conn(conn, Some(e));
-                return false;
+    /// `hot`: where a same-host connection read without asking its peer to
+    /// ring goes (the loop looks at it again, and has it ring before sleeping).
+    pub(super) fn on_event(&self, conn: &Arc<Conn>, ev: Event, part: Part, pass: &mut ReadPass, hot: &mut Hot) -> bool {
+        if conn.peer().is_none() {
+            match &conn.stream {
+                Stream::Tcp(tcp) => {
+                    if let Some(dst) = conn.opened_to
+                        && matches!(*conn.greeting.lock(), Greeting::Connecting)
+                    {
+                        if !ev.writable() {
+                            return false;
+                        }
+                        if let Err(e) = self.on_connect_event(conn, tcp, dst) {
+                            self.drop_conn(conn, Some(e));
+                            return false;
+                        }
+                    }
+                }
+                Stream::Shm(s) if s.pipe().is_none() => {
+                    if part == Part::Socket && !self.step_rings(conn, s) {
+                        return false;
+                    }
+                }
+                Stream::Shm(_) => {}
             }
         }
         if ev.writable()
@@ -321,7 +420,13 @@ impl Shared {
             }
             return false;
         };
-        let mut stream = sys::Recv::no_wait(&conn.stream);
+        // A pipe is read without asking its peer to ring when the loop will
+        // look at it again (spin) before sleeping; an ending one is read to
+        // its end.
+        let spin_here = conn.stream.is_shm() && !self.spin.is_zero() && !ev.closed();
+        let mut stream = conn
+            .stream
+            .incoming(if spin_here { How::Spinning } else { How::NoWait });
         let mut corked = None;
         let mut requests = false;
         let mut on_frame = |frame: Frame, reader: &mut FrameReader| {
@@ -342,6 +447,8 @@ impl Shared {
         drop(reader);
         if backlog_full() {
             self.pause_reading(conn);
+        } else if spin_here {
+            hot.add(conn);
         }
         match end_pass(conn, corked, result) {
             Ok(()) => requests && !conn.outbound && conn.peer().is_some(),
@@ -410,6 +517,44 @@ impl Shared {
             }
         }
         Ok(())
+    }
+}
+
+/// How a spin before sleeping ended.
+enum Spun {
+    /// Bytes came on a hot connection.
+    Data,
+    /// A batch was corked.
+    Corks,
+    /// Neither, by the end of the spin: the loop sleeps.
+    Nothing,
+}
+
+/// Same-host connections the I/O loop read without asking the peer to ring
+/// the data bell (a look at the ring costs no system call, and a peer not
+/// asked rings nothing: a busy pipeline makes none per message). Each must
+/// be asked ([`Hot::arm`]) before the loop sleeps, or its next bytes would
+/// wake nobody; a loop moving to another thread hands them on
+/// (`Shared::hot_handed_on`).
+#[derive(Default)]
+pub(super) struct Hot {
+    conns: Vec<Arc<Conn>>,
+}
+
+impl Hot {
+    fn add(&mut self, conn: &Arc<Conn>) {
+        if !self.conns.iter().any(|c| Arc::ptr_eq(c, conn)) {
+            self.conns.push(conn.clone());
+        }
+    }
+
+    /// Asks each peer to ring from now on (bytes already there ring at once).
+    fn arm(&mut self, shared: &Shared) {
+        for conn in self.conns.drain(..) {
+            if let Err(e) = conn.arm_reads() {
+                shared.drop_conn(&conn, Some(RpcError::Io(format!("shared memory: {e}"))));
+            }
+        }
     }
 }
 

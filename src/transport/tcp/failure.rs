@@ -34,7 +34,7 @@ impl Shared {
                 return self.open_failed(conn, dst, why);
             }
             if !stopping {
-                let addr = conn.stream.peer_addr().map_or("?".into(), |a| a.to_string());
+                let addr = conn.stream.describe_peer();
                 let why = why.map_or("closed before its handshake".into(), |e| e.to_string());
                 log_at!(Warn, Some(self.me), "closed a connection from {addr}: {why}");
             }

@@ -1,4 +1,4 @@
-//! The TCP transport: one listening socket per rank, one connection per
+//! The transport between processes: one listening socket per rank, one connection per
 //! direction per pair of ranks (a rank's calls go out on the connection it
 //! opened and the replies come back on it), opened lazily on first use. One
 //! I/O thread runs an epoll loop over the listener and every connection, so
@@ -7,6 +7,8 @@
 //! This file holds what the parts share (peers, connections, the epoll
 //! set), joining the world, and closing. The parts, by job:
 //! - `conn.rs`: one connection (its outbox, who reads it, its epoll interest);
+//! - `stream.rs`: what a connection's bytes travel over: a TCP socket, or
+//!   shared-memory rings to a rank on this host;
 //! - `open.rs`: opening connections and both sides of the handshake;
 //! - `send.rs`: a caller's path (sending, reading its own reply);
 //! - `event_loop.rs`: the I/O loop and the responder;
@@ -15,8 +17,8 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -38,15 +40,18 @@ mod event_loop;
 mod failure;
 mod open;
 mod send;
+mod stream;
 
 use conn::Conn;
-use event_loop::{LISTENER, WAKER};
+use event_loop::{FIRST_CONN_TOKEN, LISTENER, SAME_HOST_LISTENER, WAKER};
 use open::WaitingCalls;
 
 /// What a rank knows after the rendezvous: its listener and the world.
 pub(crate) struct JoinedWorld {
     listener: TcpListener,
     listen_addr: SocketAddr,
+    /// Where ranks on this host reach this one (`None`: TCP only).
+    same_host: Option<UnixListener>,
     table: Table,
 }
 
@@ -65,6 +70,22 @@ pub(crate) fn join_world(config: &Config) -> Result<JoinedWorld> {
     };
     let listener = sys::listen((ip, 0).into()).map_err(|e| RpcError::Init(format!("cannot listen on {ip}: {e}")))?;
     let listen_addr = listener.local_addr()?;
+    // Bound before the rendezvous, so that it is there by the time any rank
+    // learns this one's address.
+    let same_host = match config.transport.as_str() {
+        "tcp" => None,
+        _ => match sys::listen_unix(&sys::same_host_name(listen_addr)) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                crate::log::log_at!(
+                    Info,
+                    Some(config.rank),
+                    "no shared memory with ranks on this host (cannot listen on a Unix socket: {e}); they use TCP"
+                );
+                None
+            }
+        },
+    };
     let join = wire::Join {
         rank: config.rank as u32,
         world_size: config.world_size as u32,
@@ -75,6 +96,7 @@ pub(crate) fn join_world(config: &Config) -> Result<JoinedWorld> {
     Ok(JoinedWorld {
         listener,
         listen_addr,
+        same_host,
         table,
     })
 }
@@ -98,10 +120,16 @@ enum PeerState {
     Lost(RpcError),
 }
 
+/// How calls to a peer travel (`Peer::via`), as `peer_transport` names it.
+const VIA_NONE: u8 = 0;
+const VIA_TCP: u8 = 1;
+const VIA_SHM: u8 = 2;
+
 struct Peer {
     addr: SocketAddr,
-    /// Set by this rank's first call to the peer (`peer_transport`).
-    called: AtomicBool,
+    /// How this rank's calls to the peer travel: `VIA_NONE` before the
+    /// first, then the kind of the connection opened for them.
+    via: AtomicU8,
     state: Mutex<PeerState>,
     /// Signalled (with `state` held) when calls waiting for room in the
     /// send window while the connection opens should look again: it is
@@ -133,10 +161,14 @@ pub(crate) struct Shared {
     send_window: u64,
     /// How long a caller driving its reply looks before it sleeps.
     spin: Duration,
+    /// The size of each ring of a same-host pair.
+    ring_bytes: usize,
     dispatch: Weak<dyn Dispatch>,
     epoll: Arc<Epoll>,
     listener: TcpListener,
     listen_addr: SocketAddr,
+    /// Where ranks on this host connect (`None`: every peer over TCP).
+    same_host: Option<UnixListener>,
     waker: UnixStream,
     waker_tx: UnixStream,
     conns: Mutex<FxHashMap<u64, Arc<Conn>>>,
@@ -170,6 +202,9 @@ pub(crate) struct Shared {
     /// A thread serves one connection as its responder (one at a time: each
     /// borrows a pool thread).
     responder: AtomicBool,
+    /// Same-host connections a moving I/O loop hands to the thread taking
+    /// it over (see `event_loop::Hot`).
+    hot_handed_on: Mutex<Vec<Arc<Conn>>>,
     /// The I/O loop is running (or queued to run) somewhere.
     io_loop: Mutex<bool>,
     io_loop_done: Condvar,
@@ -202,7 +237,7 @@ impl TcpTransport {
                     .map_err(|_| RpcError::Init(format!("the rendezvous sent a bad address '{addr}'")))?;
                 Ok(Peer {
                     addr,
-                    called: AtomicBool::new(false),
+                    via: AtomicU8::new(VIA_NONE),
                     state: Mutex::new(PeerState::Idle),
                     room: Condvar::new(),
                 })
@@ -214,6 +249,9 @@ impl TcpTransport {
         waker_tx.set_nonblocking(true)?;
         world.listener.set_nonblocking(true)?;
         epoll.add(&world.listener, LISTENER, READABLE)?;
+        if let Some(l) = &world.same_host {
+            epoll.add(l, SAME_HOST_LISTENER, READABLE)?;
+        }
         epoll.add(&waker, WAKER, READABLE)?;
         let weak: Weak<dyn Dispatch> = Arc::downgrade(dispatch) as Weak<dyn Dispatch>;
         let shared = Arc::new_cyclic(|this| Shared {
@@ -226,16 +264,18 @@ impl TcpTransport {
             max_payload: dispatch.max_message_bytes(),
             send_window: config.send_window_bytes,
             spin: config.spin,
+            ring_bytes: config.shm_ring_bytes,
             dispatch: weak,
             epoll,
             listener: world.listener,
             listen_addr: world.listen_addr,
+            same_host: world.same_host,
             waker,
             waker_tx,
             conns: Mutex::new(FxHashMap::default()),
             opening: Mutex::new(Opening::default()),
             handshaking: AtomicUsize::new(0),
-            next_token: AtomicU64::new(2),
+            next_token: AtomicU64::new(FIRST_CONN_TOKEN),
             peers,
             closing: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -246,6 +286,7 @@ impl TcpTransport {
             has_corks: AtomicBool::new(false),
             io_loop_idle: AtomicBool::new(false),
             responder: AtomicBool::new(false),
+            hot_handed_on: Mutex::new(Vec::new()),
             io_loop: Mutex::new(true),
             io_loop_done: Condvar::new(),
         });
@@ -306,8 +347,11 @@ impl Transport for TcpTransport {
     }
 
     fn peer_transport(&self, dst: usize) -> Option<&'static str> {
-        let peer = self.shared.peers.get(dst)?;
-        peer.called.load(Ordering::Relaxed).then_some("tcp")
+        match self.shared.peers.get(dst)?.via.load(Ordering::Relaxed) {
+            VIA_SHM => Some("shm"),
+            VIA_TCP => Some("tcp"),
+            _ => None,
+        }
     }
 
     fn flush_batches(&self) {

@@ -10,8 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::auth::{self, ClientHandshake, ClientStep, Step};
+use std::net::TcpStream;
+
+use crate::auth::{self, ClientHandshake, ClientStep, Handshake, Step};
 use crate::error::{Result, RpcError};
+use crate::log::log_at;
 use crate::net::framing::{Frame, FrameReader};
 use crate::net::sys;
 use crate::transport::OutRequest;
@@ -19,7 +22,8 @@ use crate::wire::{Header, Hello, Kind, MAX_HANDSHAKE_PAYLOAD, NONCE_LEN};
 
 use super::conn::{Conn, Greeting, Mode};
 use super::send::request_header;
-use super::{PeerState, Shared};
+use super::stream::{Setup, ShmStream, Stream};
+use super::{PeerState, Shared, VIA_SHM, VIA_TCP};
 
 /// A connection that has not finished its handshake by then is closed.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -103,14 +107,53 @@ impl WaitingCalls {
 }
 
 impl Shared {
-    /// Starts opening a connection to `dst`: a non-blocking `connect`,
-    /// which the I/O loop carries on from (see `on_connect_event`).
+    /// Starts opening a connection to `dst`, which the I/O loop carries on
+    /// from: to a rank on this host, rings offered over its Unix socket
+    /// (see `step_rings`); otherwise, or if that cannot start, a
+    /// non-blocking TCP `connect` (see `on_connect_event`).
     pub(super) fn open(&self, dst: usize) -> Result<Arc<Conn>> {
         let addr = self.peers[dst].addr;
-        let lost = |why: String| RpcError::PeerLost { rank: dst, reason: why };
+        if self.same_host.is_some() {
+            match self.offer_rings(dst) {
+                Ok(stream) => {
+                    self.peers[dst].via.store(VIA_SHM, Ordering::Relaxed);
+                    return self.start_opening(Stream::Shm(stream), dst);
+                }
+                // Nobody listens under that name here: another host, or
+                // another network namespace.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNREFUSED | libc::ENOENT)) => {
+                    log_at!(
+                        Debug,
+                        Some(self.me),
+                        "rank {dst} is not on this host; its calls use TCP"
+                    );
+                }
+                Err(e) => log_at!(
+                    Info,
+                    Some(self.me),
+                    "no shared memory with rank {dst} ({e}); its calls use TCP"
+                ),
+            }
+        }
+        self.peers[dst].via.store(VIA_TCP, Ordering::Relaxed);
         // Socket options wait for the I/O loop (`on_connect_event`): the
         // caller pays only for starting the connect.
-        let stream = sys::connect_started(addr).map_err(|e| lost(format!("cannot connect to {addr}: {e}")))?;
+        let stream = sys::connect_started(addr).map_err(|e| RpcError::PeerLost {
+            rank: dst,
+            reason: format!("cannot connect to {addr}: {e}"),
+        })?;
+        self.start_opening(Stream::Tcp(stream), dst)
+    }
+
+    /// Connects to `dst`'s same-host socket and offers it a pair of rings.
+    fn offer_rings(&self, dst: usize) -> std::io::Result<ShmStream> {
+        let sock = sys::connect_unix(&sys::same_host_name(self.peers[dst].addr))?;
+        ShmStream::offer(sock, self.ring_bytes)
+    }
+
+    /// A connection to `dst` whose opening has started joins the
+    /// connections and the epoll set.
+    fn start_opening(&self, stream: Stream, dst: usize) -> Result<Arc<Conn>> {
         let conn = Arc::new(Conn::new(
             stream,
             self.next_token.fetch_add(1, Ordering::Relaxed),
@@ -130,28 +173,126 @@ impl Shared {
             self.handshaking.fetch_add(1, Ordering::AcqRel);
         }
         if let Err(e) = conn.watch_handshake() {
-            if self.conns.lock().remove(&conn.token).is_some() {
-                self.handshaking.fetch_sub(1, Ordering::AcqRel);
-            }
-            conn.close();
-            return Err(lost(format!("epoll refused the connection to {addr}: {e}")));
+            self.forget_opening(&conn);
+            return Err(RpcError::PeerLost {
+                rank: dst,
+                reason: format!("epoll refused the connection to {}: {e}", self.peers[dst].addr),
+            });
         }
         Ok(conn)
     }
 
-    /// An event on a connection this rank is opening whose `connect` has
-    /// not finished: once it has, send `Hello`. Errors fail the connection.
-    pub(super) fn on_connect_event(&self, conn: &Arc<Conn>, dst: usize) -> Result<()> {
+    /// Closes a connection in its handshake without failing anything; false
+    /// if it was closed already.
+    fn forget_opening(&self, conn: &Arc<Conn>) -> bool {
+        let was_there = self.conns.lock().remove(&conn.token).is_some();
+        if was_there {
+            self.handshaking.fetch_sub(1, Ordering::AcqRel);
+        }
+        conn.close();
+        was_there
+    }
+
+    /// The peer's setup message may have come on a same-host connection
+    /// whose rings are not up yet: take it. True if the rings are up and
+    /// the connection reads on; a failure closes it, and the rank this one
+    /// was opening to is reached over TCP instead.
+    pub(super) fn step_rings(&self, conn: &Arc<Conn>, stream: &ShmStream) -> bool {
+        let failed = match stream.step_setup() {
+            Ok(Setup::NotYet) => return false,
+            Ok(Setup::Done) => match self.rings_up(conn) {
+                Ok(()) => return true,
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        if !self.forget_opening(conn) {
+            return false;
+        }
+        match conn.opened_to {
+            Some(dst) => {
+                log_at!(
+                    Info,
+                    Some(self.me),
+                    "setting up shared memory with rank {dst} failed ({failed}); its calls use TCP"
+                );
+                self.reopen_over_tcp(conn, dst);
+            }
+            None => log_at!(
+                Info,
+                Some(self.me),
+                "setting up shared memory with a rank on this host failed ({failed}); it will use TCP"
+            ),
+        }
+        false
+    }
+
+    /// The rings of a same-host connection are up: its bells join the
+    /// epoll set, and the handshake starts over them.
+    fn rings_up(&self, conn: &Arc<Conn>) -> Result<()> {
+        conn.watch_rings()?;
+        if conn.outbound {
+            self.send_hello(conn)
+        } else {
+            *conn.greeting.lock() = Greeting::Serve(Handshake::AwaitHello);
+            Ok(())
+        }
+    }
+
+    /// The same-host connection `failed` opening to `dst` is replaced by a
+    /// TCP one, which keeps its place (the calls queued, the opening turn).
+    fn reopen_over_tcp(&self, failed: &Arc<Conn>, dst: usize) {
         let addr = self.peers[dst].addr;
-        if let Some(e) = conn.stream.take_error()? {
+        let mut st = self.peers[dst].state.lock();
+        let PeerState::Connecting {
+            conn: Some(opening), ..
+        } = &mut *st
+        else {
+            return;
+        };
+        if !Arc::ptr_eq(opening, failed) {
+            return;
+        }
+        self.peers[dst].via.store(VIA_TCP, Ordering::Relaxed);
+        let opened = sys::connect_started(addr)
+            .map_err(|e| RpcError::PeerLost {
+                rank: dst,
+                reason: format!("cannot connect to {addr}: {e}"),
+            })
+            .and_then(|stream| self.start_opening(Stream::Tcp(stream), dst));
+        match opened {
+            Ok(conn) => *opening = conn,
+            Err(e) => {
+                self.peers[dst].set(&mut st, PeerState::Lost(e.clone()));
+                drop(st);
+                self.done_opening();
+                if let Some(d) = self.dispatch() {
+                    d.on_peer_lost(dst, e);
+                }
+            }
+        }
+    }
+
+    /// An event on a TCP connection this rank is opening whose `connect`
+    /// has not finished: once it has, send `Hello`. Errors fail the
+    /// connection.
+    pub(super) fn on_connect_event(&self, conn: &Arc<Conn>, stream: &TcpStream, dst: usize) -> Result<()> {
+        let addr = self.peers[dst].addr;
+        if let Some(e) = stream.take_error()? {
             return Err(RpcError::PeerLost {
                 rank: dst,
                 reason: format!("cannot connect to {addr}: {e}"),
             });
         }
         conn.connected()?;
-        conn.stream.set_nodelay(true)?;
-        sys::detect_silent_peer(&conn.stream, self.peer_timeout)?;
+        stream.set_nodelay(true)?;
+        sys::detect_silent_peer(stream, self.peer_timeout)?;
+        self.send_hello(conn)
+    }
+
+    /// Starts the client side of the handshake on a connection this rank
+    /// opened.
+    fn send_hello(&self, conn: &Arc<Conn>) -> Result<()> {
         let hello = Hello {
             rank: self.me as u32,
             world_size: self.world_size as u32,

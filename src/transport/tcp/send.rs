@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Result, RpcError};
 use crate::net::framing::ReadEnd;
-use crate::net::sys;
 use crate::transport::{OutRequest, Waiting};
 use crate::wire::{FLAG_INTERNAL, Header, Kind};
 
 use super::conn::{self, Conn};
 use super::conn::{Window, WindowFull};
 use super::open::{Queued, WaitingCalls};
-use super::{PeerState, Shared};
+use super::stream::How;
+use super::{PeerState, Shared, VIA_NONE, VIA_TCP};
 
 impl crate::transport::ReplySink for Conn {
     /// A reply with more to follow is corked: the next replies join it in
@@ -78,8 +78,11 @@ impl Shared {
         // A request that must wait is copied before the peer's lock is taken
         // (it may be large): found not ready, the lock is let go, the copy
         // made, and the state looked at again.
-        if !self.peers[dst].called.load(Ordering::Relaxed) {
-            self.peers[dst].called.store(true, Ordering::Relaxed);
+        // Until a connection is chosen (`open`), calls count as TCP's.
+        if self.peers[dst].via.load(Ordering::Relaxed) == VIA_NONE {
+            let _ = self.peers[dst]
+                .via
+                .compare_exchange(VIA_NONE, VIA_TCP, Ordering::Relaxed, Ordering::Relaxed);
         }
         let len = Queued::len_of(request);
         let mut waiting: Option<Queued> = None;
@@ -262,7 +265,10 @@ impl Shared {
         if conn.begin_lead().is_err() {
             return;
         }
-        let mut stream = sys::Recv::no_wait(&conn.stream);
+        // Spinning, a look at an empty pipe costs no system call and asks
+        // the peer for no wake-up; the last look before sleeping asks.
+        let mut incoming = conn.stream.incoming(How::Spinning);
+        let mut announced = false;
         // A reply often comes back within tens of microseconds: looking for
         // it a few times, yielding the CPU in between (so a peer on this CPU
         // runs), is cheaper than sleeping and being woken, above all when the
@@ -273,7 +279,7 @@ impl Shared {
                 break Ok(());
             }
             match reader.read_until(
-                &mut stream,
+                &mut incoming,
                 &mut |frame, reader| self.on_frame(&conn, frame, reader, None),
                 done,
             ) {
@@ -289,13 +295,18 @@ impl Shared {
                 std::thread::yield_now();
                 continue;
             }
-            // Then sleep on the socket, a slice at a time.
+            if !announced && conn.stream.is_shm() {
+                announced = true;
+                incoming.set_how(How::NoWait);
+                continue;
+            }
+            // Then sleep on the stream, a slice at a time.
             let slice = match deadline {
                 Some(d) if d <= now => break Ok(()),
                 Some(d) => (d - now).min(LEAD_SLICE),
                 None => LEAD_SLICE,
             };
-            if sys::wait_readable(&conn.stream, slice).is_err() {
+            if conn.stream.wait_readable(slice).is_err() {
                 break Ok(());
             }
         };

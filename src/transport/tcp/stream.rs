@@ -1,0 +1,418 @@
+//! What a connection carries its bytes over: a TCP socket, or, to a rank on
+//! this host, a pipe of two shared-memory rings (`crate::shm::pipe`) set up
+//! over the Unix socket the pair met on. Everything above this file (the
+//! outbox, the send window, corking, who reads, the handshake, failures) is
+//! the same for both; this file is where they differ: reading, writing,
+//! waiting, and what the epoll set watches.
+//!
+//! A pipe's descriptors join the epoll set under the connection's token,
+//! told apart by [`Part`] in its top bits: the data bell (bytes to read),
+//! the room bell (room to write, reported as writable), and the socket
+//! (setup messages, then only the peer going).
+
+use std::io::{self, IoSlice, Read};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::net::framing::{gather_from, slices_from};
+use crate::net::sys::{self, EDGE, Epoll, Event, HANGUP, MAX_IOV, READABLE, WRITABLE};
+use crate::shm::memfd::{recv_with_fds, send_with_fds};
+use crate::shm::pipe::{Offer, ShmPipe, take_offer};
+
+/// Which of a connection's descriptors an epoll token names (its top two bits).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Part {
+    /// The TCP socket, or a pipe's data bell.
+    Main,
+    /// A pipe's room bell.
+    Room,
+    /// A pipe's Unix socket.
+    Socket,
+}
+
+const PART_SHIFT: u32 = 62;
+/// Up to this many bytes left to write are copied into one buffer and sent
+/// to a TCP socket with one plain `send`.
+const GATHER: usize = 512;
+
+impl Part {
+    fn tag(self, token: u64) -> u64 {
+        token
+            | match self {
+                Part::Main => 0,
+                Part::Room => 1 << PART_SHIFT,
+                Part::Socket => 2 << PART_SHIFT,
+            }
+    }
+
+    /// The connection's token in an event, and the event as the connection
+    /// sees it: a room bell is "writable"; a pipe's socket says only that
+    /// the peer went (or, during setup, that its message is there).
+    pub(crate) fn split(ev: Event) -> (u64, Part, Event) {
+        let token = ev.token & ((1 << PART_SHIFT) - 1);
+        let in_bits = (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP) as u32;
+        match ev.token >> PART_SHIFT {
+            0 => (token, Part::Main, ev),
+            1 => (
+                token,
+                Part::Room,
+                Event {
+                    token,
+                    events: if ev.events & in_bits != 0 { WRITABLE } else { 0 },
+                },
+            ),
+            _ => (token, Part::Socket, Event { token, ..ev }),
+        }
+    }
+}
+
+pub(crate) enum Stream {
+    Tcp(TcpStream),
+    Shm(ShmStream),
+}
+
+/// A same-host pair's connection: the socket it met on, and the pipe once
+/// the rings are set up.
+pub(crate) struct ShmStream {
+    sock: UnixStream,
+    pipe: OnceLock<ShmPipe>,
+    /// The opener's rings until the acceptor answers.
+    offer: Mutex<Option<Offer>>,
+}
+
+/// How a setup step on a pipe's socket ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Setup {
+    /// The rings are up.
+    Done,
+    /// The peer's message has not come yet.
+    NotYet,
+}
+
+impl ShmStream {
+    /// The opener's side: offers rings of `ring_bytes` over `sock`, just
+    /// connected (never blocks: the message fits in an empty socket).
+    pub(crate) fn offer(sock: UnixStream, ring_bytes: usize) -> io::Result<ShmStream> {
+        sock.set_nonblocking(true)?;
+        let offer = Offer::new(ring_bytes)?;
+        let (bytes, fds) = offer.message();
+        send_with_fds(&sock, bytes, &fds)?;
+        Ok(ShmStream {
+            sock,
+            pipe: OnceLock::new(),
+            offer: Mutex::new(Some(offer)),
+        })
+    }
+
+    /// The acceptor's side: waits (in the event loop) for the offer.
+    pub(crate) fn accepted(sock: UnixStream) -> io::Result<ShmStream> {
+        sock.set_nonblocking(true)?;
+        Ok(ShmStream {
+            sock,
+            pipe: OnceLock::new(),
+            offer: Mutex::new(None),
+        })
+    }
+
+    /// Takes the peer's setup message if it is there: the acceptor answers
+    /// the offer, the opener takes the answer. An error (bad message, the
+    /// peer gone, memory refused) ends the connection.
+    pub(crate) fn step_setup(&self) -> io::Result<Setup> {
+        if self.pipe.get().is_some() {
+            return Ok(Setup::Done);
+        }
+        let mut offer = self.offer.lock();
+        let mut message = [0u8; 32];
+        let (n, fds) = match recv_with_fds(&self.sock, &mut message, 3) {
+            Ok((0, _)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Setup::NotYet),
+            Err(e) => return Err(e),
+        };
+        let pipe = match offer.take() {
+            Some(offer) => offer.accepted(self.sock.try_clone()?, &message[..n], fds)?,
+            None => {
+                let (pipe, answer, fds) = take_offer(self.sock.try_clone()?, &message[..n], fds)?;
+                send_with_fds(&self.sock, answer, &fds)?;
+                pipe
+            }
+        };
+        let _ = self.pipe.set(pipe);
+        Ok(Setup::Done)
+    }
+
+    pub(crate) fn pipe(&self) -> Option<&ShmPipe> {
+        self.pipe.get()
+    }
+}
+
+/// What epoll watches a connection for, as its `Interest` says.
+pub(crate) struct Watch {
+    pub read: bool,
+    pub write: bool,
+}
+
+impl Stream {
+    pub(crate) fn is_shm(&self) -> bool {
+        matches!(self, Stream::Shm(_))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Tcp(s) => Some(s),
+            Stream::Shm(_) => None,
+        }
+    }
+
+    /// Adds the connection to the epoll set (`added`: it is in it already,
+    /// then its interest is changed) so that it is watched as `watch` says.
+    /// `bells_added` tracks whether a pipe's bells are in the set (they
+    /// join once the rings are up).
+    pub(crate) fn watch(
+        &self,
+        epoll: &Epoll,
+        token: u64,
+        watch: Watch,
+        added: bool,
+        bells_added: &mut bool,
+    ) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                let events =
+                    EDGE | HANGUP | if watch.read { READABLE } else { 0 } | if watch.write { WRITABLE } else { 0 };
+                if added {
+                    epoll.modify(s, token, events)
+                } else {
+                    epoll.add(s, token, events)
+                }
+            }
+            Stream::Shm(s) => {
+                // The socket reads only the setup messages and the end. Set
+                // again on every change, so that an end reported while
+                // another thread read is reported again (edge-triggered).
+                if added {
+                    epoll.modify(&s.sock, Part::Socket.tag(token), EDGE | READABLE)?;
+                } else {
+                    epoll.add(&s.sock, Part::Socket.tag(token), EDGE | READABLE)?;
+                }
+                let Some(pipe) = s.pipe.get() else {
+                    return Ok(());
+                };
+                let bell = |on: bool| EDGE | if on { libc::EPOLLIN as u32 } else { 0 };
+                let (data, room) = (pipe.data_bell_fd(), pipe.room_bell_fd());
+                if *bells_added {
+                    epoll.modify(&data, Part::Main.tag(token), bell(watch.read))?;
+                    epoll.modify(&room, Part::Room.tag(token), bell(watch.write))?;
+                } else {
+                    epoll.add(&data, Part::Main.tag(token), bell(watch.read))?;
+                    epoll.add(&room, Part::Room.tag(token), bell(watch.write))?;
+                    *bells_added = true;
+                }
+                if watch.read {
+                    pipe.arm_reads()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Bytes wait to be read (a pipe only: a look at its ring, no system
+    /// call). A ring found corrupt says yes, so that a read finds out.
+    pub(crate) fn has_data(&self) -> bool {
+        match self {
+            Stream::Tcp(_) => false,
+            Stream::Shm(s) => s.pipe.get().is_some_and(|p| p.has_data().unwrap_or(true)),
+        }
+    }
+
+    /// A pipe read without asking the peer to ring: ask it now (the event
+    /// loop is about to sleep).
+    pub(crate) fn arm_reads(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(_) => Ok(()),
+            Stream::Shm(s) => s.pipe.get().map_or(Ok(()), ShmPipe::arm_reads),
+        }
+    }
+
+    /// Takes the connection out of the epoll set.
+    pub(crate) fn unwatch(&self, epoll: &Epoll, bells_added: &mut bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => epoll.delete(s),
+            Stream::Shm(s) => {
+                if let Some(pipe) = s.pipe.get()
+                    && std::mem::take(bells_added)
+                {
+                    let _ = epoll.delete(&pipe.data_bell_fd());
+                    let _ = epoll.delete(&pipe.room_bell_fd());
+                }
+                epoll.delete(&s.sock)
+            }
+        }
+    }
+
+    /// Writes some of `parts` from byte `skip` on without waiting;
+    /// `WouldBlock` when nothing fits now.
+    pub(crate) fn write_some<P: AsRef<[u8]>>(&self, parts: &[P], skip: usize) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => {
+                let left = parts.iter().map(|p| p.as_ref().len()).sum::<usize>() - skip;
+                if left <= GATHER {
+                    // Plain `send` of one buffer skips importing an iovec
+                    // array: measurably cheaper per small frame (~0.2-0.4 us
+                    // per round trip).
+                    let mut gathered = [0u8; GATHER];
+                    let n = gather_from(parts, skip, &mut gathered);
+                    sys::send_one(s, &gathered[..n])
+                } else {
+                    let mut slices = [IoSlice::new(&[]); MAX_IOV];
+                    let n = slices_from(parts, skip, &mut slices);
+                    sys::send_vectored(s, &slices[..n])
+                }
+            }
+            Stream::Shm(s) => match s.pipe.get() {
+                Some(pipe) => match pipe.write(parts, skip)? {
+                    0 => Err(io::ErrorKind::WouldBlock.into()),
+                    n => Ok(n),
+                },
+                // Nothing is sent before the rings are up (the handshake
+                // starts after).
+                None => Err(io::ErrorKind::NotConnected.into()),
+            },
+        }
+    }
+
+    /// Waits up to `timeout` for room to write (after a write that did not
+    /// fit).
+    pub(crate) fn wait_writable(&self, timeout: Duration) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => sys::wait_writable(s, timeout).map(drop),
+            Stream::Shm(s) => match s.pipe.get() {
+                Some(pipe) => pipe.wait_for_room(timeout),
+                None => Err(io::ErrorKind::NotConnected.into()),
+            },
+        }
+    }
+
+    /// Waits up to `timeout` for bytes to read (or the end), after a read
+    /// that announced it sleeps found none.
+    pub(crate) fn wait_readable(&self, timeout: Duration) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => sys::wait_readable(s, timeout).map(drop),
+            Stream::Shm(s) => match s.pipe.get() {
+                Some(pipe) => pipe.wait(Duration::ZERO, timeout),
+                None => sys::wait_readable(&s.sock, timeout).map(drop),
+            },
+        }
+    }
+
+    /// Ends traffic both ways: the peer sees the end, and so does our reader.
+    pub(crate) fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Shm(s) => s.sock.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// The peer, for log lines.
+    pub(crate) fn describe_peer(&self) -> String {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().map_or("?".into(), |a| a.to_string()),
+            Stream::Shm(s) => format!("a process on this host (socket {})", s.sock.as_raw_fd()),
+        }
+    }
+
+    /// A reader over the stream: `how` says whether and how it waits.
+    pub(crate) fn incoming(&self, how: How) -> Incoming<'_> {
+        Incoming {
+            stream: self,
+            how,
+            timed_out: false,
+        }
+    }
+}
+
+/// How an [`Incoming`] reads.
+#[derive(Clone, Copy)]
+pub(crate) enum How {
+    /// Never waits; an empty pipe asks the peer to ring (an event loop or a
+    /// caller about to sleep reads this way).
+    NoWait,
+    /// Never waits, and an empty pipe asks for nothing: a caller spinning.
+    Spinning,
+    /// The first read waits for bytes: a TCP socket's receive timeout; a
+    /// pipe spins for `spin`, then sleeps on its bell up to `idle`.
+    Waiting { spin: Duration, idle: Duration },
+}
+
+/// A stream as `Read`, for the frame reader.
+pub(crate) struct Incoming<'a> {
+    stream: &'a Stream,
+    how: How,
+    timed_out: bool,
+}
+
+impl Incoming<'_> {
+    /// The first read waited its whole time and got nothing.
+    pub(crate) fn timed_out(&self) -> bool {
+        self.timed_out
+    }
+
+    /// Reads the next bytes `how` (it applies until the next call).
+    pub(crate) fn set_how(&mut self, how: How) {
+        self.how = how;
+    }
+}
+
+impl Read for Incoming<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.stream {
+            Stream::Tcp(s) => {
+                let mut recv = match self.how {
+                    How::Waiting { .. } => sys::Recv::waiting(s),
+                    How::NoWait | How::Spinning => sys::Recv::no_wait(s),
+                };
+                // Only the first read waits.
+                self.how = How::NoWait;
+                let got = recv.read(buf);
+                self.timed_out |= recv.timed_out();
+                got
+            }
+            Stream::Shm(s) => {
+                let Some(pipe) = s.pipe.get() else {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                };
+                // A waiting reader sleeps only after asking the peer to ring
+                // (`wait`), and reads on without asking: it looks again.
+                if let How::Waiting { spin, idle } = self.how {
+                    self.how = How::Spinning;
+                    if !pipe.has_data()? {
+                        pipe.wait(spin, idle)?;
+                        if !pipe.has_data()? {
+                            self.timed_out = true;
+                        }
+                    }
+                }
+                let announce = matches!(self.how, How::NoWait);
+                // A short read must mean the pipe is empty and (unless
+                // spinning) the peer asked to ring: the frame reader ends
+                // its pass on one, and waits for the next event.
+                let mut got = 0;
+                while got < buf.len() {
+                    match pipe.read(&mut buf[got..], announce) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if got > 0 && e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(got)
+            }
+        }
+    }
+}
