@@ -3,7 +3,8 @@
 //! pair into a bridge that lives in a "switch" namespace of its own. The
 //! ranks find their interface by themselves (the address that reaches the
 //! master). Then one rank's cable is pulled: calls to it fail by their
-//! deadline or by silent-peer detection, never hang.
+//! deadline or by silent-peer detection, never hang. Ranks in separate
+//! namespaces find they share no host and talk over TCP.
 //!
 //! Needs root and `ip` (iproute2), as CI has; otherwise it says it skipped.
 
@@ -133,6 +134,10 @@ fn rank_main() {
     for dst in 0..agent.world_size() {
         let args = common::pattern(100_000, dst as u64);
         assert_eq!(agent.rpc_sync(dst, "echo", &args).unwrap(), args);
+        // Another network namespace is another host: no shared memory
+        // (unless the run asks for TCP everywhere, it is what `auto` found).
+        let expected = if dst == agent.rank() { "self" } else { "tcp" };
+        assert_eq!(agent.peer_transport(dst), Some(expected), "rank {dst}");
     }
     agent.barrier(Duration::from_secs(30)).unwrap();
     match agent.rank() {

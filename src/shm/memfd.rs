@@ -27,6 +27,7 @@ unsafe impl Sync for SharedMemory {}
 impl SharedMemory {
     /// A new zeroed, sealed memfd of `len` bytes, mapped.
     pub(crate) fn create(name: &str, len: usize) -> io::Result<SharedMemory> {
+        injected_failure("create")?;
         let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
         // SAFETY: `cname` is NUL-terminated; the flags are valid.
         let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
@@ -47,6 +48,7 @@ impl SharedMemory {
     /// Maps a memfd a peer sent, after checking it is sealed against
     /// shrinking and holds at least `len` bytes.
     pub(crate) fn from_peer(fd: OwnedFd, len: usize) -> io::Result<SharedMemory> {
+        injected_failure("map")?;
         // SAFETY: plain calls on a descriptor we own.
         let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
         if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
@@ -110,6 +112,19 @@ impl Drop for SharedMemory {
         // SAFETY: the mapping was made by `map` with this length, and no
         // reference into it outlives `self` (regions borrow it by contract).
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// A test hook: `RPCAGENT_TEST_FAIL_SHM=create` makes making shared memory
+/// fail as a refused `memfd_create` would, `=map` makes mapping a peer's
+/// fail, so tests can check that a pair falls back to TCP. Read only when
+/// a pair sets up its rings.
+fn injected_failure(step: &str) -> io::Result<()> {
+    match std::env::var_os("RPCAGENT_TEST_FAIL_SHM") {
+        Some(v) if v == step => Err(io::Error::other(format!(
+            "shared memory refused (RPCAGENT_TEST_FAIL_SHM={step})"
+        ))),
+        _ => Ok(()),
     }
 }
 

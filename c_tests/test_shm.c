@@ -1,0 +1,175 @@
+/* Shared memory between ranks on one host, through the C ABI, in processes:
+ * - a killed peer in the middle of a large transfer: rank 0 sends 256 MiB
+ *   to rank 1 through small rings (16 KiB, so the transfer takes a while);
+ *   rank 1 learns the call has started (over its own connection to rank 0)
+ *   and exits at once. The call fails with RPCAGENT_ERR_PEER_LOST within
+ *   seconds, never hangs, and later calls to rank 1 fail at once; rank 0
+ *   goes on serving and calling itself.
+ * - shared memory refused falls back to TCP, never to an error: with the
+ *   test hook RPCAGENT_TEST_FAIL_SHM=create (memfd refused where rings are
+ *   made) and =map (the peer's memory refused where it is mapped), calls
+ *   work and rpcagent_peer_transport says "tcp".
+ * - a large payload both ways through rings smaller than it: the bytes
+ *   arrive whole, in order, many times over.
+ * Under RPCAGENT_TRANSPORT=tcp (the suite's second run) the same worlds
+ * run over TCP: the expectations on how calls travel say so. */
+#include "harness.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+static int32_t echo(void *u, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
+    (void)u;
+    return rpcagent_reply_set(reply, req->args, req->args_len);
+}
+
+static int tcp_everywhere(void) {
+    const char *t = getenv("RPCAGENT_TRANSPORT");
+    return t && strcmp(t, "tcp") == 0;
+}
+
+/* ---- a peer killed mid-transfer ---- */
+
+enum { BIG = 256 << 20 };
+static atomic_int big_call_started;
+
+static int32_t started(void *u, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
+    (void)u;
+    (void)req;
+    int32_t s = atomic_load(&big_call_started);
+    return rpcagent_reply_set(reply, (const uint8_t *)&s, sizeof s);
+}
+
+static void *die_soon(void *arg) {
+    (void)arg;
+    usleep(20 * 1000);
+    fflush(NULL);
+    _exit(0); /* every descriptor closes, as on SIGKILL */
+    return NULL;
+}
+
+static void killed_mid_transfer(void) {
+    rpcagent_config_t *cfg = rpcagent_config_new();
+    CHECK(cfg != NULL);
+    CHECK_OK(rpcagent_config_from_env(cfg));
+    CHECK_OK(rpcagent_config_set_init_timeout_ms(cfg, 30000));
+    CHECK_OK(rpcagent_config_set_shm_ring_bytes(cfg, 16384));
+    rpcagent_t *agent = NULL;
+    CHECK_OK(rpcagent_init(cfg, &agent));
+    rpcagent_config_free(cfg);
+    CHECK_OK(rpcagent_register(agent, "echo", echo, NULL, NULL, 0));
+    CHECK_OK(rpcagent_register(agent, "started", started, NULL, NULL, 0));
+    CHECK_OK(rpcagent_start(agent));
+    CHECK_OK(rpcagent_barrier(agent, 30000));
+    uint32_t me = rpcagent_rank(agent);
+    if (me == 1) {
+        /* Ask rank 0 until its big call has started, then die. */
+        for (;;) {
+            rpcagent_buffer_t out;
+            CHECK_OK(rpcagent_call_sync(agent, 0, "started", NULL, 0, 10000, &out));
+            int32_t s;
+            CHECK(out.len == sizeof s);
+            memcpy(&s, out.data, sizeof s);
+            rpcagent_buffer_free(&out);
+            if (s) break;
+            usleep(1000);
+        }
+        pthread_t t;
+        CHECK(pthread_create(&t, NULL, die_soon, NULL) == 0);
+        for (;;) pause();
+    }
+    uint8_t *big = malloc(BIG);
+    CHECK(big != NULL);
+    fill_pattern(big, BIG, 7);
+    rpcagent_future_t *f = NULL;
+    double t0 = now_ms();
+    CHECK_OK(rpcagent_call_async(agent, 1, "echo", big, BIG, 120000, &f));
+    atomic_store(&big_call_started, 1);
+    rpcagent_buffer_t out;
+    CHECK_STATUS(rpcagent_future_wait(f, 120000, &out), RPCAGENT_ERR_PEER_LOST);
+    double took = now_ms() - t0;
+    printf("a 256 MiB call to a rank killed mid-transfer failed after %.0f ms\n", took);
+    CHECK(took < 10000);
+    rpcagent_future_free(f);
+    t0 = now_ms();
+    CHECK_STATUS(rpcagent_call_sync(agent, 1, "echo", big, 16, 120000, &out), RPCAGENT_ERR_PEER_LOST);
+    CHECK(now_ms() - t0 < 1000);
+    CHECK_OK(rpcagent_call_sync(agent, 0, "echo", big, 1 << 20, 10000, &out));
+    CHECK(out.len == 1 << 20 && memcmp(out.data, big, 1 << 20) == 0);
+    rpcagent_buffer_free(&out);
+    free(big);
+    rpcagent_shutdown(agent, 0, 5000);
+    rpcagent_free(agent);
+}
+
+/* ---- shared memory refused: TCP instead ---- */
+
+static void falls_back(void) {
+    rpcagent_t *agent = join_from_env();
+    CHECK_OK(rpcagent_register(agent, "echo", echo, NULL, NULL, 0));
+    CHECK_OK(rpcagent_start(agent));
+    uint32_t me = rpcagent_rank(agent), other = 1 - me;
+    uint8_t msg[1000];
+    fill_pattern(msg, sizeof msg, me);
+    for (int i = 0; i < 100; i++) {
+        rpcagent_buffer_t out;
+        CHECK_OK(rpcagent_call_sync(agent, other, "echo", msg, sizeof msg, 10000, &out));
+        CHECK(out.len == sizeof msg && memcmp(out.data, msg, sizeof msg) == 0);
+        rpcagent_buffer_free(&out);
+    }
+    CHECK(strcmp(rpcagent_peer_transport(agent, other), "tcp") == 0);
+    CHECK_OK(rpcagent_shutdown(agent, 1, 30000));
+    rpcagent_free(agent);
+}
+
+/* ---- large payloads both ways through small rings ---- */
+
+static void large_both_ways(void) {
+    rpcagent_config_t *cfg = rpcagent_config_new();
+    CHECK(cfg != NULL);
+    CHECK_OK(rpcagent_config_from_env(cfg));
+    CHECK_OK(rpcagent_config_set_init_timeout_ms(cfg, 30000));
+    CHECK_OK(rpcagent_config_set_shm_ring_bytes(cfg, 4096));
+    rpcagent_t *agent = NULL;
+    CHECK_OK(rpcagent_init(cfg, &agent));
+    rpcagent_config_free(cfg);
+    CHECK_OK(rpcagent_register(agent, "echo", echo, NULL, NULL, 0));
+    CHECK_OK(rpcagent_register(agent, "echo_inline", echo, NULL, NULL, RPCAGENT_HANDLER_INLINE));
+    CHECK_OK(rpcagent_start(agent));
+    uint32_t me = rpcagent_rank(agent), other = 1 - me;
+    enum { N = 8, LEN = 3 << 20 };
+    uint8_t *msg[N];
+    rpcagent_future_t *fs[N];
+    for (int i = 0; i < N; i++) {
+        size_t len = LEN + (size_t)i * 4099;
+        msg[i] = malloc(len);
+        CHECK(msg[i] != NULL);
+        fill_pattern(msg[i], len, me * 100 + i);
+        CHECK_OK(rpcagent_call_async(agent, other, i % 2 ? "echo" : "echo_inline", msg[i], len, 60000, &fs[i]));
+    }
+    for (int i = 0; i < N; i++) {
+        rpcagent_buffer_t out;
+        size_t len = LEN + (size_t)i * 4099;
+        CHECK_OK(rpcagent_future_wait(fs[i], 60000, &out));
+        CHECK(out.len == len && memcmp(out.data, msg[i], len) == 0);
+        rpcagent_buffer_free(&out);
+        rpcagent_future_free(fs[i]);
+        free(msg[i]);
+    }
+    CHECK(strcmp(rpcagent_peer_transport(agent, other), tcp_everywhere() ? "tcp" : "shm") == 0);
+    CHECK_OK(rpcagent_shutdown(agent, 1, 30000));
+    rpcagent_free(agent);
+}
+
+int main(void) {
+    int failed = run_world("large both ways", 2, large_both_ways, "RANK", "WORLD_SIZE", 120);
+    failed |= run_world("killed mid-transfer", 2, killed_mid_transfer, "RANK", "WORLD_SIZE", 120);
+    setenv("RPCAGENT_TEST_FAIL_SHM", "create", 1);
+    failed |= run_world("memfd refused", 2, falls_back, "RANK", "WORLD_SIZE", 60);
+    setenv("RPCAGENT_TEST_FAIL_SHM", "map", 1);
+    failed |= run_world("mapping refused", 2, falls_back, "RANK", "WORLD_SIZE", 60);
+    unsetenv("RPCAGENT_TEST_FAIL_SHM");
+    if (failed) return 1;
+    printf("shm: ok\n");
+    return 0;
+}
