@@ -43,7 +43,9 @@ impl RawMember {
             .ranks
             .get(to)
             .ok_or_else(|| RpcError::InvalidArgument(format!("no rank {to}")))?;
-        let mut stream = TcpStream::connect(addr.as_str())?;
+        // The TCP address, without a same-host socket's name after it.
+        let addr = addr.split('#').next().unwrap_or_default();
+        let mut stream = TcpStream::connect(addr)?;
         stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
         let hello = Hello {
             rank: self.config.rank as u32,
@@ -147,7 +149,7 @@ impl ShmProbe {
 
     /// Sleeps until room frees in the ring this side writes, up to `timeout`.
     pub fn wait_for_room(&self, timeout: std::time::Duration) -> io::Result<()> {
-        self.0.wait_for_room(timeout)
+        self.0.wait_for_room(1, std::time::Duration::ZERO, timeout)
     }
 }
 

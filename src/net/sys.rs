@@ -254,11 +254,11 @@ pub(crate) fn connect_started(addr: std::net::SocketAddr) -> io::Result<std::net
 }
 
 /// The abstract Unix socket name (no file; reachable only from this
-/// network namespace) of the rank listening on TCP at `tcp_addr`. That
-/// address is unique within a network namespace while its listener lives,
-/// and so is the name.
-pub(crate) fn same_host_name(tcp_addr: std::net::SocketAddr) -> String {
-    format!("\0rpcagent/{tcp_addr}")
+/// network namespace) of the rank listening on TCP at `tcp_addr`, with
+/// `nonce` (published through the rendezvous) so that no other process can
+/// take the name first.
+pub(crate) fn same_host_name(tcp_addr: std::net::SocketAddr, nonce: &str) -> String {
+    format!("\0rpcagent/{tcp_addr}/{nonce}")
 }
 
 /// A non-blocking listener on the abstract Unix socket `name`.

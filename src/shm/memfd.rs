@@ -57,6 +57,16 @@ impl SharedMemory {
                 "the peer's memory is not sealed",
             ));
         }
+        // Memory on tmpfs only: a hugetlbfs memfd's pages can be taken
+        // back by its owner, and touching them then raises SIGBUS.
+        // SAFETY: `fs` is plain data, filled by fstatfs.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) } != 0 || fs.f_type != libc::TMPFS_MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the peer's memory is not plain shared memory (tmpfs)",
+            ));
+        }
         // SAFETY: `stat` is plain data, filled by fstat.
         let mut stat: libc::stat = unsafe { std::mem::zeroed() };
         if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } != 0 {
@@ -155,15 +165,24 @@ pub(crate) fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> i
         iov_base: bytes.as_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),
     };
-    let msg = message(&mut iov, &mut control);
+    if fds.is_empty() {
+        control.clear();
+    }
+    let mut msg = message(&mut iov, &mut control);
+    if fds.is_empty() {
+        msg.msg_control = std::ptr::null_mut();
+        msg.msg_controllen = 0;
+    }
     // SAFETY: every pointer in `msg` outlives the sendmsg call, and the
     // control buffer holds one header with `fd_bytes` of data (CMSG_SPACE).
     unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr() as *const u8, libc::CMSG_DATA(cmsg), fd_bytes);
+        if !fds.is_empty() {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr() as *const u8, libc::CMSG_DATA(cmsg), fd_bytes);
+        }
         let sent = libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
         if sent < 0 {
             return Err(io::Error::last_os_error());

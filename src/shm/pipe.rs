@@ -1,20 +1,23 @@
 //! One same-host pair's byte pipe: two rings in one sealed memfd, two
-//! doorbells (eventfds) per side, and the Unix socket the pair met on, kept
-//! open for the pair's life so that a dead peer is seen at once (EOF).
+//! doorbells (socket pairs, one end on each side), and the Unix socket the
+//! pair met on, kept open for the pair's life so that a dead peer is seen
+//! at once (EOF).
 //!
 //! Setup, once the two sides are connected over the socket, never blocks:
-//! the opener makes the rings (`Offer`) and sends `SETUP_MAGIC`, the ring
-//! size, the memfd and its two bells (`SCM_RIGHTS`); the acceptor
-//! (`take_offer`) checks the size, maps the memfd only if it is sealed and
-//! long enough, and answers with the magic and its own two bells. The
-//! opener writes ring 0 and reads ring 1; the acceptor the other way round.
-//! `ShmPipe::open` and `accept` do the same, blocking (tests, the probe).
+//! the opener makes the rings and the bells (`Offer`) and sends
+//! `SETUP_MAGIC`, the ring size, the memfd and the acceptor's ends of the
+//! bells (`SCM_RIGHTS`); the acceptor (`take_offer`) checks the size, maps
+//! the memfd only if it is sealed, on tmpfs and long enough, and answers
+//! with the magic. The opener writes ring 0 and reads ring 1; the acceptor
+//! the other way round. `ShmPipe::open` and `accept` do the same, blocking
+//! (tests, the probe).
 //!
-//! Reading and writing never block: an empty ring reads as `WouldBlock`
-//! (after announcing sleep, so the writer rings the data bell), a full one
-//! writes 0 bytes (after announcing the wait, so the reader rings the room
-//! bell). `wait` spins a while, then sleeps on the data bell and the
-//! socket; `wait_for_room` sleeps on the room bell and the socket.
+//! Reading and writing never block: an empty ring reads as `WouldBlock`, a
+//! full one writes 0 bytes. A side asks the other to ring its bell only
+//! when it is about to sleep (so a busy pair makes no system call per
+//! message): `wait` and `wait_for_room` spin a while on the ring's
+//! counters, then ask and sleep on the bell and the socket; an event loop
+//! asks with `arm_reads` / `arm_writes` before it sleeps.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -35,37 +38,55 @@ pub(crate) struct ShmPipe {
     sock: UnixStream,
     tx: Mutex<Producer>,
     rx: Mutex<Consumer>,
-    /// Rung by the peer: `data` when bytes arrive for us (and we said we
-    /// sleep), `room` when room frees in the ring we write (and we said we
-    /// wait for it). Two bells, so a thread waiting for room and one
+    /// This side's ends of the two doorbells: `data` rings when bytes
+    /// arrive for us (and we said we sleep), `room` when room frees in the
+    /// ring we write (and we said we wait for it); sending a byte on an end
+    /// rings the peer's. Two bells, so a thread waiting for room and one
     /// reading never take each other's wake-up.
-    mine: Bells,
-    peer: Bells,
+    bells: Bells,
+    /// Rung by this side itself (an event loop taking over finds bytes or
+    /// room there already); never leaves this process.
+    wake: OwnedFd,
     /// Last, so it is unmapped after the rings that point into it.
     _memory: SharedMemory,
 }
 
+/// One side's ends of the two doorbells: Unix socket pairs, one byte per
+/// ring. Every send and receive says `MSG_DONTWAIT`, a per-call flag, so a
+/// peer holding the other end (or a copy of ours, as the opener does of
+/// the acceptor's until it hands them over) can never make this side
+/// block: an eventfd's non-blocking flag, by contrast, belongs to the
+/// shared file and a peer could clear it.
 struct Bells {
-    data: OwnedFd,
-    room: OwnedFd,
+    data: UnixStream,
+    room: UnixStream,
 }
 
 impl Bells {
-    fn new() -> io::Result<Bells> {
-        Ok(Bells {
-            data: eventfd()?,
-            room: eventfd()?,
-        })
+    /// Two doorbells: this side's ends, and the peer's.
+    fn pair() -> io::Result<(Bells, Bells)> {
+        let (data, their_data) = UnixStream::pair()?;
+        let (room, their_room) = UnixStream::pair()?;
+        Ok((
+            Bells { data, room },
+            Bells {
+                data: their_data,
+                room: their_room,
+            },
+        ))
     }
 
-    /// From the two descriptors a peer sent (data, then room). Each must
-    /// be an eventfd: a pipe's write end, say, could block the thread that
-    /// rings it.
+    /// The two ends a peer sent (data, then room). Each must be a Unix
+    /// stream socket (anything else fails at the first ring anyway, but
+    /// the error is clearer here).
     fn from_peer(mut fds: Vec<OwnedFd>) -> io::Result<Bells> {
         let room = fds.pop();
         match (fds.pop(), room, fds.is_empty()) {
-            (Some(data), Some(room), true) if is_eventfd(&data) && is_eventfd(&room) => Ok(Bells { data, room }),
-            (Some(_), Some(_), true) => Err(bad_setup("the peer's doorbells are not eventfds")),
+            (Some(data), Some(room), true) if is_unix_stream(&data) && is_unix_stream(&room) => Ok(Bells {
+                data: UnixStream::from(data),
+                room: UnixStream::from(room),
+            }),
+            (Some(_), Some(_), true) => Err(bad_setup("the peer's doorbells are not Unix stream sockets")),
             _ => Err(bad_setup("the peer sent the wrong number of descriptors")),
         }
     }
@@ -89,22 +110,65 @@ fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn is_eventfd(fd: &OwnedFd) -> bool {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]")
+fn is_unix_stream(fd: &OwnedFd) -> bool {
+    let option = |name: libc::c_int| {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: writes at most `len` bytes into a live c_int.
+        let ret = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                &mut value as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        (ret == 0).then_some(value)
+    };
+    option(libc::SO_DOMAIN) == Some(libc::AF_UNIX) && option(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
 }
 
-fn ring_bell(fd: &OwnedFd) {
+/// Rings the peer's bell at the other end of `end`. A full socket means it
+/// is rung already; a peer gone is seen elsewhere.
+fn ring_bell(end: &UnixStream) {
+    // SAFETY: sends one byte from a live local; the flags make it neither
+    // block nor raise SIGPIPE.
+    unsafe {
+        libc::send(
+            end.as_raw_fd(),
+            b"!".as_ptr() as *const libc::c_void,
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+}
+
+/// Forgets every ring waiting at `end`.
+fn drain_bell(end: &UnixStream) {
+    let mut buf = [0u8; 64];
+    loop {
+        // SAFETY: receives into a live local buffer of its length; never blocks.
+        let n = unsafe {
+            libc::recv(
+                end.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < buf.len() as isize {
+            return;
+        }
+    }
+}
+
+/// Rings a bell this side owns alone.
+fn ring_own(fd: &OwnedFd) {
     let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to an eventfd. A full counter
-    // (EAGAIN) means it is rung already.
+    // SAFETY: writes 8 bytes from a live u64 to our own non-blocking
+    // eventfd (nobody else holds it). A full counter means it is rung.
     unsafe { libc::write(fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
-}
-
-fn drain_bell(fd: &OwnedFd) {
-    let mut count: u64 = 0;
-    // SAFETY: reads 8 bytes into a live u64; EAGAIN when not rung.
-    unsafe { libc::read(fd.as_raw_fd(), &mut count as *mut u64 as *mut libc::c_void, 8) };
 }
 
 /// The opener's rings, made and offered to the acceptor, whose answer is
@@ -115,6 +179,8 @@ pub(crate) struct Offer {
     memory: SharedMemory,
     region: usize,
     bells: Bells,
+    /// The acceptor's ends of the bells, until they are handed over.
+    theirs: Bells,
     message: [u8; 16],
 }
 
@@ -128,44 +194,47 @@ impl Offer {
         let mut message = [0u8; 16];
         message[..8].copy_from_slice(SETUP_MAGIC);
         message[8..].copy_from_slice(&(ring_bytes as u64).to_le_bytes());
+        let (bells, theirs) = Bells::pair()?;
         Ok(Offer {
             memory: SharedMemory::create("rpcagent-rings", 2 * region)?,
             region,
-            bells: Bells::new()?,
+            bells,
+            theirs,
             message,
         })
     }
 
-    /// What to send the acceptor: the bytes, and the memfd and our bells.
+    /// What to send the acceptor: the bytes, and the memfd and its ends
+    /// of the bells.
     pub(crate) fn message(&self) -> (&[u8], [RawFd; 3]) {
         (
             &self.message,
             [
                 self.memory.fd(),
-                self.bells.data.as_raw_fd(),
-                self.bells.room.as_raw_fd(),
+                self.theirs.data.as_raw_fd(),
+                self.theirs.room.as_raw_fd(),
             ],
         )
     }
 
     /// The acceptor's answer arrived: the pipe over `sock`.
     pub(crate) fn accepted(self, sock: UnixStream, answer: &[u8], fds: Vec<OwnedFd>) -> io::Result<ShmPipe> {
-        if answer != SETUP_MAGIC {
+        if answer != SETUP_MAGIC || !fds.is_empty() {
             return Err(bad_setup("the peer refused the rings"));
         }
-        let peer = Bells::from_peer(fds)?;
-        ShmPipe::over(sock, self.memory, self.region, 0, self.bells, peer)
+        // Our copies of the acceptor's ends close here (`theirs` drops).
+        ShmPipe::over(sock, self.memory, self.region, 0, self.bells)
     }
 }
 
 /// The acceptor's side: takes the rings a setup message offers (its bytes
 /// and descriptors, as received); returns the pipe, and the answer to send
-/// (the bytes, and the descriptors of the pipe's own bells).
+/// (bytes only).
 pub(crate) fn take_offer(
     sock: UnixStream,
     message: &[u8],
     mut fds: Vec<OwnedFd>,
-) -> io::Result<(ShmPipe, &'static [u8], [RawFd; 2])> {
+) -> io::Result<(ShmPipe, &'static [u8])> {
     if message.len() != 16 || &message[..8] != SETUP_MAGIC || fds.len() != 3 {
         return Err(bad_setup("not a setup message"));
     }
@@ -174,11 +243,10 @@ pub(crate) fn take_offer(
         return Err(bad_setup("ring size"));
     }
     let region = Region::bytes_for(ring_bytes as usize);
-    let peer = Bells::from_peer(fds.split_off(1))?;
+    let bells = Bells::from_peer(fds.split_off(1))?;
     let memory = SharedMemory::from_peer(fds.pop().expect("three descriptors"), 2 * region)?;
-    let pipe = ShmPipe::over(sock, memory, region, 1, Bells::new()?, peer)?;
-    let answer_fds = [pipe.mine.data.as_raw_fd(), pipe.mine.room.as_raw_fd()];
-    Ok((pipe, SETUP_MAGIC, answer_fds))
+    let pipe = ShmPipe::over(sock, memory, region, 1, bells)?;
+    Ok((pipe, SETUP_MAGIC))
 }
 
 impl ShmPipe {
@@ -197,20 +265,13 @@ impl ShmPipe {
     pub(crate) fn accept(sock: UnixStream) -> io::Result<ShmPipe> {
         let mut message = [0u8; 32];
         let (n, fds) = recv_with_fds(&sock, &mut message, 3)?;
-        let (pipe, answer, fds) = take_offer(sock, &message[..n], fds)?;
-        send_with_fds(&pipe.sock, answer, &fds)?;
+        let (pipe, answer) = take_offer(sock, &message[..n], fds)?;
+        send_with_fds(&pipe.sock, answer, &[])?;
         Ok(pipe)
     }
 
     /// `side` 0 writes the first ring and reads the second; 1 the reverse.
-    fn over(
-        sock: UnixStream,
-        memory: SharedMemory,
-        region: usize,
-        side: usize,
-        mine: Bells,
-        peer: Bells,
-    ) -> io::Result<ShmPipe> {
+    fn over(sock: UnixStream, memory: SharedMemory, region: usize, side: usize, bells: Bells) -> io::Result<ShmPipe> {
         let ring = |i: usize| {
             // SAFETY: ring `i` is the `i`th of two `region`-byte halves of
             // the mapping (page-aligned, so 8-aligned), which the pipe owns
@@ -224,37 +285,29 @@ impl ShmPipe {
             tx: Mutex::new(Producer::new(tx)),
             rx: Mutex::new(Consumer::new(rx)),
             _memory: memory,
-            mine,
-            peer,
+            bells,
+            wake: eventfd()?,
         })
     }
 
     /// Writes what fits of `parts` from byte `skip` on; 0 when the ring is
-    /// full (the peer is then asked to ring when it makes room).
-    /// A peer that is gone is `BrokenPipe`.
+    /// full. Asks nothing of the peer: a writer that will sleep until room
+    /// frees calls `wait_for_room` (or, an event loop, `arm_writes`).
     pub(crate) fn write<P: AsRef<[u8]>>(&self, parts: &[P], skip: usize) -> io::Result<usize> {
-        let total: usize = parts.iter().map(|p| p.as_ref().len()).sum();
-        let mut tx = self.tx.lock();
-        let mut wrote = 0;
-        loop {
-            let (n, wake) = tx.write(parts, skip + wrote).map_err(corrupt)?;
-            if wake {
-                ring_bell(&self.peer.data);
-            }
-            wrote += n;
-            let left = total.saturating_sub(skip + wrote);
-            if left == 0 {
-                return Ok(wrote);
-            }
-            drain_bell(&self.mine.room);
-            // Room freed meanwhile: write on, else the reader rings.
-            if !tx.prepare_wait_for_room(left as u64).map_err(corrupt)? {
-                if wrote == 0 && self.peer_gone()? {
-                    return Err(io::ErrorKind::BrokenPipe.into());
-                }
-                return Ok(wrote);
-            }
+        let (n, wake) = self.tx.lock().write(parts, skip).map_err(corrupt)?;
+        if wake {
+            ring_bell(&self.bells.data);
         }
+        Ok(n)
+    }
+
+    /// An event loop waits for room to write: the peer is asked to ring the
+    /// room bell, and if there is room already the wake bell rings at once.
+    pub(crate) fn arm_writes(&self) -> io::Result<()> {
+        if self.tx.lock().prepare_wait_for_room(1).map_err(corrupt)? {
+            ring_own(&self.wake);
+        }
+        Ok(())
     }
 
     /// Reads what the ring holds; `WouldBlock` when empty. With `announce`
@@ -267,7 +320,7 @@ impl ShmPipe {
         loop {
             let (n, wake) = rx.read(buf).map_err(corrupt)?;
             if wake {
-                ring_bell(&self.peer.room);
+                ring_bell(&self.bells.room);
             }
             if n > 0 || buf.is_empty() || !announce {
                 return if n > 0 || buf.is_empty() {
@@ -290,11 +343,11 @@ impl ShmPipe {
     }
 
     /// An event loop takes over reading: the peer is asked to ring the data
-    /// bell, which is rung here at once if bytes are waiting already (they
-    /// raise no event by themselves).
+    /// bell, and if bytes are waiting already (they raise no event by
+    /// themselves) the wake bell rings at once.
     pub(crate) fn arm_reads(&self) -> io::Result<()> {
         if self.rx.lock().prepare_sleep().map_err(corrupt)? {
-            ring_bell(&self.mine.data);
+            ring_own(&self.wake);
         }
         Ok(())
     }
@@ -343,26 +396,44 @@ impl ShmPipe {
         }
         // Old rings are forgotten, then the sleep announced, and the ring
         // looked at once more before sleeping (see `ring`).
-        drain_bell(&self.mine.data);
+        drain_bell(&self.bells.data);
         if self.rx.lock().prepare_sleep().map_err(corrupt)? {
             return Ok(());
         }
-        self.sleep_on(&self.mine.data, timeout.saturating_sub(start.elapsed()))
+        self.sleep_on(&self.bells.data, timeout.saturating_sub(start.elapsed()))
     }
 
-    /// Waits until room frees in the ring we write (the room bell rings) or
-    /// the peer goes, at most `timeout`. Call after `write` wrote less than
-    /// it was given (it announced the wait).
+    /// Waits until `need` bytes (at most the ring) are free in the ring we
+    /// write, or the peer goes, at most `timeout`: first spinning up to
+    /// `spin` on the ring's counter (no system call, and the peer rings
+    /// nothing), then asking the peer to ring and sleeping on the room bell.
     /// A peer that is gone is `BrokenPipe`.
-    pub(crate) fn wait_for_room(&self, timeout: Duration) -> io::Result<()> {
-        self.sleep_on(&self.mine.room, timeout)?;
+    pub(crate) fn wait_for_room(&self, need: usize, spin: Duration, timeout: Duration) -> io::Result<()> {
+        let start = Instant::now();
+        let need = need.max(1) as u64;
+        while start.elapsed() < spin.min(timeout) {
+            let mut tx = self.tx.lock();
+            if tx.room().map_err(corrupt)? >= need.min(tx.capacity()) {
+                return Ok(());
+            }
+            drop(tx);
+            std::thread::yield_now();
+        }
+        drain_bell(&self.bells.room);
+        if self.tx.lock().prepare_wait_for_room(need).map_err(corrupt)? {
+            return Ok(());
+        }
+        if self.peer_gone()? {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        self.sleep_on(&self.bells.room, timeout.saturating_sub(start.elapsed()))?;
         if self.peer_gone()? {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
         Ok(())
     }
 
-    fn sleep_on(&self, bell: &OwnedFd, left: Duration) -> io::Result<()> {
+    fn sleep_on(&self, bell: &UnixStream, left: Duration) -> io::Result<()> {
         let mut fds = [
             libc::pollfd {
                 fd: bell.as_raw_fd(),
@@ -389,11 +460,25 @@ impl ShmPipe {
     /// The descriptors an event loop watches: the data bell (bytes to
     /// read), the room bell (room to write), and the socket (the peer going).
     pub(crate) fn data_bell_fd(&self) -> RawFd {
-        self.mine.data.as_raw_fd()
+        self.bells.data.as_raw_fd()
     }
 
     pub(crate) fn room_bell_fd(&self) -> RawFd {
-        self.mine.room.as_raw_fd()
+        self.bells.room.as_raw_fd()
+    }
+
+    /// Forgets the rings of the data bell (`data`) or the room bell that
+    /// an event loop was told of: a bell whose socket still holds bytes may
+    /// raise no new edge-triggered event (gVisor's sockets report only the
+    /// empty-to-ready change). Only the bell the event was for: emptying
+    /// the other could swallow a ring whose event is not reported yet.
+    pub(crate) fn drain(&self, data: bool) {
+        drain_bell(if data { &self.bells.data } else { &self.bells.room });
+    }
+
+    /// The bell this side rings itself (`arm_reads`, `arm_writes`).
+    pub(crate) fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
     }
 
     pub(crate) fn socket_fd(&self) -> RawFd {
@@ -440,7 +525,7 @@ mod tests {
                 let n = a.write(&[&copy[at..]], 0).unwrap();
                 at += n;
                 if n == 0 {
-                    a.wait_for_room(Duration::from_secs(5)).unwrap();
+                    a.wait_for_room(1, Duration::ZERO, Duration::from_secs(5)).unwrap();
                 }
             }
             a
@@ -485,11 +570,11 @@ mod tests {
     fn a_bad_setup_is_refused() {
         let offer = |bytes: &[u8], memory: &SharedMemory| {
             let (a, b) = UnixStream::pair().unwrap();
-            let bells = Bells::new().unwrap();
+            let (_mine, theirs) = Bells::pair().unwrap();
             send_with_fds(
                 &a,
                 bytes,
-                &[memory.fd(), bells.data.as_raw_fd(), bells.room.as_raw_fd()],
+                &[memory.fd(), theirs.data.as_raw_fd(), theirs.room.as_raw_fd()],
             )
             .unwrap();
             ShmPipe::accept(b)
@@ -518,7 +603,7 @@ mod tests {
         let start = Instant::now();
         let err = loop {
             match a.write(&[&[1u8; 904]], 0) {
-                Ok(0) => match a.wait_for_room(Duration::from_secs(5)) {
+                Ok(0) => match a.wait_for_room(904, Duration::ZERO, Duration::from_secs(5)) {
                     Ok(()) => continue,
                     Err(e) => break e,
                 },
@@ -531,14 +616,35 @@ mod tests {
     }
 
     #[test]
-    fn doorbells_that_are_not_eventfds_are_refused() {
+    fn doorbells_that_are_not_unix_sockets_are_refused() {
         let (a, b) = UnixStream::pair().unwrap();
         let memory = SharedMemory::create("test", 2 * Region::bytes_for(4096)).unwrap();
         let mut setup = SETUP_MAGIC.to_vec();
         setup.extend_from_slice(&4096u64.to_le_bytes());
-        let (pipe_r, pipe_w) = UnixStream::pair().unwrap();
-        send_with_fds(&a, &setup, &[memory.fd(), pipe_r.as_raw_fd(), pipe_w.as_raw_fd()]).unwrap();
+        // Eventfds: a peer could make them block (their flags are shared).
+        let (e1, e2) = (eventfd().unwrap(), eventfd().unwrap());
+        send_with_fds(&a, &setup, &[memory.fd(), e1.as_raw_fd(), e2.as_raw_fd()]).unwrap();
         assert!(ShmPipe::accept(b).is_err());
+    }
+
+    /// A peer that makes its end of a bell blocking and fills it cannot
+    /// make this side block: rings and drains say MSG_DONTWAIT per call.
+    #[test]
+    fn a_peer_cannot_make_ringing_block() {
+        let (a, b) = pair(4096);
+        // The acceptor's ends came from the opener, which could have kept
+        // copies; here the test plays that peer on the opener's side.
+        for _ in 0..100_000 {
+            ring_bell(&a.bells.data);
+        }
+        drain_bell(&b.bells.data);
+        a.bells.data.set_nonblocking(false).unwrap();
+        let t = Instant::now();
+        for _ in 0..100_000 {
+            ring_bell(&a.bells.data);
+        }
+        drain_bell(&a.bells.data);
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
@@ -557,7 +663,8 @@ mod tests {
             let n = a.write(&[&big[at..]], 0).unwrap();
             at += n;
             if n == 0 {
-                a.wait_for_room(Duration::from_secs(10)).unwrap();
+                a.wait_for_room(1, Duration::from_micros(20), Duration::from_secs(10))
+                    .unwrap();
             }
         }
         assert!(t.elapsed() < Duration::from_secs(5), "the room bell did not ring");

@@ -145,6 +145,11 @@ impl Producer {
         }
     }
 
+    /// The ring's size.
+    pub(crate) fn capacity(&self) -> u64 {
+        self.region.capacity
+    }
+
     /// Bytes that fit now.
     pub(crate) fn room(&mut self) -> Result<u64, Corrupt> {
         let tail = self.region.u64_at(TAIL).load(Ordering::Acquire);

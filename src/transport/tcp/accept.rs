@@ -46,7 +46,9 @@ impl Shared {
             match listener.accept() {
                 Ok(_) if self.stopping.load(Ordering::Acquire) => {}
                 Ok((sock, _)) => {
-                    if let Err(e) = ShmStream::accepted(sock).and_then(|s| self.adopt_conn(Stream::Shm(s))) {
+                    if let Err(e) =
+                        ShmStream::accepted(sock, self.spin).and_then(|s| self.adopt_conn(Stream::Shm(Box::new(s))))
+                    {
                         log_at!(Warn, Some(self.me), "could not take a connection from this host: {e}");
                     }
                 }

@@ -600,7 +600,7 @@ impl Conn {
                     if mode == Mode::NoWait || left.is_zero() {
                         return Ok(Wrote::Partly(sent));
                     }
-                    self.stream.wait_writable(left)?;
+                    self.stream.wait_writable(total - sent, left)?;
                 }
                 Err(e) => return Err(e),
             }

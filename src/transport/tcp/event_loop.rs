@@ -177,6 +177,10 @@ impl Shared {
                     _ => {
                         let (token, part, ev) = Part::split(*ev);
                         let conn = self.conns.lock().get(&token).cloned();
+                        if let Some(conn) = &conn {
+                            // Before looking at the rings: a ring after this raises a new event.
+                            conn.stream.drain_bell(part);
+                        }
                         if let Some(conn) = conn
                             && self.on_event(&conn, ev, part, pass, &mut hot)
                         {
@@ -438,14 +442,23 @@ impl Shared {
         let serving = (!conn.outbound && conn.peer().is_some())
             .then(|| self.dispatch())
             .flatten();
-        let backlog_full = || serving.as_ref().is_some_and(|d| d.backlog_full());
+        // Whether the pass stopped for a full backlog: then the connection
+        // is paused (`pause_reading` looks again and resumes it if the
+        // backlog has drained since), never left with bytes unread and
+        // nothing to wake the loop for them.
+        let stopped = std::cell::Cell::new(false);
+        let backlog_full = || {
+            let full = serving.as_ref().is_some_and(|d| d.backlog_full());
+            stopped.set(stopped.get() | full);
+            full
+        };
         let result = if ev.closed() {
             reader.read_to_end(&mut stream, &mut on_frame)
         } else {
             reader.read_until(&mut stream, &mut on_frame, &backlog_full)
         };
         drop(reader);
-        if backlog_full() {
+        if stopped.get() || backlog_full() {
             self.pause_reading(conn);
         } else if spin_here {
             hot.add(conn);

@@ -46,6 +46,10 @@ use conn::Conn;
 use event_loop::{FIRST_CONN_TOKEN, LISTENER, SAME_HOST_LISTENER, WAKER};
 use open::WaitingCalls;
 
+/// Between a rank's TCP address and the random part of its same-host
+/// socket's name, in the address it publishes at the rendezvous.
+const SAME_HOST_MARK: char = '#';
+
 /// What a rank knows after the rendezvous: its listener and the world.
 pub(crate) struct JoinedWorld {
     listener: TcpListener,
@@ -71,32 +75,43 @@ pub(crate) fn join_world(config: &Config) -> Result<JoinedWorld> {
     let listener = sys::listen((ip, 0).into()).map_err(|e| RpcError::Init(format!("cannot listen on {ip}: {e}")))?;
     let listen_addr = listener.local_addr()?;
     // Bound before the rendezvous, so that it is there by the time any rank
-    // learns this one's address.
+    // learns this one's address; its name (with a random part no other
+    // process can guess) travels with the address: "ip:port#nonce".
     let same_host = match config.transport.as_str() {
         "tcp" => None,
-        _ => match sys::listen_unix(&sys::same_host_name(listen_addr)) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                crate::log::log_at!(
-                    Info,
-                    Some(config.rank),
-                    "no shared memory with ranks on this host (cannot listen on a Unix socket: {e}); they use TCP"
-                );
-                None
+        _ => {
+            let nonce: String = crate::auth::random_bytes::<8>()?
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            match sys::listen_unix(&sys::same_host_name(listen_addr, &nonce)) {
+                Ok(l) => Some((l, nonce)),
+                Err(e) => {
+                    crate::log::log_at!(
+                        Info,
+                        Some(config.rank),
+                        "no shared memory with ranks on this host (cannot listen on a Unix socket: {e}); they use TCP"
+                    );
+                    None
+                }
             }
-        },
+        }
+    };
+    let published = match &same_host {
+        Some((_, nonce)) => format!("{listen_addr}{SAME_HOST_MARK}{nonce}"),
+        None => listen_addr.to_string(),
     };
     let join = wire::Join {
         rank: config.rank as u32,
         world_size: config.world_size as u32,
         name: config.worker_name(),
-        addr: listen_addr.to_string(),
+        addr: published,
     };
     let table = rendezvous::rendezvous(config, master, join)?;
     Ok(JoinedWorld {
         listener,
         listen_addr,
-        same_host,
+        same_host: same_host.map(|(l, _)| l),
         table,
     })
 }
@@ -127,6 +142,8 @@ const VIA_SHM: u8 = 2;
 
 struct Peer {
     addr: SocketAddr,
+    /// Its same-host socket's name, if it listens on one.
+    same_host_name: Option<String>,
     /// How this rank's calls to the peer travel: `VIA_NONE` before the
     /// first, then the kind of the connection opened for them.
     via: AtomicU8,
@@ -231,12 +248,17 @@ impl TcpTransport {
             .table
             .ranks
             .iter()
-            .map(|(_, addr)| {
-                let addr = addr
+            .map(|(_, published)| {
+                let (addr, nonce) = match published.split_once(SAME_HOST_MARK) {
+                    Some((addr, nonce)) => (addr, Some(nonce)),
+                    None => (published.as_str(), None),
+                };
+                let addr: SocketAddr = addr
                     .parse()
-                    .map_err(|_| RpcError::Init(format!("the rendezvous sent a bad address '{addr}'")))?;
+                    .map_err(|_| RpcError::Init(format!("the rendezvous sent a bad address '{published}'")))?;
                 Ok(Peer {
                     addr,
+                    same_host_name: nonce.map(|n| sys::same_host_name(addr, n)),
                     via: AtomicU8::new(VIA_NONE),
                     state: Mutex::new(PeerState::Idle),
                     room: Condvar::new(),

@@ -113,11 +113,13 @@ impl Shared {
     /// non-blocking TCP `connect` (see `on_connect_event`).
     pub(super) fn open(&self, dst: usize) -> Result<Arc<Conn>> {
         let addr = self.peers[dst].addr;
-        if self.same_host.is_some() {
-            match self.offer_rings(dst) {
+        if self.same_host.is_some()
+            && let Some(name) = &self.peers[dst].same_host_name
+        {
+            match self.offer_rings(name) {
                 Ok(stream) => {
                     self.peers[dst].via.store(VIA_SHM, Ordering::Relaxed);
-                    return self.start_opening(Stream::Shm(stream), dst);
+                    return self.start_opening(Stream::Shm(Box::new(stream)), dst);
                 }
                 // Nobody listens under that name here: another host, or
                 // another network namespace.
@@ -145,10 +147,11 @@ impl Shared {
         self.start_opening(Stream::Tcp(stream), dst)
     }
 
-    /// Connects to `dst`'s same-host socket and offers it a pair of rings.
-    fn offer_rings(&self, dst: usize) -> std::io::Result<ShmStream> {
-        let sock = sys::connect_unix(&sys::same_host_name(self.peers[dst].addr))?;
-        ShmStream::offer(sock, self.ring_bytes)
+    /// Connects to a rank's same-host socket `name` and offers it a pair
+    /// of rings.
+    fn offer_rings(&self, name: &str) -> std::io::Result<ShmStream> {
+        let sock = sys::connect_unix(name)?;
+        ShmStream::offer(sock, self.ring_bytes, self.spin)
     }
 
     /// A connection to `dst` whose opening has started joins the
@@ -241,7 +244,7 @@ impl Shared {
 
     /// The same-host connection `failed` opening to `dst` is replaced by a
     /// TCP one, which keeps its place (the calls queued, the opening turn).
-    fn reopen_over_tcp(&self, failed: &Arc<Conn>, dst: usize) {
+    pub(super) fn reopen_over_tcp(&self, failed: &Arc<Conn>, dst: usize) {
         let addr = self.peers[dst].addr;
         let mut st = self.peers[dst].state.lock();
         let PeerState::Connecting {

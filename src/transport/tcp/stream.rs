@@ -7,8 +7,9 @@
 //!
 //! A pipe's descriptors join the epoll set under the connection's token,
 //! told apart by [`Part`] in its top bits: the data bell (bytes to read),
-//! the room bell (room to write, reported as writable), and the socket
-//! (setup messages, then only the peer going).
+//! the room bell (room to write, reported as writable), the socket (setup
+//! messages, then only the peer going), and the wake bell the pipe rings
+//! itself (reported as both).
 
 use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, TcpStream};
@@ -33,6 +34,8 @@ pub(crate) enum Part {
     Room,
     /// A pipe's Unix socket.
     Socket,
+    /// A pipe's own wake bell (bytes or room found there already).
+    Wake,
 }
 
 const PART_SHIFT: u32 = 62;
@@ -47,6 +50,7 @@ impl Part {
                 Part::Main => 0,
                 Part::Room => 1 << PART_SHIFT,
                 Part::Socket => 2 << PART_SHIFT,
+                Part::Wake => 3 << PART_SHIFT,
             }
     }
 
@@ -66,14 +70,22 @@ impl Part {
                     events: if ev.events & in_bits != 0 { WRITABLE } else { 0 },
                 },
             ),
-            _ => (token, Part::Socket, Event { token, ..ev }),
+            2 => (token, Part::Socket, Event { token, ..ev }),
+            _ => (
+                token,
+                Part::Wake,
+                Event {
+                    token,
+                    events: (libc::EPOLLIN | libc::EPOLLOUT) as u32,
+                },
+            ),
         }
     }
 }
 
 pub(crate) enum Stream {
     Tcp(TcpStream),
-    Shm(ShmStream),
+    Shm(Box<ShmStream>),
 }
 
 /// A same-host pair's connection: the socket it met on, and the pipe once
@@ -81,6 +93,8 @@ pub(crate) enum Stream {
 pub(crate) struct ShmStream {
     sock: UnixStream,
     pipe: OnceLock<ShmPipe>,
+    /// How long a writer finding the ring full spins before it sleeps.
+    spin: Duration,
     /// The opener's rings until the acceptor answers.
     offer: Mutex<Option<Offer>>,
 }
@@ -97,7 +111,7 @@ pub(crate) enum Setup {
 impl ShmStream {
     /// The opener's side: offers rings of `ring_bytes` over `sock`, just
     /// connected (never blocks: the message fits in an empty socket).
-    pub(crate) fn offer(sock: UnixStream, ring_bytes: usize) -> io::Result<ShmStream> {
+    pub(crate) fn offer(sock: UnixStream, ring_bytes: usize, spin: Duration) -> io::Result<ShmStream> {
         sock.set_nonblocking(true)?;
         let offer = Offer::new(ring_bytes)?;
         let (bytes, fds) = offer.message();
@@ -105,16 +119,18 @@ impl ShmStream {
         Ok(ShmStream {
             sock,
             pipe: OnceLock::new(),
+            spin,
             offer: Mutex::new(Some(offer)),
         })
     }
 
     /// The acceptor's side: waits (in the event loop) for the offer.
-    pub(crate) fn accepted(sock: UnixStream) -> io::Result<ShmStream> {
+    pub(crate) fn accepted(sock: UnixStream, spin: Duration) -> io::Result<ShmStream> {
         sock.set_nonblocking(true)?;
         Ok(ShmStream {
             sock,
             pipe: OnceLock::new(),
+            spin,
             offer: Mutex::new(None),
         })
     }
@@ -137,8 +153,8 @@ impl ShmStream {
         let pipe = match offer.take() {
             Some(offer) => offer.accepted(self.sock.try_clone()?, &message[..n], fds)?,
             None => {
-                let (pipe, answer, fds) = take_offer(self.sock.try_clone()?, &message[..n], fds)?;
-                send_with_fds(&self.sock, answer, &fds)?;
+                let (pipe, answer) = take_offer(self.sock.try_clone()?, &message[..n], fds)?;
+                send_with_fds(&self.sock, answer, &[])?;
                 pipe
             }
         };
@@ -212,10 +228,14 @@ impl Stream {
                 } else {
                     epoll.add(&data, Part::Main.tag(token), bell(watch.read))?;
                     epoll.add(&room, Part::Room.tag(token), bell(watch.write))?;
+                    epoll.add(&pipe.wake_fd(), Part::Wake.tag(token), bell(true))?;
                     *bells_added = true;
                 }
                 if watch.read {
                     pipe.arm_reads()?;
+                }
+                if watch.write {
+                    pipe.arm_writes()?;
                 }
                 Ok(())
             }
@@ -228,6 +248,17 @@ impl Stream {
         match self {
             Stream::Tcp(_) => false,
             Stream::Shm(s) => s.pipe.get().is_some_and(|p| p.has_data().unwrap_or(true)),
+        }
+    }
+
+    /// An event loop heard a pipe's bell (`part`): empty it, so that the
+    /// next ring raises a new event.
+    pub(crate) fn drain_bell(&self, part: Part) {
+        if let Stream::Shm(s) = self
+            && let Some(pipe) = s.pipe.get()
+            && matches!(part, Part::Main | Part::Room)
+        {
+            pipe.drain(part == Part::Main);
         }
     }
 
@@ -250,6 +281,7 @@ impl Stream {
                 {
                     let _ = epoll.delete(&pipe.data_bell_fd());
                     let _ = epoll.delete(&pipe.room_bell_fd());
+                    let _ = epoll.delete(&pipe.wake_fd());
                 }
                 epoll.delete(&s.sock)
             }
@@ -288,12 +320,12 @@ impl Stream {
     }
 
     /// Waits up to `timeout` for room to write (after a write that did not
-    /// fit).
-    pub(crate) fn wait_writable(&self, timeout: Duration) -> io::Result<()> {
+    /// fit), with `left` bytes to go.
+    pub(crate) fn wait_writable(&self, left: usize, timeout: Duration) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => sys::wait_writable(s, timeout).map(drop),
             Stream::Shm(s) => match s.pipe.get() {
-                Some(pipe) => pipe.wait_for_room(timeout),
+                Some(pipe) => pipe.wait_for_room(left, s.spin, timeout),
                 None => Err(io::ErrorKind::NotConnected.into()),
             },
         }
