@@ -1,14 +1,18 @@
 /* rpcbench_c: what C users of rpcagent write, measured against a raw TCP
  * echo in the same run.
  *
- * Three processes: this one (the client: rank 0 of a world of 2, and the raw
- * echo's client), a forked rpcagent server (rank 1) and a forked raw echo
- * server. Every row runs its rounds interleaved (rpcagent, raw, rpcagent,
- * raw, ...) after a warm-up of each, and prints the median and the [min-max]
- * spread over the rounds of both, side by side.
+ * Four processes: this one (the client: rank 0 of two worlds of 2, and the
+ * raw echo's client), two forked rpcagent servers (rank 1 of each world)
+ * and a forked raw echo server. One world is set to RPCAGENT_TRANSPORT=tcp
+ * (the TCP path: sections latency, inflight, bandwidth); the other keeps
+ * the default, `auto`, under which ranks on one host talk through shared
+ * memory (section samehost, beside the TCP path). Every row runs its
+ * rounds interleaved (rpcagent, raw, rpcagent, raw, ...) after a warm-up of
+ * each, and prints the median and the [min-max] spread over the rounds of
+ * both, side by side.
  *
- *   rpcbench_c [--quick] [--rounds N] [--only latency,inflight,bandwidth] [--one-cpu]
- *              [--depth N] [--variant NAME]
+ *   rpcbench_c [--quick] [--rounds N] [--only latency,inflight,bandwidth,samehost]
+ *              [--one-cpu] [--depth N] [--variant NAME]
  *
  * --quick: tiny rounds, payloads up to 1 MiB (the ctest smoke run).
  * --one-cpu: pin all three processes (and every library thread) to CPU 0.
@@ -88,9 +92,11 @@ static int opt_quick, opt_rounds = 5, opt_one_cpu;
 static const char *opt_variant; /* --variant: run only in-flight variants whose name contains it */
 /* --depth: only this many calls in flight (for profiling one row). */
 static int opt_depth;
-static int want_latency = 1, want_inflight = 1, want_bandwidth = 1;
+static int want_latency = 1, want_inflight = 1, want_bandwidth = 1, want_samehost = 1;
 static int is_child;
-static pid_t rpc_server_pid, raw_server_pid;
+static pid_t rpc_server_pids[2], raw_server_pid;
+/* The two worlds: their transport settings, by index. */
+static const char *const world_transport[2] = {"tcp", "auto"};
 
 static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 static void fail(const char *fmt, ...) {
@@ -104,9 +110,11 @@ static void fail(const char *fmt, ...) {
     fflush(NULL);
     if (!is_child) {
         int status = 0;
-        if (rpc_server_pid > 0) {
-            kill(rpc_server_pid, SIGKILL);
-            waitpid(rpc_server_pid, &status, 0);
+        for (int w = 0; w < 2; w++) {
+            if (rpc_server_pids[w] > 0) {
+                kill(rpc_server_pids[w], SIGKILL);
+                waitpid(rpc_server_pids[w], &status, 0);
+            }
         }
         if (raw_server_pid > 0) {
             kill(raw_server_pid, SIGKILL);
@@ -422,6 +430,12 @@ static int32_t h_echo_alloc(void *ud, const rpcagent_request_t *req, rpcagent_re
     return 0;
 }
 
+/* Inline handler answering with a copy (runs on the thread that read the request). */
+static int32_t h_echo_inline(void *ud, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
+    (void)ud;
+    return rpcagent_reply_set(reply, req->args, req->args_len) == RPCAGENT_OK ? 0 : 1;
+}
+
 static int32_t h_stop(void *ud, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
     (void)ud;
     (void)req;
@@ -433,7 +447,7 @@ static int32_t h_stop(void *ud, const rpcagent_request_t *req, rpcagent_reply_t 
     return 0;
 }
 
-static rpcagent_t *join_world(uint32_t rank, int port) {
+static rpcagent_t *join_world(uint32_t rank, int port, const char *transport) {
     rpcagent_config_t *cfg = rpcagent_config_new();
     if (cfg == NULL) fail("rpcagent_config_new returned NULL");
     /* RPCAGENT_* variables apply (RPCAGENT_SPIN_US, say); the world's
@@ -443,15 +457,18 @@ static rpcagent_t *join_world(uint32_t rank, int port) {
     check_status(rpcagent_config_set_world_size(cfg, 2), "rpcagent_config_set_world_size");
     check_status(rpcagent_config_set_master(cfg, "127.0.0.1", (uint16_t)port), "rpcagent_config_set_master");
     check_status(rpcagent_config_set_init_timeout_ms(cfg, 30000), "rpcagent_config_set_init_timeout_ms");
+    check_status(rpcagent_config_set_transport(cfg, transport), "rpcagent_config_set_transport");
     rpcagent_t *agent = NULL;
     check_status(rpcagent_init(cfg, &agent), "rpcagent_init");
     rpcagent_config_free(cfg);
     return agent;
 }
 
-static int rpc_server_main(int port) {
-    rpcagent_t *agent = join_world(1, port);
+static int rpc_server_main(int port, const char *transport) {
+    rpcagent_t *agent = join_world(1, port, transport);
     check_status(rpcagent_register(agent, "echo_set", h_echo_set, NULL, NULL, 0), "register echo_set");
+    check_status(rpcagent_register(agent, "echo_inline", h_echo_inline, NULL, NULL, RPCAGENT_HANDLER_INLINE),
+                 "register echo_inline");
     check_status(rpcagent_register(agent, "echo_alloc", h_echo_alloc, NULL, NULL, 0), "register echo_alloc");
     check_status(rpcagent_register(agent, "stop", h_stop, NULL, NULL, 0), "register stop");
     check_status(rpcagent_start(agent), "rpcagent_start");
@@ -477,11 +494,11 @@ static int port_is_free(int port) {
 }
 
 /* A free port below the ephemeral range (as c_tests/harness.h picks them). */
-static int free_port(void) {
+static int free_port(int not_this) {
     unsigned start = (unsigned)getpid() % 97 * 120;
     for (unsigned i = 0; i < 12000; i++) {
         int port = 20000 + (int)((start + i) % 12000);
-        if (port_is_free(port)) return port;
+        if (port != not_this && port_is_free(port)) return port;
     }
     fail("no free port between 20000 and 31999");
 }
@@ -512,15 +529,15 @@ static int start_raw_server(size_t big_cap) {
     return ntohs(a.sin_port);
 }
 
-static void start_rpc_server(int port) {
+static void start_rpc_server(int world, int port) {
     fflush(NULL);
     pid_t pid = fork();
     if (pid < 0) fail("fork: %s", strerror(errno));
     if (pid == 0) {
         become_child();
-        _exit(rpc_server_main(port));
+        _exit(rpc_server_main(port, world_transport[world]));
     }
-    rpc_server_pid = pid;
+    rpc_server_pids[world] = pid;
 }
 
 static int raw_connect(int port) {
@@ -534,7 +551,8 @@ static int raw_connect(int port) {
 
 /* ---------- the client's state ---------- */
 
-static rpcagent_t *agent;
+static rpcagent_t *agent; /* the world the rows call through now */
+static rpcagent_t *agents[2]; /* by world: the TCP path, then `auto` (shared memory) */
 static struct raw_conn raw;
 static uint8_t *args_buf;  /* payloads sent (pre-faulted, shared by both sides) */
 static uint8_t *raw_big;   /* the raw client's reused receive buffer for large replies */
@@ -958,23 +976,128 @@ static void section_bandwidth(void) {
     }
 }
 
+/* ---------- section 4: ranks on one host, shared memory vs the TCP path ---------- */
+
+static double memcpy_round(uint8_t *dst, const uint8_t *src, size_t len, int iters) {
+    uint64_t t0 = now_ns();
+    for (int i = 0; i < iters; i++) {
+        memcpy(dst, src, len);
+        __asm__ volatile("" ::"r"(dst) : "memory"); /* the copy is not optimised away */
+    }
+    return (double)len * iters / ((now_ns() - t0) / 1e9) / 1e9;
+}
+
+/* One row: the shared-memory world, the TCP-path world and a baseline,
+ * median [min-max] each, with ratios oriented so that > 1 means shared
+ * memory did better. */
+static void samehost_row(const char *label, const struct series *shm, const struct series *tcp,
+                         const struct series *base, const char *base_name, enum unit u) {
+    char a[96], b[96], c[96];
+    printf("| %s | %s | %s | %.2fx | %s: %s | %.2fx |\n", label, fmt_series(a, sizeof a, shm, u),
+           fmt_series(b, sizeof b, tcp, u), better_ratio(shm, tcp, u), base_name, fmt_series(c, sizeof c, base, u),
+           better_ratio(shm, base, u));
+}
+
+static void section_samehost(void) {
+    printf("\n## Ranks on one host: shared memory (RPCAGENT_TRANSPORT=auto, the default) vs the TCP path "
+           "(=tcp), same run\n\n");
+    printf("Two worlds of 2 (this process and a forked server each), one per setting; the raw baseline is "
+           "the TCP echo above, with its 50 us spinning client for latency.\n\n");
+    printf("| row | shm | tcp path | shm vs tcp path | baseline | shm vs baseline |\n");
+    printf("|---|---|---|---|---|---|\n");
+    fflush(stdout);
+    int calls = opt_quick ? 400 : 5000;
+    uint64_t *lat = xmalloc(sizeof(uint64_t) * (size_t)calls);
+    static const struct {
+        const char *fn, *label;
+    } lat_rows[] = {{"echo_set", "8 B p50 us, pool handler"}, {"echo_inline", "8 B p50 us, inline handler"}};
+    for (size_t row = 0; row < 2; row++) {
+        struct series p50[2] = {0}, raw_p50 = {0};
+        for (int w = 0; w < 2; w++) {
+            agent = agents[w];
+            rpc_latency_round(lat_rows[row].fn, 8, calls / 4, lat);
+        }
+        raw_latency_round(8, calls / 4, lat, RAW_SPIN_NS);
+        for (int r = 0; r < opt_rounds; r++) {
+            for (int w = 0; w < 2; w++) {
+                agent = agents[w];
+                add(&p50[w], rpc_latency_round(lat_rows[row].fn, 8, calls, lat).p50_us);
+            }
+            add(&raw_p50, raw_latency_round(8, calls, lat, RAW_SPIN_NS).p50_us);
+        }
+        samehost_row(lat_rows[row].label, &p50[1], &p50[0], &raw_p50, "raw TCP, spin", US);
+        fflush(stdout);
+    }
+    free(lat);
+    static const struct {
+        int mode;
+        const char *label;
+    } deep_rows[] = {{3, "128 x 32 B in flight, queue_wait, calls/s"}, {0, "128 x 32 B in flight, wait_any, calls/s"}};
+    int total = opt_quick ? 4000 : 200000;
+    for (size_t row = 0; row < 2; row++) {
+        struct series rate[2] = {0}, raw_rate = {0};
+        for (int w = 0; w < 2; w++) {
+            agent = agents[w];
+            inflight_modes[deep_rows[row].mode].run(128, total / 4);
+        }
+        raw_inflight_batched(128, total / 4);
+        for (int r = 0; r < opt_rounds; r++) {
+            for (int w = 0; w < 2; w++) {
+                agent = agents[w];
+                add(&rate[w], timed_rate(inflight_modes[deep_rows[row].mode].run, 128, total));
+            }
+            add(&raw_rate, timed_rate(raw_inflight_batched, 128, total));
+        }
+        samehost_row(deep_rows[row].label, &rate[1], &rate[0], &raw_rate, "raw TCP, batched writes", RATE);
+        fflush(stdout);
+    }
+    if (big_cap >= (opt_quick ? MiB : 64 * MiB)) {
+        size_t len = opt_quick ? MiB : 64 * MiB;
+        int iters = opt_quick ? 20 : 8;
+        uint8_t *copy = big_alloc(len, 0);
+        struct series bw[2] = {0}, raw_bw = {0}, cp = {0};
+        for (int w = 0; w < 2; w++) {
+            agent = agents[w];
+            rpc_bandwidth_round(len, 2);
+        }
+        raw_bandwidth_round(len, 2);
+        memcpy_round(copy, args_buf, len, 2);
+        for (int r = 0; r < opt_rounds; r++) {
+            for (int w = 0; w < 2; w++) {
+                agent = agents[w];
+                add(&bw[w], rpc_bandwidth_round(len, iters));
+            }
+            add(&raw_bw, raw_bandwidth_round(len, iters));
+            add(&cp, memcpy_round(copy, args_buf, len, iters));
+        }
+        char label[64];
+        snprintf(label, sizeof label, "%zu MiB round trip, GB/s", len / MiB);
+        samehost_row(label, &bw[1], &bw[0], &raw_bw, "raw TCP", GBPS);
+        samehost_row(label, &bw[1], &bw[0], &cp, "memcpy of the size, one thread", GBPS);
+        free(copy);
+        fflush(stdout);
+    }
+    agent = agents[0];
+}
+
 /* ---------- main ---------- */
 
 static void usage(const char *argv0) {
-    fprintf(stderr, "usage: %s [--quick] [--rounds N] [--only latency,inflight,bandwidth] [--one-cpu] [--depth 1|16|128] [--variant NAME]\n",
+    fprintf(stderr, "usage: %s [--quick] [--rounds N] [--only latency,inflight,bandwidth,samehost] [--one-cpu] [--depth 1|16|128] [--variant NAME]\n",
             argv0);
     exit(2);
 }
 
 static void parse_only(const char *list, const char *argv0) {
-    want_latency = want_inflight = want_bandwidth = 0;
+    want_latency = want_inflight = want_bandwidth = want_samehost = 0;
     char *copy = strdup(list), *save = NULL;
     for (char *t = strtok_r(copy, ",", &save); t != NULL; t = strtok_r(NULL, ",", &save)) {
         if (strcmp(t, "latency") == 0) want_latency = 1;
         else if (strcmp(t, "inflight") == 0) want_inflight = 1;
         else if (strcmp(t, "bandwidth") == 0) want_bandwidth = 1;
+        else if (strcmp(t, "samehost") == 0) want_samehost = 1;
         else {
-            fprintf(stderr, "unknown section '%s' (latency, inflight, bandwidth)\n", t);
+            fprintf(stderr, "unknown section '%s' (latency, inflight, bandwidth, samehost)\n", t);
             usage(argv0);
         }
     }
@@ -1020,13 +1143,17 @@ int main(int argc, char **argv) {
     printf("ratio columns: > 1 means rpcagent did better (latency: raw p50 / rpcagent p50; rates: rpcagent / raw)\n");
     fflush(stdout);
 
-    big_cap = want_bandwidth ? (opt_quick ? bw_sizes_quick[0] : bw_sizes_full[3]) : 0;
+    big_cap = want_bandwidth ? (opt_quick ? bw_sizes_quick[0] : bw_sizes_full[3])
+                             : want_samehost ? (opt_quick ? MiB : 64 * MiB) : 0;
     size_t args_cap = big_cap > 64 * KiB ? big_cap : 64 * KiB;
 
     /* Fork both servers before this process starts any library thread. */
     int raw_port = start_raw_server(big_cap);
-    int master_port = free_port();
-    start_rpc_server(master_port);
+    int master_ports[2];
+    for (int w = 0; w < 2; w++) {
+        master_ports[w] = free_port(w > 0 ? master_ports[0] : 0);
+        start_rpc_server(w, master_ports[w]);
+    }
 
     args_buf = big_alloc(args_cap, 0x5c);
     if (big_cap) raw_big = big_alloc(big_cap, 0);
@@ -1034,46 +1161,57 @@ int main(int argc, char **argv) {
     raw.rbuf = xmalloc(RAW_RBUF);
     memset(raw.rbuf, 0, RAW_RBUF);
 
-    agent = join_world(0, master_port);
-    check_status(rpcagent_start(agent), "rpcagent_start");
-    check_status(rpcagent_barrier(agent, 30000), "rpcagent_barrier");
+    for (int w = 0; w < 2; w++) {
+        agents[w] = join_world(0, master_ports[w], world_transport[w]);
+        check_status(rpcagent_start(agents[w]), "rpcagent_start");
+        check_status(rpcagent_barrier(agents[w], 30000), "rpcagent_barrier");
+    }
+    agent = agents[0];
 
     uint64_t t0 = now_ns();
     if (want_latency) section_latency();
     if (want_inflight) section_inflight();
     if (want_bandwidth) section_bandwidth();
+    if (want_samehost) section_samehost();
 
-    rpcagent_stats_t st;
-    check_status(rpcagent_get_stats(agent, &st, sizeof st), "rpcagent_get_stats");
-    if (st.calls_failed || st.calls_timed_out || st.calls_in_flight || st.calls_ok != st.calls_started)
-        fail("stats: %llu started, %llu ok, %llu failed, %llu timed out, %llu in flight",
-             (unsigned long long)st.calls_started, (unsigned long long)st.calls_ok,
-             (unsigned long long)st.calls_failed, (unsigned long long)st.calls_timed_out,
-             (unsigned long long)st.calls_in_flight);
+    unsigned long long calls = 0;
+    for (int w = 0; w < 2; w++) {
+        rpcagent_stats_t st;
+        check_status(rpcagent_get_stats(agents[w], &st, sizeof st), "rpcagent_get_stats");
+        if (st.calls_failed || st.calls_timed_out || st.calls_in_flight || st.calls_ok != st.calls_started)
+            fail("stats: %llu started, %llu ok, %llu failed, %llu timed out, %llu in flight",
+                 (unsigned long long)st.calls_started, (unsigned long long)st.calls_ok,
+                 (unsigned long long)st.calls_failed, (unsigned long long)st.calls_timed_out,
+                 (unsigned long long)st.calls_in_flight);
+        calls += st.calls_started;
+    }
+    const char *shm_way = rpcagent_peer_transport(agents[1], 1);
 
-    /* Stop: the server leaves on "stop"; both shut down gracefully. */
-    rpcagent_buffer_t out;
-    check_status(rpcagent_call_sync(agent, 1, "stop", NULL, 0, RPCAGENT_TIMEOUT_DEFAULT, &out), "stop");
-    rpcagent_buffer_free(&out);
-    check_status(rpcagent_shutdown(agent, 1, 30000), "rpcagent_shutdown (client)");
-    rpcagent_free(agent);
+    /* Stop: each server leaves on "stop"; all shut down gracefully. */
+    for (int w = 0; w < 2; w++) {
+        rpcagent_buffer_t out;
+        check_status(rpcagent_call_sync(agents[w], 1, "stop", NULL, 0, RPCAGENT_TIMEOUT_DEFAULT, &out), "stop");
+        rpcagent_buffer_free(&out);
+        check_status(rpcagent_shutdown(agents[w], 1, 30000), "rpcagent_shutdown (client)");
+        rpcagent_free(agents[w]);
+    }
     close(raw.fd);
 
     int failed = 0;
-    pid_t pids[2] = {rpc_server_pid, raw_server_pid};
-    const char *names[2] = {"rpcagent server", "raw server"};
-    for (int i = 0; i < 2; i++) {
+    pid_t pids[3] = {rpc_server_pids[0], rpc_server_pids[1], raw_server_pid};
+    const char *names[3] = {"rpcagent server (tcp)", "rpcagent server (auto)", "raw server"};
+    for (int i = 0; i < 3; i++) {
         int status = 0;
         if (waitpid(pids[i], &status, 0) != pids[i] || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
             fprintf(stderr, "rpcbench_c: FAILED: the %s exited with status %d\n", names[i], status);
             failed = 1;
         }
     }
-    rpc_server_pid = raw_server_pid = 0;
+    rpc_server_pids[0] = rpc_server_pids[1] = raw_server_pid = 0;
     free(args_buf);
     free(raw_big);
     free(raw.rbuf);
-    printf("\n%llu rpcagent calls, all replies checked; %.0f s\n", (unsigned long long)st.calls_started,
-           (now_ns() - t0) / 1e9);
+    printf("\n%llu rpcagent calls, all replies checked; the `auto` world's calls went over %s; %.0f s\n", calls,
+           shm_way ? shm_way : "nothing", (now_ns() - t0) / 1e9);
     return failed;
 }
