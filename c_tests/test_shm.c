@@ -11,10 +11,16 @@
  *   work and rpcagent_peer_transport says "tcp".
  * - a large payload both ways through rings smaller than it: the bytes
  *   arrive whole, in order, many times over.
+ * - 64 ranks on this host, all-to-all: every rank calls every rank (itself
+ *   included) with 20 calls in flight, every reply checked, every other
+ *   rank then reached over shared memory, and no thread added for it (the
+ *   process's threads are counted before the first call and after the
+ *   last).
  * Under RPCAGENT_TRANSPORT=tcp (the suite's second run) the same worlds
  * run over TCP: the expectations on how calls travel say so. */
 #include "harness.h"
 
+#include <dirent.h>
 #include <pthread.h>
 #include <stdatomic.h>
 
@@ -161,6 +167,69 @@ static void large_both_ways(void) {
     rpcagent_free(agent);
 }
 
+/* ---- 64 ranks, all-to-all ---- */
+
+static int threads_now(void) {
+    DIR *d = opendir("/proc/self/task");
+    CHECK(d != NULL);
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d)) != NULL;)
+        if (e->d_name[0] != '.') n++;
+    closedir(d);
+    return n;
+}
+
+/* Bytes of this process's mappings of rings (memfds named rpcagent-rings). */
+static double ring_mib_mapped(void) {
+    FILE *f = fopen("/proc/self/maps", "r");
+    CHECK(f != NULL);
+    char line[512];
+    double mib = 0;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long lo, hi;
+        if (strstr(line, "rpcagent-rings") && sscanf(line, "%lx-%lx", &lo, &hi) == 2) mib += (hi - lo) / 1048576.0;
+    }
+    fclose(f);
+    return mib;
+}
+
+static void all_to_all(void) {
+    rpcagent_t *agent = join_from_env();
+    CHECK_OK(rpcagent_register(agent, "echo", echo, NULL, NULL, RPCAGENT_HANDLER_INLINE));
+    CHECK_OK(rpcagent_start(agent));
+    CHECK_OK(rpcagent_barrier(agent, 60000));
+    int threads = threads_now();
+    uint32_t me = rpcagent_rank(agent), n = rpcagent_world_size(agent);
+    enum { PER_PEER = 20 };
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t dst = (me + k) % n; /* everyone starts on a different rank */
+        rpcagent_future_t *fs[PER_PEER];
+        uint32_t sent[PER_PEER];
+        for (int i = 0; i < PER_PEER; i++) {
+            sent[i] = me * 100000 + dst * 100 + (uint32_t)i;
+            CHECK_OK(rpcagent_call_async(agent, dst, "echo", (const uint8_t *)&sent[i], sizeof sent[i], 60000, &fs[i]));
+        }
+        for (int i = 0; i < PER_PEER; i++) {
+            rpcagent_buffer_t out;
+            CHECK_OK(rpcagent_future_wait(fs[i], 60000, &out));
+            CHECK(out.len == sizeof sent[i] && memcmp(out.data, &sent[i], sizeof sent[i]) == 0);
+            rpcagent_buffer_free(&out);
+            rpcagent_future_free(fs[i]);
+        }
+    }
+    CHECK_OK(rpcagent_barrier(agent, 60000));
+    for (uint32_t r = 0; r < n; r++) {
+        const char *way = rpcagent_peer_transport(agent, r);
+        CHECK(way != NULL && strcmp(way, r == me ? "self" : tcp_everywhere() ? "tcp" : "shm") == 0);
+    }
+    CHECK(threads_now() == threads);
+    if (me == 0)
+        printf("64 ranks all-to-all: %d threads per process, before and after; rank 0 maps %.1f MiB of rings\n",
+               threads, ring_mib_mapped());
+    CHECK_OK(rpcagent_shutdown(agent, 1, 60000));
+    rpcagent_free(agent);
+}
+
 int main(void) {
     int failed = run_world("large both ways", 2, large_both_ways, "RANK", "WORLD_SIZE", 120);
     failed |= run_world("killed mid-transfer", 2, killed_mid_transfer, "RANK", "WORLD_SIZE", 120);
@@ -169,6 +238,9 @@ int main(void) {
     setenv("RPCAGENT_TEST_FAIL_SHM", "map", 1);
     failed |= run_world("mapping refused", 2, falls_back, "RANK", "WORLD_SIZE", 60);
     unsetenv("RPCAGENT_TEST_FAIL_SHM");
+    setenv("RPCAGENT_WORKER_THREADS", "2", 1);
+    failed |= run_world("64 ranks all-to-all", 64, all_to_all, "RANK", "WORLD_SIZE", 240);
+    unsetenv("RPCAGENT_WORKER_THREADS");
     if (failed) return 1;
     printf("shm: ok\n");
     return 0;
