@@ -35,9 +35,11 @@ fn left(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
 
-/// Largest table a world of `world_size` ranks can need.
+/// Largest table a world of `world_size` ranks can need: per rank a name
+/// and an address (an IPv6 one with its scope, and a same-host socket's
+/// random part: `transport::tcp`).
 fn max_table_bytes(world_size: usize) -> u64 {
-    20 + world_size as u64 * (2 + 255 + 2 + 64)
+    20 + world_size as u64 * (2 + 255 + 2 + 128)
 }
 
 fn missing(members: &[Option<(String, String)>]) -> Vec<usize> {

@@ -558,7 +558,12 @@ impl Core {
         };
         drop(g);
         let complete: Option<HashMap<usize, ReplyRoute>> = complete;
-        for (_, route) in complete.into_iter().flatten() {
+        // This rank's own arrival is answered last: once answered, its
+        // caller may go on to exit, and the others' answers must have been
+        // sent (or queued) by then.
+        let mut routes: Vec<(usize, ReplyRoute)> = complete.into_iter().flatten().collect();
+        routes.sort_by_key(|(rank, _)| *rank == self.rank);
+        for (_, route) in routes {
             route.send(Ok(Vec::new()));
         }
     }

@@ -144,23 +144,20 @@ fn ring_bell(end: &UnixStream) {
     };
 }
 
-/// Forgets every ring waiting at `end`.
+/// Forgets the rings waiting at `end`: one bounded read (an honest peer
+/// rings once per announced sleep, so a few bytes at most wait; one that
+/// floods the bell gets no more than this read per event).
 fn drain_bell(end: &UnixStream) {
-    let mut buf = [0u8; 64];
-    loop {
-        // SAFETY: receives into a live local buffer of its length; never blocks.
-        let n = unsafe {
-            libc::recv(
-                end.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < buf.len() as isize {
-            return;
-        }
-    }
+    let mut buf = [0u8; 256];
+    // SAFETY: receives into a live local buffer of its length; never blocks.
+    unsafe {
+        libc::recv(
+            end.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
 }
 
 /// Rings a bell this side owns alone.
@@ -169,6 +166,14 @@ fn ring_own(fd: &OwnedFd) {
     // SAFETY: writes 8 bytes from a live u64 to our own non-blocking
     // eventfd (nobody else holds it). A full counter means it is rung.
     unsafe { libc::write(fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+}
+
+/// Empties a bell this side owns alone.
+fn drain_own(fd: &OwnedFd) {
+    let mut count: u64 = 0;
+    // SAFETY: reads 8 bytes into a live u64 from our own non-blocking
+    // eventfd; EAGAIN when not rung.
+    unsafe { libc::read(fd.as_raw_fd(), &mut count as *mut u64 as *mut libc::c_void, 8) };
 }
 
 /// The opener's rings, made and offered to the acceptor, whose answer is
@@ -303,7 +308,10 @@ impl ShmPipe {
 
     /// An event loop waits for room to write: the peer is asked to ring the
     /// room bell, and if there is room already the wake bell rings at once.
+    /// Only the thread that will act on the ring may call it (it empties
+    /// the room bell first, so that the next ring raises a new event).
     pub(crate) fn arm_writes(&self) -> io::Result<()> {
+        drain_bell(&self.bells.room);
         if self.tx.lock().prepare_wait_for_room(1).map_err(corrupt)? {
             ring_own(&self.wake);
         }
@@ -345,7 +353,10 @@ impl ShmPipe {
     /// An event loop takes over reading: the peer is asked to ring the data
     /// bell, and if bytes are waiting already (they raise no event by
     /// themselves) the wake bell rings at once.
+    /// Only the connection's reader may call it (it empties the data bell
+    /// first, so that the next ring raises a new event).
     pub(crate) fn arm_reads(&self) -> io::Result<()> {
+        drain_bell(&self.bells.data);
         if self.rx.lock().prepare_sleep().map_err(corrupt)? {
             ring_own(&self.wake);
         }
@@ -410,7 +421,8 @@ impl ShmPipe {
     /// A peer that is gone is `BrokenPipe`.
     pub(crate) fn wait_for_room(&self, need: usize, spin: Duration, timeout: Duration) -> io::Result<()> {
         let start = Instant::now();
-        let need = need.max(1) as u64;
+        // Half the ring at most: the two sides' copies then overlap.
+        let need = (need.max(1) as u64).min(self.tx.lock().capacity() / 2);
         while start.elapsed() < spin.min(timeout) {
             let mut tx = self.tx.lock();
             if tx.room().map_err(corrupt)? >= need.min(tx.capacity()) {
@@ -470,10 +482,17 @@ impl ShmPipe {
     /// Forgets the rings of the data bell (`data`) or the room bell that
     /// an event loop was told of: a bell whose socket still holds bytes may
     /// raise no new edge-triggered event (gVisor's sockets report only the
-    /// empty-to-ready change). Only the bell the event was for: emptying
-    /// the other could swallow a ring whose event is not reported yet.
+    /// empty-to-ready change). Only its owner may call it: the data bell's
+    /// by the thread holding the connection's reader, the room bell's by
+    /// the one finishing a handed-off queue (a ring meant for a thread
+    /// waiting on it would be lost).
     pub(crate) fn drain(&self, data: bool) {
         drain_bell(if data { &self.bells.data } else { &self.bells.room });
+    }
+
+    /// Empties the wake bell (its event was taken).
+    pub(crate) fn drain_wake(&self) {
+        drain_own(&self.wake);
     }
 
     /// The bell this side rings itself (`arm_reads`, `arm_writes`).

@@ -198,15 +198,14 @@ impl Producer {
 
     /// About to wait for `need` bytes of room: announces it, then looks
     /// again. True if the room is there already (do not wait).
+    /// The flag is left set even then: taking it back could race with the
+    /// consumer's swap and lose a ring another waiter needs; an extra ring
+    /// costs the consumer one system call.
     pub(crate) fn prepare_wait_for_room(&mut self, need: u64) -> Result<bool, Corrupt> {
         let need = need.min(self.region.capacity);
         self.region.u32_at(WRITER_WAITS).store(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if self.room()? >= need {
-            self.region.u32_at(WRITER_WAITS).store(0, Ordering::Relaxed);
-            return Ok(true);
-        }
-        Ok(false)
+        Ok(self.room()? >= need)
     }
 }
 
@@ -252,14 +251,11 @@ impl Consumer {
 
     /// About to sleep: announces it, then looks again. True if bytes
     /// arrived meanwhile (do not sleep).
+    /// The flag is left set even then (see `prepare_wait_for_room`).
     pub(crate) fn prepare_sleep(&self) -> Result<bool, Corrupt> {
         self.region.u32_at(READER_SLEEPS).store(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if self.ready()? > 0 {
-            self.region.u32_at(READER_SLEEPS).store(0, Ordering::Relaxed);
-            return Ok(true);
-        }
-        Ok(false)
+        Ok(self.ready()? > 0)
     }
 }
 
@@ -348,7 +344,11 @@ mod tests {
         let (mut p, mut c) = (Producer::new(heap.region()), Consumer::new(heap.region()));
         assert_eq!(p.write(&[b"a"], 0).unwrap(), (1, false));
         assert!(c.prepare_sleep().unwrap(), "a byte is ready: no sleep");
-        assert_eq!(p.write(&[b"b"], 0).unwrap(), (1, false), "the flag was taken back");
+        assert_eq!(
+            p.write(&[b"b"], 0).unwrap(),
+            (1, true),
+            "the flag stays: one spare ring"
+        );
         let mut out = [0u8; 8];
         assert_eq!(c.read(&mut out).unwrap(), (2, false));
         assert!(!c.prepare_sleep().unwrap());

@@ -395,8 +395,13 @@ impl Conn {
     }
 
     /// The I/O loop read a pipe without asking the peer to ring, and is
-    /// about to sleep: ask now.
+    /// about to sleep: ask now, unless the loop no longer reads it (a
+    /// caller or responder leads: it asks for itself before it sleeps).
     pub(crate) fn arm_reads(&self) -> io::Result<()> {
+        let i = self.interest.lock();
+        if !i.read || i.leader {
+            return Ok(());
+        }
         self.stream.arm_reads()
     }
 
@@ -713,6 +718,9 @@ impl Conn {
             }
             out.handed_off = false;
             out.writing = true;
+            // This thread finishes the queue: a pipe's room bell is its to
+            // empty (the next ring then raises a new event).
+            self.stream.drain_bell(super::stream::Part::Room);
             self.watch_writable(false)?;
         }
         self.write_queued(Mode::NoWait, 0)

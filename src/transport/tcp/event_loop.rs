@@ -177,8 +177,9 @@ impl Shared {
                     _ => {
                         let (token, part, ev) = Part::split(*ev);
                         let conn = self.conns.lock().get(&token).cloned();
-                        if let Some(conn) = &conn {
-                            // Before looking at the rings: a ring after this raises a new event.
+                        if let Some(conn) = &conn
+                            && part == Part::Wake
+                        {
                             conn.stream.drain_bell(part);
                         }
                         if let Some(conn) = conn
@@ -424,6 +425,11 @@ impl Shared {
             }
             return false;
         };
+        // The reader now: the data bell is ours to empty, before the ring is
+        // looked at (a ring after this raises a new event).
+        if part == Part::Main {
+            conn.stream.drain_bell(part);
+        }
         // A pipe is read without asking its peer to ring when the loop will
         // look at it again (spin) before sleeping; an ending one is read to
         // its end.

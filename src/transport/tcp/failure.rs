@@ -31,19 +31,6 @@ impl Shared {
         let Some(rank) = conn.peer() else {
             self.handshaking.fetch_sub(1, Ordering::AcqRel);
             if let Some(dst) = conn.opened_to {
-                // A same-host connection that failed before it was
-                // authenticated (other than by a wrong secret) gives way
-                // to TCP, which may work where it did not.
-                if conn.stream.is_shm() && !stopping && !matches!(why, Some(RpcError::Auth(_))) {
-                    let why = why.map_or("closed".into(), |e| e.to_string());
-                    log_at!(
-                        Info,
-                        Some(self.me),
-                        "the shared-memory connection to rank {dst} failed before its handshake ended ({why}); \
-                         its calls use TCP"
-                    );
-                    return self.reopen_over_tcp(conn, dst);
-                }
                 return self.open_failed(conn, dst, why);
             }
             if !stopping {

@@ -244,7 +244,7 @@ impl Shared {
 
     /// The same-host connection `failed` opening to `dst` is replaced by a
     /// TCP one, which keeps its place (the calls queued, the opening turn).
-    pub(super) fn reopen_over_tcp(&self, failed: &Arc<Conn>, dst: usize) {
+    fn reopen_over_tcp(&self, failed: &Arc<Conn>, dst: usize) {
         let addr = self.peers[dst].addr;
         let mut st = self.peers[dst].state.lock();
         let PeerState::Connecting {

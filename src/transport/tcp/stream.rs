@@ -251,14 +251,19 @@ impl Stream {
         }
     }
 
-    /// An event loop heard a pipe's bell (`part`): empty it, so that the
-    /// next ring raises a new event.
+    /// An event loop heard a pipe's bell (`part`) and owns what it rings
+    /// for (see `ShmPipe::drain`): empty it, so that the next ring raises a
+    /// new event.
     pub(crate) fn drain_bell(&self, part: Part) {
         if let Stream::Shm(s) = self
             && let Some(pipe) = s.pipe.get()
-            && matches!(part, Part::Main | Part::Room)
         {
-            pipe.drain(part == Part::Main);
+            match part {
+                Part::Main => pipe.drain(true),
+                Part::Room => pipe.drain(false),
+                Part::Wake => pipe.drain_wake(),
+                Part::Socket => {}
+            }
         }
     }
 
