@@ -222,16 +222,19 @@ fn rpc_server() {
     agent.shutdown(true, Duration::from_secs(600)).unwrap();
 }
 
-/// This process as rank 0 of a world of two, the server child as rank 1.
+/// This process as rank 0 of a world of two, the server child as rank 1,
+/// over TCP (these rows compare with the raw TCP echo; the same-host
+/// transport is measured by `rpcbench_c`'s samehost section).
 fn start_rpc() -> (Child, RpcAgent) {
     let port = free_port();
     let env = [
         ("RANK", "1".to_string()),
         ("WORLD_SIZE", "2".to_string()),
         ("MASTER_PORT", port.to_string()),
+        ("RPCAGENT_TRANSPORT", "tcp".to_string()),
     ];
     let child = spawn("rpc-server", &env);
-    let agent = RpcAgent::init(Config::new(0, 2).master("127.0.0.1", port)).unwrap();
+    let agent = RpcAgent::init(Config::new(0, 2).master("127.0.0.1", port).transport("tcp")).unwrap();
     agent.start().unwrap();
     (child, agent)
 }

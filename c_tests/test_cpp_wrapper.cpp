@@ -102,6 +102,8 @@ static void in_process() {
     EXPECT(status_of([&] { a.call(1, "upper"); }) == RPCAGENT_ERR_NOT_FOUND);
     EXPECT(a.stats().calls_ok >= 3);
     EXPECT(status_of([] { rpcagent::Config().worker_threads(0); }) == RPCAGENT_ERR_INVALID_ARGUMENT);
+    EXPECT(status_of([] { rpcagent::Config().shm_ring_bytes(1000); }) == RPCAGENT_ERR_INVALID_ARGUMENT);
+    EXPECT(status_of([] { rpcagent::Config().shm_ring_bytes(1 << 16); }) == RPCAGENT_OK);
 }
 
 // A loopback port that was free a moment ago, below the kernel's

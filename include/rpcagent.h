@@ -363,7 +363,8 @@ uint32_t rpcagent_rank(const struct rpcagent_t *agent);
 uint32_t rpcagent_world_size(const struct rpcagent_t *agent);
 
 /**
- * How calls to `rank` travel now: `"tcp"`, `"self"` for this rank (under
+ * How calls to `rank` travel now: `"shm"` (shared memory, a rank on this
+ * host under `auto`), `"tcp"`, `"self"` for this rank (under
  * any transport setting), `"local"` between the ranks of an in-process
  * world (`rpcagent_init_local`); NULL before this rank's first call to
  * `rank` (connections open lazily: joining the world opens none), for a
@@ -574,9 +575,11 @@ rpcagent_status_t rpcagent_config_set_bind(struct rpcagent_config_t *cfg, const 
 
 /**
  * How calls to other ranks travel: `"auto"` (the default) or `"tcp"`; also
- * `RPCAGENT_TRANSPORT`. Under `"auto"` ranks on this host are to talk
- * through shared memory (that transport is not built yet: today they use
- * TCP too). Under either, calls to this rank itself never touch a socket.
+ * `RPCAGENT_TRANSPORT`. Under `"auto"` ranks on this host (same kernel and
+ * network namespace) talk through shared memory, falling back to TCP by
+ * themselves where they cannot (another host, container or namespace; the
+ * memory refused). Under either, calls to this rank itself never touch a
+ * socket.
  * Another name (or NULL) is `RPCAGENT_ERR_INVALID_ARGUMENT`.
  *
  * # Safety

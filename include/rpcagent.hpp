@@ -101,6 +101,8 @@ public:
     Config &spin_us(uint32_t us) { return set(rpcagent_config_set_spin_us(cfg_, us)); }
     /// "auto" (default) or "tcp"; see rpcagent_config_set_transport.
     Config &transport(const std::string &name) { return set(rpcagent_config_set_transport(cfg_, name.c_str())); }
+    /// Bytes per shared-memory ring (a power of two); see rpcagent_config_set_shm_ring_bytes.
+    Config &shm_ring_bytes(uint64_t n) { return set(rpcagent_config_set_shm_ring_bytes(cfg_, n)); }
     Config &secret(std::string_view key) {
         return set(rpcagent_config_set_secret(cfg_, detail::bytes_of(key), key.size()));
     }

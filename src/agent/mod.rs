@@ -320,7 +320,8 @@ impl RpcAgent {
         self.core().listen_addr()
     }
 
-    /// How calls to `rank` travel now: `"tcp"`, or `"self"` for this rank
+    /// How calls to `rank` travel now: `"shm"` (a rank on this host, under
+    /// transport `auto`), `"tcp"`, or `"self"` for this rank
     /// (`"local"` between the ranks of an in-process world); `None` before
     /// this rank's first call to `rank` (connections open lazily) or for a
     /// rank out of range.

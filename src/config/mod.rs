@@ -324,9 +324,10 @@ impl Config {
     }
 
     /// How calls to other ranks travel: `"auto"` (the default) or `"tcp"`.
-    /// Under `"auto"` ranks on this host are to talk through shared memory
-    /// (its transport is not built yet: today they use TCP too); under
-    /// either, calls to this rank itself never touch a socket. Another name
+    /// Under `"auto"` ranks on this host (same kernel and network
+    /// namespace) talk through shared memory, falling back to TCP by
+    /// themselves where they cannot; under either, calls to this rank
+    /// itself never touch a socket. Another name
     /// makes `init` fail with [`RpcError::InvalidArgument`].
     pub fn transport(mut self, name: &str) -> Self {
         self.transport = name.to_string();

@@ -166,7 +166,8 @@ pub unsafe extern "C" fn rpcagent_world_size(agent: *const rpcagent_t) -> u32 {
     guard_value(0, || Ok(unsafe { agent_ref(agent) }?.world_size() as u32))
 }
 
-/// How calls to `rank` travel now: `"tcp"`, `"self"` for this rank (under
+/// How calls to `rank` travel now: `"shm"` (shared memory, a rank on this
+/// host under `auto`), `"tcp"`, `"self"` for this rank (under
 /// any transport setting), `"local"` between the ranks of an in-process
 /// world (`rpcagent_init_local`); NULL before this rank's first call to
 /// `rank` (connections open lazily: joining the world opens none), for a

@@ -185,9 +185,11 @@ pub unsafe extern "C" fn rpcagent_config_set_bind(
 }
 
 /// How calls to other ranks travel: `"auto"` (the default) or `"tcp"`; also
-/// `RPCAGENT_TRANSPORT`. Under `"auto"` ranks on this host are to talk
-/// through shared memory (that transport is not built yet: today they use
-/// TCP too). Under either, calls to this rank itself never touch a socket.
+/// `RPCAGENT_TRANSPORT`. Under `"auto"` ranks on this host (same kernel and
+/// network namespace) talk through shared memory, falling back to TCP by
+/// themselves where they cannot (another host, container or namespace; the
+/// memory refused). Under either, calls to this rank itself never touch a
+/// socket.
 /// Another name (or NULL) is `RPCAGENT_ERR_INVALID_ARGUMENT`.
 ///
 /// # Safety
