@@ -9,6 +9,11 @@
  *   test hook RPCAGENT_TEST_FAIL_SHM=create (memfd refused where rings are
  *   made) and =map (the peer's memory refused where it is mapped), calls
  *   work and rpcagent_peer_transport says "tcp".
+ * - a peer writing impossible counters into the ring it writes (test hook
+ *   RPCAGENT_TEST_FAIL_SHM=corrupt: a thread in rank 1 scribbles over the
+ *   ring's write counter from 300 ms on): rank 0's calls to it fail with
+ *   RPCAGENT_ERR_PEER_LOST naming the impossible counter, within seconds,
+ *   and rank 0 does not crash and still serves itself.
  * - a large payload both ways through rings smaller than it: the bytes
  *   arrive whole, in order, many times over.
  * - 64 ranks on this host, all-to-all: every rank calls every rank (itself
@@ -128,6 +133,46 @@ static void falls_back(void) {
     rpcagent_free(agent);
 }
 
+/* ---- a peer writing impossible counters ---- */
+
+static void corrupt_peer(void) {
+    rpcagent_t *agent = join_from_env();
+    CHECK_OK(rpcagent_register(agent, "echo", echo, NULL, NULL, 0));
+    CHECK_OK(rpcagent_start(agent));
+    if (rpcagent_rank(agent) == 1) {
+        usleep(6 * 1000 * 1000);
+        rpcagent_shutdown(agent, 0, 1000);
+        rpcagent_free(agent);
+        return;
+    }
+    double t0 = now_ms();
+    rpcagent_status_t st = RPCAGENT_OK;
+    char why[512] = "";
+    while (st == RPCAGENT_OK && now_ms() - t0 < 5000) {
+        rpcagent_buffer_t out;
+        st = rpcagent_call_sync(agent, 1, "echo", (const uint8_t *)"still sane?", 11, 5000, &out);
+        if (st == RPCAGENT_OK) {
+            CHECK(out.len == 11 && memcmp(out.data, "still sane?", 11) == 0);
+            rpcagent_buffer_free(&out);
+        } else {
+            snprintf(why, sizeof why, "%s", rpcagent_last_error());
+        }
+        usleep(1000);
+    }
+    if (tcp_everywhere()) {
+        CHECK(st == RPCAGENT_OK); /* no shared memory, nothing to corrupt */
+    } else {
+        printf("a peer scribbling on its ring was lost after %.0f ms: %s\n", now_ms() - t0, why);
+        CHECK(st == RPCAGENT_ERR_PEER_LOST);
+        CHECK(strstr(why, "impossible") != NULL);
+    }
+    rpcagent_buffer_t out;
+    CHECK_OK(rpcagent_call_sync(agent, 0, "echo", (const uint8_t *)"me", 2, 5000, &out));
+    rpcagent_buffer_free(&out);
+    rpcagent_shutdown(agent, 0, 1000);
+    rpcagent_free(agent);
+}
+
 /* ---- large payloads both ways through small rings ---- */
 
 static void large_both_ways(void) {
@@ -237,6 +282,8 @@ int main(void) {
     failed |= run_world("memfd refused", 2, falls_back, "RANK", "WORLD_SIZE", 60);
     setenv("RPCAGENT_TEST_FAIL_SHM", "map", 1);
     failed |= run_world("mapping refused", 2, falls_back, "RANK", "WORLD_SIZE", 60);
+    setenv("RPCAGENT_TEST_FAIL_SHM", "corrupt", 1);
+    failed |= run_world("corrupt ring", 2, corrupt_peer, "RANK", "WORLD_SIZE", 60);
     unsetenv("RPCAGENT_TEST_FAIL_SHM");
     setenv("RPCAGENT_WORKER_THREADS", "2", 1);
     failed |= run_world("64 ranks all-to-all", 64, all_to_all, "RANK", "WORLD_SIZE", 240);

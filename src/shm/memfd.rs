@@ -125,17 +125,49 @@ impl Drop for SharedMemory {
     }
 }
 
+/// The test hook `RPCAGENT_TEST_FAIL_SHM` is set to `step`. Read only when
+/// a pair sets up its rings.
+pub(crate) fn test_hook_is(step: &str) -> bool {
+    std::env::var_os("RPCAGENT_TEST_FAIL_SHM").is_some_and(|v| v == step)
+}
+
 /// A test hook: `RPCAGENT_TEST_FAIL_SHM=create` makes making shared memory
 /// fail as a refused `memfd_create` would, `=map` makes mapping a peer's
-/// fail, so tests can check that a pair falls back to TCP. Read only when
-/// a pair sets up its rings.
+/// fail, so tests can check that a pair falls back to TCP.
 fn injected_failure(step: &str) -> io::Result<()> {
-    match std::env::var_os("RPCAGENT_TEST_FAIL_SHM") {
-        Some(v) if v == step => Err(io::Error::other(format!(
+    if test_hook_is(step) {
+        return Err(io::Error::other(format!(
             "shared memory refused (RPCAGENT_TEST_FAIL_SHM={step})"
-        ))),
-        _ => Ok(()),
+        )));
     }
+    Ok(())
+}
+
+/// A test hook (`RPCAGENT_TEST_FAIL_SHM=corrupt`, on the side that accepts
+/// the rings): for a few seconds from 300 ms on, a thread keeps writing an
+/// impossible write counter over the ring at `offset` of `memory`, as a
+/// broken or hostile peer would, through a mapping of its own (so that it
+/// never touches memory unmapped under it).
+pub(crate) fn corrupt_later_for_test(memory: &SharedMemory, offset: usize) -> io::Result<()> {
+    // SAFETY: dup of a live descriptor, owned by the result.
+    let dup = unsafe { libc::dup(memory.fd()) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let own = SharedMemory::map(unsafe { OwnedFd::from_raw_fd(dup) }, memory.len())?;
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        for _ in 0..5000 {
+            // SAFETY: `offset` is the start of a ring region inside the
+            // mapping `own` holds for the thread's life; its first 8 bytes
+            // are the ring's write counter, an atomic u64 (8-aligned).
+            let head = unsafe { &*(own.as_ptr().add(offset) as *const std::sync::atomic::AtomicU64) };
+            head.store(u64::MAX / 3, std::sync::atomic::Ordering::Release);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    });
+    Ok(())
 }
 
 /// A control buffer with room for `fd_bytes` of descriptors (8-aligned).

@@ -250,6 +250,10 @@ pub(crate) fn take_offer(
     let region = Region::bytes_for(ring_bytes as usize);
     let bells = Bells::from_peer(fds.split_off(1))?;
     let memory = SharedMemory::from_peer(fds.pop().expect("three descriptors"), 2 * region)?;
+    if super::memfd::test_hook_is("corrupt") {
+        // The ring this side writes: the peer reads it.
+        super::memfd::corrupt_later_for_test(&memory, region)?;
+    }
     let pipe = ShmPipe::over(sock, memory, region, 1, bells)?;
     Ok((pipe, SETUP_MAGIC))
 }
