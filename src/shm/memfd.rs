@@ -149,24 +149,26 @@ fn injected_failure(step: &str) -> io::Result<()> {
 /// broken or hostile peer would, through a mapping of its own (so that it
 /// never touches memory unmapped under it).
 pub(crate) fn corrupt_later_for_test(memory: &SharedMemory, offset: usize) -> io::Result<()> {
-    // SAFETY: dup of a live descriptor, owned by the result.
-    let dup = unsafe { libc::dup(memory.fd()) };
+    // SAFETY: a close-on-exec dup of a live descriptor, owned by the result.
+    let dup = unsafe { libc::fcntl(memory.fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if dup < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor nobody else owns.
     let own = SharedMemory::map(unsafe { OwnedFd::from_raw_fd(dup) }, memory.len())?;
-    std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        for _ in 0..5000 {
-            // SAFETY: `offset` is the start of a ring region inside the
-            // mapping `own` holds for the thread's life; its first 8 bytes
-            // are the ring's write counter, an atomic u64 (8-aligned).
-            let head = unsafe { &*(own.as_ptr().add(offset) as *const std::sync::atomic::AtomicU64) };
-            head.store(u64::MAX / 3, std::sync::atomic::Ordering::Release);
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-    });
+    std::thread::Builder::new()
+        .name("rpcagent-test-corrupt".into())
+        .spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            for _ in 0..5000 {
+                // SAFETY: `offset` is the start of a ring region inside the
+                // mapping `own` holds for the thread's life; its first 8 bytes
+                // are the ring's write counter, an atomic u64 (8-aligned).
+                let head = unsafe { &*(own.as_ptr().add(offset) as *const std::sync::atomic::AtomicU64) };
+                head.store(u64::MAX / 3, std::sync::atomic::Ordering::Release);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })?;
     Ok(())
 }
 
