@@ -21,12 +21,17 @@
  *   rank then reached over shared memory, and no thread added for it (the
  *   process's threads are counted before the first call and after the
  *   last).
+ * - the same with a descriptor limit of 512: a rank keeps at most an eighth
+ *   of its limit's worth of same-host connections (64), so some peers are
+ *   reached over shared memory and the rest over TCP, and every call is
+ *   still answered.
  * Under RPCAGENT_TRANSPORT=tcp (the suite's second run) the same worlds
  * run over TCP: the expectations on how calls travel say so. */
 #include "harness.h"
 
 #include <dirent.h>
 #include <pthread.h>
+#include <sys/resource.h>
 #include <stdatomic.h>
 
 static int32_t echo(void *u, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
@@ -238,7 +243,13 @@ static double ring_mib_mapped(void) {
     return mib;
 }
 
+static int few_descriptors;
+
 static void all_to_all(void) {
+    if (few_descriptors) {
+        struct rlimit lim = {512, 512};
+        CHECK(setrlimit(RLIMIT_NOFILE, &lim) == 0);
+    }
     rpcagent_t *agent = join_from_env();
     CHECK_OK(rpcagent_register(agent, "echo", echo, NULL, NULL, RPCAGENT_HANDLER_INLINE));
     CHECK_OK(rpcagent_start(agent));
@@ -263,14 +274,27 @@ static void all_to_all(void) {
         }
     }
     CHECK_OK(rpcagent_barrier(agent, 60000));
+    int over_shm = 0;
     for (uint32_t r = 0; r < n; r++) {
         const char *way = rpcagent_peer_transport(agent, r);
-        CHECK(way != NULL && strcmp(way, r == me ? "self" : tcp_everywhere() ? "tcp" : "shm") == 0);
+        CHECK(way != NULL);
+        if (r == me) {
+            CHECK(strcmp(way, "self") == 0);
+        } else if (tcp_everywhere()) {
+            CHECK(strcmp(way, "tcp") == 0);
+        } else if (!few_descriptors) {
+            CHECK(strcmp(way, "shm") == 0);
+        } else {
+            CHECK(strcmp(way, "shm") == 0 || strcmp(way, "tcp") == 0);
+        }
+        over_shm += strcmp(way, "shm") == 0;
     }
     CHECK(threads_now() == threads);
     if (me == 0)
-        printf("64 ranks all-to-all: %d threads per process, before and after; rank 0 maps %.1f MiB of rings\n",
-               threads, ring_mib_mapped());
+        printf("64 ranks all-to-all%s: %d threads per process, before and after; rank 0 reaches %d ranks over "
+               "shared memory and maps %.1f MiB of rings\n",
+               few_descriptors ? ", 512 descriptors" : "", threads, over_shm, ring_mib_mapped());
+    if (few_descriptors && !tcp_everywhere()) CHECK(over_shm > 0 && over_shm < (int)n - 1);
     CHECK_OK(rpcagent_shutdown(agent, 1, 60000));
     rpcagent_free(agent);
 }
@@ -287,6 +311,9 @@ int main(void) {
     unsetenv("RPCAGENT_TEST_FAIL_SHM");
     setenv("RPCAGENT_WORKER_THREADS", "2", 1);
     failed |= run_world("64 ranks all-to-all", 64, all_to_all, "RANK", "WORLD_SIZE", 240);
+    few_descriptors = 1;
+    failed |= run_world("64 ranks, 512 descriptors", 64, all_to_all, "RANK", "WORLD_SIZE", 240);
+    few_descriptors = 0;
     unsetenv("RPCAGENT_WORKER_THREADS");
     if (failed) return 1;
     printf("shm: ok\n");

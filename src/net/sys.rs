@@ -261,6 +261,18 @@ pub(crate) fn same_host_name(tcp_addr: std::net::SocketAddr, nonce: &str) -> Str
     format!("\0rpcagent/{tcp_addr}/{nonce}")
 }
 
+/// The process's soft limit on open descriptors (`RLIMIT_NOFILE`), or
+/// 1024 if it cannot be read.
+pub(crate) fn descriptor_limit() -> usize {
+    // SAFETY: `rlimit` is plain data, filled by getrlimit.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: writes one rlimit into a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+}
+
 /// A non-blocking listener on the abstract Unix socket `name`.
 pub(crate) fn listen_unix(name: &str) -> io::Result<std::os::unix::net::UnixListener> {
     use socket2::{Domain, SockAddr, Socket, Type};

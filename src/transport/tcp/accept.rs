@@ -46,8 +46,13 @@ impl Shared {
             match listener.accept() {
                 Ok(_) if self.stopping.load(Ordering::Acquire) => {}
                 Ok((sock, _)) => {
-                    if let Err(e) =
-                        ShmStream::accepted(sock, self.spin).and_then(|s| self.adopt_conn(Stream::Shm(Box::new(s))))
+                    // Over the budget: closed at once, and the rank that
+                    // connected uses TCP instead.
+                    let Some(ticket) = self.shm_budget.take() else {
+                        continue;
+                    };
+                    if let Err(e) = ShmStream::accepted(sock, self.spin, ticket)
+                        .and_then(|s| self.adopt_conn(Stream::Shm(Box::new(s))))
                     {
                         log_at!(Warn, Some(self.me), "could not take a connection from this host: {e}");
                     }

@@ -186,6 +186,8 @@ pub(crate) struct Shared {
     listen_addr: SocketAddr,
     /// Where ranks on this host connect (`None`: every peer over TCP).
     same_host: Option<UnixListener>,
+    /// How many same-host connections this rank may keep at once.
+    shm_budget: Arc<stream::ShmBudget>,
     waker: UnixStream,
     waker_tx: UnixStream,
     conns: Mutex<FxHashMap<u64, Arc<Conn>>>,
@@ -292,6 +294,7 @@ impl TcpTransport {
             listener: world.listener,
             listen_addr: world.listen_addr,
             same_host: world.same_host,
+            shm_budget: stream::ShmBudget::for_this_process(),
             waker,
             waker_tx,
             conns: Mutex::new(FxHashMap::default()),

@@ -22,7 +22,7 @@ use crate::wire::{Header, Hello, Kind, MAX_HANDSHAKE_PAYLOAD, NONCE_LEN};
 
 use super::conn::{Conn, Greeting, Mode};
 use super::send::request_header;
-use super::stream::{Setup, ShmStream, Stream};
+use super::stream::{Setup, ShmStream, ShmTicket, Stream};
 use super::{PeerState, Shared, VIA_SHM, VIA_TCP};
 
 /// A connection that has not finished its handshake by then is closed.
@@ -116,25 +116,33 @@ impl Shared {
         if self.same_host.is_some()
             && let Some(name) = &self.peers[dst].same_host_name
         {
-            match self.offer_rings(name) {
-                Ok(stream) => {
-                    self.peers[dst].via.store(VIA_SHM, Ordering::Relaxed);
-                    return self.start_opening(Stream::Shm(Box::new(stream)), dst);
-                }
-                // Nobody listens under that name here: another host, or
-                // another network namespace.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNREFUSED | libc::ENOENT)) => {
-                    log_at!(
-                        Debug,
-                        Some(self.me),
-                        "rank {dst} is not on this host; its calls use TCP"
-                    );
-                }
-                Err(e) => log_at!(
-                    Info,
+            match self.shm_budget.take() {
+                None => log_at!(
+                    Debug,
                     Some(self.me),
-                    "no shared memory with rank {dst} ({e}); its calls use TCP"
+                    "rank {dst} is on this host, but this rank keeps as many same-host connections as its \
+                     descriptor limit allows; its calls use TCP"
                 ),
+                Some(ticket) => match self.offer_rings(name, ticket) {
+                    Ok(stream) => {
+                        self.peers[dst].via.store(VIA_SHM, Ordering::Relaxed);
+                        return self.start_opening(Stream::Shm(Box::new(stream)), dst);
+                    }
+                    // Nobody listens under that name here: another host, or
+                    // another network namespace.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNREFUSED | libc::ENOENT)) => {
+                        log_at!(
+                            Debug,
+                            Some(self.me),
+                            "rank {dst} is not on this host; its calls use TCP"
+                        );
+                    }
+                    Err(e) => log_at!(
+                        Info,
+                        Some(self.me),
+                        "no shared memory with rank {dst} ({e}); its calls use TCP"
+                    ),
+                },
             }
         }
         self.peers[dst].via.store(VIA_TCP, Ordering::Relaxed);
@@ -149,9 +157,9 @@ impl Shared {
 
     /// Connects to a rank's same-host socket `name` and offers it a pair
     /// of rings.
-    fn offer_rings(&self, name: &str) -> std::io::Result<ShmStream> {
+    fn offer_rings(&self, name: &str, ticket: ShmTicket) -> std::io::Result<ShmStream> {
         let sock = sys::connect_unix(name)?;
-        ShmStream::offer(sock, self.ring_bytes, self.spin)
+        ShmStream::offer(sock, self.ring_bytes, self.spin, ticket)
     }
 
     /// A connection to `dst` whose opening has started joins the

@@ -15,7 +15,8 @@ use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -93,6 +94,8 @@ pub(crate) enum Stream {
 pub(crate) struct ShmStream {
     sock: UnixStream,
     pipe: OnceLock<ShmPipe>,
+    /// Its place in the rank's budget of same-host connections.
+    _ticket: ShmTicket,
     /// How long a writer finding the ring full spins before it sleeps.
     spin: Duration,
     /// The opener's rings until the acceptor answers.
@@ -111,7 +114,12 @@ pub(crate) enum Setup {
 impl ShmStream {
     /// The opener's side: offers rings of `ring_bytes` over `sock`, just
     /// connected (never blocks: the message fits in an empty socket).
-    pub(crate) fn offer(sock: UnixStream, ring_bytes: usize, spin: Duration) -> io::Result<ShmStream> {
+    pub(crate) fn offer(
+        sock: UnixStream,
+        ring_bytes: usize,
+        spin: Duration,
+        ticket: ShmTicket,
+    ) -> io::Result<ShmStream> {
         sock.set_nonblocking(true)?;
         let offer = Offer::new(ring_bytes)?;
         let (bytes, fds) = offer.message();
@@ -119,17 +127,19 @@ impl ShmStream {
         Ok(ShmStream {
             sock,
             pipe: OnceLock::new(),
+            _ticket: ticket,
             spin,
             offer: Mutex::new(Some(offer)),
         })
     }
 
     /// The acceptor's side: waits (in the event loop) for the offer.
-    pub(crate) fn accepted(sock: UnixStream, spin: Duration) -> io::Result<ShmStream> {
+    pub(crate) fn accepted(sock: UnixStream, spin: Duration, ticket: ShmTicket) -> io::Result<ShmStream> {
         sock.set_nonblocking(true)?;
         Ok(ShmStream {
             sock,
             pipe: OnceLock::new(),
+            _ticket: ticket,
             spin,
             offer: Mutex::new(None),
         })
@@ -164,6 +174,44 @@ impl ShmStream {
 
     pub(crate) fn pipe(&self) -> Option<&ShmPipe> {
         self.pipe.get()
+    }
+}
+
+/// How many same-host connections a rank keeps at once: each holds five
+/// descriptors on each side (its socket, two doorbells, the memfd, a wake
+/// bell) where a TCP connection holds one, so a rank that talks to many
+/// ranks of its host would run out of descriptors long before memory. At
+/// most an eighth of the descriptor limit goes to them (128 connections
+/// under the common limit of 1024: 64 ranks all-to-all); the peers beyond
+/// use TCP.
+pub(crate) struct ShmBudget {
+    in_use: AtomicUsize,
+    max: usize,
+}
+
+impl ShmBudget {
+    pub(crate) fn for_this_process() -> Arc<ShmBudget> {
+        Arc::new(ShmBudget {
+            in_use: AtomicUsize::new(0),
+            max: (sys::descriptor_limit() / 8).max(4),
+        })
+    }
+
+    /// A place for one more connection, if there is one.
+    pub(crate) fn take(self: &Arc<Self>) -> Option<ShmTicket> {
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1))
+            .ok()
+            .map(|_| ShmTicket(self.clone()))
+    }
+}
+
+/// One connection's place in the budget, given back when it drops.
+pub(crate) struct ShmTicket(Arc<ShmBudget>);
+
+impl Drop for ShmTicket {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
