@@ -1,5 +1,5 @@
 //! `--only shm-ring`: what the same-host transport's rings cost between two
-//! processes, before the transport uses them (issue 15): 8-byte round trips
+//! processes, the pipe alone without the RPC layer: 8-byte round trips
 //! with a reader that spins for a while and then sleeps on its doorbell
 //! (one CPU and any CPU), and 64 MiB round trips through rings of several
 //! sizes against a single-threaded memcpy of the same bytes. The raw TCP

@@ -1,12 +1,11 @@
-//! Building blocks of the same-host transport (issue 15): a byte ring in
-//! memory shared with another process (`ring`), and that memory (`memfd`).
-//! The transport that pairs ranks of one host through them is the next
-//! step; until it lands, these are exercised by their unit tests and the
-//! ring fuzz target only.
+//! What the same-host stream (`transport::tcp::stream`) is made of: a byte
+//! ring in memory shared with another process (`ring`), that memory and
+//! passing it (`memfd`), one pair's two rings with their doorbells
+//! (`pipe`), and a peer writing anything into a ring, for the fuzz target
+//! (`hostile`).
 //!
 //! This is one of the few places that talk to the OS (and to memory another
 //! process writes): `unsafe` is allowed here, each block saying why.
-#![allow(dead_code)] // wired in by the shared-memory transport (issue 15)
 
 pub(crate) mod hostile;
 pub(crate) mod memfd;

@@ -503,10 +503,6 @@ impl ShmPipe {
     pub(crate) fn wake_fd(&self) -> RawFd {
         self.wake.as_raw_fd()
     }
-
-    pub(crate) fn socket_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
-    }
 }
 
 #[cfg(test)]

@@ -82,10 +82,6 @@ impl Region {
         })
     }
 
-    pub(crate) fn capacity(&self) -> u64 {
-        self.capacity
-    }
-
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
         // SAFETY: `offset` is one of the header's 8-byte aligned fields,
         // inside the region (`new` checked it holds the header); atomics
