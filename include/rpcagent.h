@@ -591,7 +591,9 @@ rpcagent_status_t rpcagent_config_set_transport(struct rpcagent_config_t *cfg,
 
 /**
  * How long a caller waiting for its reply looks for it, yielding the CPU
- * between looks, before it sleeps in the kernel: in microseconds, at most
+ * between looks, before it sleeps in the kernel (between ranks on one
+ * host, also how long the I/O loop, a responder, or a writer facing a full
+ * ring looks before sleeping): in microseconds, at most
  * 1000000 (else `RPCAGENT_ERR_INVALID_ARGUMENT`), default 50; also
  * `RPCAGENT_SPIN_US`. 0 sleeps at once. An idle agent never spins.
  *

@@ -44,7 +44,7 @@ impl RawMember {
             .get(to)
             .ok_or_else(|| RpcError::InvalidArgument(format!("no rank {to}")))?;
         // The TCP address, without a same-host socket's name after it.
-        let addr = addr.split('#').next().unwrap_or_default();
+        let (addr, _) = crate::transport::tcp::split_published(addr);
         let mut stream = TcpStream::connect(addr)?;
         stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
         let hello = Hello {

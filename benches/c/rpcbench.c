@@ -15,13 +15,13 @@
  *              [--one-cpu] [--depth N] [--variant NAME]
  *
  * --quick: tiny rounds, payloads up to 1 MiB (the ctest smoke run).
- * --one-cpu: pin all three processes (and every library thread) to CPU 0.
+ * --one-cpu: pin all four processes (and every library thread) to CPU 0.
  * --depth N: only the in-flight rows with N calls in flight (1, 16, 128).
  * --variant NAME: only the in-flight variants whose name contains NAME
  *   (wait_any, oldest, on_complete, queue); for profiling one of them.
  *
- * The library's RPCAGENT_* environment variables apply to both ranks
- * (RPCAGENT_SPIN_US, say).
+ * The library's RPCAGENT_* environment variables apply to every rank
+ * (RPCAGENT_SPIN_US, say), except RPCAGENT_TRANSPORT, which each world sets.
  *
  * Every reply is checked (length, first and last byte, which encode the
  * call's sequence number); any failed call or wrong reply prints what failed
@@ -1147,7 +1147,7 @@ int main(int argc, char **argv) {
                              : want_samehost ? (opt_quick ? MiB : 64 * MiB) : 0;
     size_t args_cap = big_cap > 64 * KiB ? big_cap : 64 * KiB;
 
-    /* Fork both servers before this process starts any library thread. */
+    /* Fork the three servers before this process starts any library thread. */
     int raw_port = start_raw_server(big_cap);
     int master_ports[2];
     for (int w = 0; w < 2; w++) {

@@ -30,8 +30,9 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 pub const MAX_SPIN: Duration = Duration::from_secs(1);
 /// Default size of each of the two shared-memory rings of a same-host pair.
 pub const DEFAULT_SHM_RING_BYTES: usize = 128 << 10;
-/// The ring sizes accepted (powers of two only).
+/// The smallest ring size accepted (powers of two only).
 pub const MIN_SHM_RING_BYTES: usize = 4096;
+/// The largest ring size accepted.
 pub const MAX_SHM_RING_BYTES: usize = 1 << 30;
 /// The transport names `Config::transport` and `RPCAGENT_TRANSPORT` accept.
 pub const TRANSPORT_NAMES: [&str; 2] = ["auto", "tcp"];
@@ -58,7 +59,7 @@ pub struct Config {
     pub(crate) send_window_bytes: u64,
     /// One of [`TRANSPORT_NAMES`] (checked by `validate`).
     pub(crate) transport: String,
-    /// How long a waiting caller looks for its reply before it sleeps.
+    /// How long a waiting thread looks before it sleeps (see `Config::spin`).
     pub(crate) spin: Duration,
     /// The size of each ring of a same-host pair (checked by `validate`).
     pub(crate) shm_ring_bytes: usize,
@@ -335,9 +336,11 @@ impl Config {
     }
 
     /// How long a caller waiting for its reply looks for it (yielding the
-    /// CPU between looks) before it sleeps in the kernel; at most 1 s,
-    /// default 50 us. Longer spins trade CPU for latency when replies come
-    /// within microseconds; 0 sleeps at once.
+    /// CPU between looks) before it sleeps in the kernel; between ranks on
+    /// one host, also how long the I/O loop, a responder, or a writer
+    /// facing a full ring looks before sleeping. At most 1 s, default 50 us.
+    /// Longer spins trade CPU for latency when replies come within
+    /// microseconds; 0 sleeps at once.
     pub fn spin(mut self, spin: Duration) -> Self {
         self.spin = spin;
         self

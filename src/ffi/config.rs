@@ -214,7 +214,9 @@ pub unsafe extern "C" fn rpcagent_config_set_transport(
 }
 
 /// How long a caller waiting for its reply looks for it, yielding the CPU
-/// between looks, before it sleeps in the kernel: in microseconds, at most
+/// between looks, before it sleeps in the kernel (between ranks on one
+/// host, also how long the I/O loop, a responder, or a writer facing a full
+/// ring looks before sleeping): in microseconds, at most
 /// 1000000 (else `RPCAGENT_ERR_INVALID_ARGUMENT`), default 50; also
 /// `RPCAGENT_SPIN_US`. 0 sleeps at once. An idle agent never spins.
 ///

@@ -377,8 +377,9 @@ impl EventFd {
     /// Makes it readable (it stays so until `clear`).
     pub(crate) fn set(&self) {
         let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64; the counter cannot
-        // overflow, as it is cleared before it is set again.
+        // SAFETY: writes 8 bytes from a live u64 to a non-blocking eventfd:
+        // a full counter (2^64 - 2 sets without a clear) is EAGAIN, and it
+        // stays set.
         let _ = unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 

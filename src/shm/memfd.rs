@@ -194,23 +194,24 @@ fn message(iov: &mut libc::iovec, control: &mut [u64]) -> libc::msghdr {
 /// Sends `bytes` with `fds` attached (`SCM_RIGHTS`) in one message.
 pub(crate) fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let fd_bytes = std::mem::size_of_val(fds);
-    let mut control = control_buffer(fd_bytes);
+    let mut control = if fds.is_empty() {
+        Vec::new()
+    } else {
+        control_buffer(fd_bytes)
+    };
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),
     };
-    if fds.is_empty() {
-        control.clear();
-    }
     let mut msg = message(&mut iov, &mut control);
-    if fds.is_empty() {
-        msg.msg_control = std::ptr::null_mut();
-        msg.msg_controllen = 0;
-    }
     // SAFETY: every pointer in `msg` outlives the sendmsg call, and the
-    // control buffer holds one header with `fd_bytes` of data (CMSG_SPACE).
+    // control buffer (when there are descriptors) holds one header with
+    // `fd_bytes` of data (CMSG_SPACE).
     unsafe {
-        if !fds.is_empty() {
+        if fds.is_empty() {
+            msg.msg_control = std::ptr::null_mut();
+            msg.msg_controllen = 0;
+        } else {
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;

@@ -66,8 +66,8 @@ pub(crate) trait ReplySink: Send + Sync {
     fn send_reply(&self, id: u64, outcome: Outcome, more_follow: bool);
 }
 
-/// Carries requests out of one agent. An agent may hold several (TCP, and
-/// later shared memory for ranks on its host), each carrying the calls to
+/// Carries requests out of one agent. An agent may hold several (the
+/// process transport and the self transport), each carrying the calls to
 /// the ranks [`Transports`] routes to it; everything here is per
 /// destination or per transport, never for the whole world at once.
 pub(crate) trait Transport: Send + Sync {

@@ -1,4 +1,4 @@
-//! One TCP connection. Any thread may send on it: the first to arrive takes
+//! One connection (TCP, or a same-host pipe: `stream.rs`). Any thread may send on it: the first to arrive takes
 //! the writer role and writes straight from its own buffers, then sends
 //! whatever other threads queued meanwhile in one vectored write (so frames
 //! batch under load without a writer thread). A thread that may wait for the

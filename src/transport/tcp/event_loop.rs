@@ -555,7 +555,6 @@ enum Spun {
 /// be asked ([`Hot::arm`]) before the loop sleeps, or its next bytes would
 /// wake nobody; a loop moving to another thread hands them on
 /// (`Shared::hot_handed_on`).
-#[derive(Default)]
 pub(super) struct Hot {
     conns: Vec<Arc<Conn>>,
 }

@@ -1,8 +1,10 @@
-//! The transport between processes: one listening socket per rank, one connection per
+//! The transport between processes: a TCP listener per rank (and, under
+//! `auto`, a Unix socket ranks on its host reach it at), one connection per
 //! direction per pair of ranks (a rank's calls go out on the connection it
-//! opened and the replies come back on it), opened lazily on first use. One
-//! I/O thread runs an epoll loop over the listener and every connection, so
-//! the number of threads does not depend on the number of peers or calls.
+//! opened and the replies come back on it), opened lazily on first use, over
+//! TCP or through shared memory (`stream.rs`). One I/O thread runs an epoll
+//! loop over the listeners and every connection, so the number of threads
+//! does not depend on the number of peers or calls.
 //!
 //! This file holds what the parts share (peers, connections, the epoll
 //! set), joining the world, and closing. The parts, by job:
@@ -49,6 +51,15 @@ use open::WaitingCalls;
 /// Between a rank's TCP address and the random part of its same-host
 /// socket's name, in the address it publishes at the rendezvous.
 const SAME_HOST_MARK: char = '#';
+
+/// An address as a rank publishes it at the rendezvous: its TCP address,
+/// and the random part of its same-host socket's name if it has one.
+pub(crate) fn split_published(published: &str) -> (&str, Option<&str>) {
+    match published.split_once(SAME_HOST_MARK) {
+        Some((addr, nonce)) => (addr, Some(nonce)),
+        None => (published, None),
+    }
+}
 
 /// What a rank knows after the rendezvous: its listener and the world.
 pub(crate) struct JoinedWorld {
@@ -176,7 +187,7 @@ pub(crate) struct Shared {
     max_payload: u64,
     /// Request bytes held in memory per destination (see `send.rs`).
     send_window: u64,
-    /// How long a caller driving its reply looks before it sleeps.
+    /// How long a waiting thread looks before it sleeps (`Config::spin`).
     spin: Duration,
     /// The size of each ring of a same-host pair.
     ring_bytes: usize,
@@ -251,10 +262,7 @@ impl TcpTransport {
             .ranks
             .iter()
             .map(|(_, published)| {
-                let (addr, nonce) = match published.split_once(SAME_HOST_MARK) {
-                    Some((addr, nonce)) => (addr, Some(nonce)),
-                    None => (published.as_str(), None),
-                };
+                let (addr, nonce) = split_published(published);
                 let addr: SocketAddr = addr
                     .parse()
                     .map_err(|_| RpcError::Init(format!("the rendezvous sent a bad address '{published}'")))?;

@@ -1,6 +1,7 @@
-//! Opening connections. The first call to a rank starts a non-blocking
-//! connect and waits in the peer's queue; the I/O loop sees the connect
-//! finish, steps the client side of the handshake (`auth::ClientHandshake`)
+//! Opening connections. The first call to a rank offers it rings over its
+//! same-host socket if it has one here, or else starts a non-blocking
+//! connect, and waits in the peer's queue; the I/O loop sees the rings
+//! answered or the connect finish (a failed setup falls back to TCP), steps the client side of the handshake (`auth::ClientHandshake`)
 //! on the server's frames, and on `Welcome` sends what queued. Accepted
 //! connections step the server side (`auth::Handshake`). At most
 //! [`MAX_OPENING`] connections of a rank are in their handshake at once, and
@@ -112,7 +113,6 @@ impl Shared {
     /// (see `step_rings`); otherwise, or if that cannot start, a
     /// non-blocking TCP `connect` (see `on_connect_event`).
     pub(super) fn open(&self, dst: usize) -> Result<Arc<Conn>> {
-        let addr = self.peers[dst].addr;
         if self.same_host.is_some()
             && let Some(name) = &self.peers[dst].same_host_name
         {
@@ -145,9 +145,15 @@ impl Shared {
                 },
             }
         }
+        self.open_tcp(dst)
+    }
+
+    /// Starts a non-blocking TCP connect to `dst`. Socket options wait for
+    /// the I/O loop (`on_connect_event`): the caller pays only for starting
+    /// the connect.
+    fn open_tcp(&self, dst: usize) -> Result<Arc<Conn>> {
+        let addr = self.peers[dst].addr;
         self.peers[dst].via.store(VIA_TCP, Ordering::Relaxed);
-        // Socket options wait for the I/O loop (`on_connect_event`): the
-        // caller pays only for starting the connect.
         let stream = sys::connect_started(addr).map_err(|e| RpcError::PeerLost {
             rank: dst,
             reason: format!("cannot connect to {addr}: {e}"),
@@ -253,7 +259,6 @@ impl Shared {
     /// The same-host connection `failed` opening to `dst` is replaced by a
     /// TCP one, which keeps its place (the calls queued, the opening turn).
     fn reopen_over_tcp(&self, failed: &Arc<Conn>, dst: usize) {
-        let addr = self.peers[dst].addr;
         let mut st = self.peers[dst].state.lock();
         let PeerState::Connecting {
             conn: Some(opening), ..
@@ -264,14 +269,7 @@ impl Shared {
         if !Arc::ptr_eq(opening, failed) {
             return;
         }
-        self.peers[dst].via.store(VIA_TCP, Ordering::Relaxed);
-        let opened = sys::connect_started(addr)
-            .map_err(|e| RpcError::PeerLost {
-                rank: dst,
-                reason: format!("cannot connect to {addr}: {e}"),
-            })
-            .and_then(|stream| self.start_opening(Stream::Tcp(stream), dst));
-        match opened {
+        match self.open_tcp(dst) {
             Ok(conn) => *opening = conn,
             Err(e) => {
                 self.peers[dst].set(&mut st, PeerState::Lost(e.clone()));
