@@ -44,6 +44,19 @@ static int tcp_everywhere(void) {
     return t && strcmp(t, "tcp") == 0;
 }
 
+/* Joins the world from the environment, with rings of `ring_bytes`. */
+static rpcagent_t *join_with_rings(uint64_t ring_bytes) {
+    rpcagent_config_t *cfg = rpcagent_config_new();
+    CHECK(cfg != NULL);
+    CHECK_OK(rpcagent_config_from_env(cfg));
+    CHECK_OK(rpcagent_config_set_init_timeout_ms(cfg, 30000));
+    CHECK_OK(rpcagent_config_set_shm_ring_bytes(cfg, ring_bytes));
+    rpcagent_t *agent = NULL;
+    CHECK_OK(rpcagent_init(cfg, &agent));
+    rpcagent_config_free(cfg);
+    return agent;
+}
+
 /* ---- a peer killed mid-transfer ---- */
 
 enum { BIG = 256 << 20 };
@@ -65,14 +78,7 @@ static void *die_soon(void *arg) {
 }
 
 static void killed_mid_transfer(void) {
-    rpcagent_config_t *cfg = rpcagent_config_new();
-    CHECK(cfg != NULL);
-    CHECK_OK(rpcagent_config_from_env(cfg));
-    CHECK_OK(rpcagent_config_set_init_timeout_ms(cfg, 30000));
-    CHECK_OK(rpcagent_config_set_shm_ring_bytes(cfg, 16384));
-    rpcagent_t *agent = NULL;
-    CHECK_OK(rpcagent_init(cfg, &agent));
-    rpcagent_config_free(cfg);
+    rpcagent_t *agent = join_with_rings(16384);
     CHECK_OK(rpcagent_register(agent, "echo", echo, NULL, NULL, 0));
     CHECK_OK(rpcagent_register(agent, "started", started, NULL, NULL, 0));
     CHECK_OK(rpcagent_start(agent));
@@ -181,14 +187,7 @@ static void corrupt_peer(void) {
 /* ---- large payloads both ways through small rings ---- */
 
 static void large_both_ways(void) {
-    rpcagent_config_t *cfg = rpcagent_config_new();
-    CHECK(cfg != NULL);
-    CHECK_OK(rpcagent_config_from_env(cfg));
-    CHECK_OK(rpcagent_config_set_init_timeout_ms(cfg, 30000));
-    CHECK_OK(rpcagent_config_set_shm_ring_bytes(cfg, 4096));
-    rpcagent_t *agent = NULL;
-    CHECK_OK(rpcagent_init(cfg, &agent));
-    rpcagent_config_free(cfg);
+    rpcagent_t *agent = join_with_rings(4096);
     CHECK_OK(rpcagent_register(agent, "echo", echo, NULL, NULL, 0));
     CHECK_OK(rpcagent_register(agent, "echo_inline", echo, NULL, NULL, RPCAGENT_HANDLER_INLINE));
     CHECK_OK(rpcagent_start(agent));

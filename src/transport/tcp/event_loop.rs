@@ -241,6 +241,7 @@ impl Shared {
         // A connection closed or led meanwhile is no longer this loop's to read.
         hot.conns.retain(|c| !c.is_closed() && !c.is_led());
         let until = Instant::now() + self.spin;
+        let executor = self.executor.upgrade();
         loop {
             if hot.conns.iter().any(|c| c.stream.has_data()) {
                 let (with_data, idle): (Vec<_>, Vec<_>) = hot.conns.drain(..).partition(|c| c.stream.has_data());
@@ -251,7 +252,7 @@ impl Shared {
             if self.has_corks.load(Ordering::Relaxed) {
                 return Spun::Corks;
             }
-            let starved = || self.executor.upgrade().is_some_and(|ex| ex.starved());
+            let starved = || executor.as_ref().is_some_and(|ex| ex.starved());
             if self.stopping.load(Ordering::Acquire) || Instant::now() >= until || starved() {
                 return Spun::Nothing;
             }
