@@ -399,8 +399,9 @@ impl ShmPipe {
     /// A peer that is gone is `BrokenPipe`.
     pub(crate) fn wait_for_room(&self, need: usize, spin: Duration, timeout: Duration) -> io::Result<()> {
         let start = Instant::now();
-        // Half the ring at most: the two sides' copies then overlap.
-        let need = (need.max(1) as u64).min(self.tx.lock().capacity() / 2);
+        // A chunk at most: the consumer gives room back a chunk at a time,
+        // and the two sides' copies then overlap.
+        let need = (need.max(1) as u64).min(self.tx.lock().chunk() as u64);
         while start.elapsed() < spin.min(timeout) {
             let mut tx = self.tx.lock();
             if tx.room().map_err(corrupt)? >= need {

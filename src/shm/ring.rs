@@ -94,6 +94,15 @@ impl Region {
         unsafe { &*(self.base.add(offset) as *const AtomicU32) }
     }
 
+    /// How many bytes a side copies before it publishes its counter: a
+    /// quarter of the ring, at most 64 KiB. Publishing only after a whole
+    /// ring would make a large transfer alternate (the consumer empties
+    /// the ring, then the producer refills it) instead of overlapping the
+    /// two copies.
+    fn chunk(&self) -> usize {
+        (self.capacity as usize / 4).clamp(1, 64 << 10)
+    }
+
     /// Copies `src` into the data area from stream position `pos` on,
     /// wrapping at its end. `src.len() <= capacity`.
     fn copy_in(&self, pos: u64, src: &[u8]) {
@@ -141,9 +150,9 @@ impl Producer {
         }
     }
 
-    /// The ring's size.
-    pub(crate) fn capacity(&self) -> u64 {
-        self.region.capacity
+    /// How many bytes it publishes at a time.
+    pub(crate) fn chunk(&self) -> usize {
+        self.region.chunk()
     }
 
     /// Bytes that fit now.
@@ -162,34 +171,59 @@ impl Producer {
 
     /// Writes as much of `parts` (from byte `skip` of their concatenation
     /// on) as fits; returns the bytes written, and whether to ring the
-    /// consumer's doorbell.
+    /// consumer's doorbell. Bytes are published a chunk at a time (the
+    /// consumer copies one out while this side copies the next in), and
+    /// room freed meanwhile is used. A write that finds the consumer
+    /// asleep stops after that chunk, so the caller rings at once.
     pub(crate) fn write<P: AsRef<[u8]>>(&mut self, parts: &[P], skip: usize) -> Result<(usize, Wake), Corrupt> {
+        let chunk = self.region.chunk();
         let mut room = self.room()? as usize;
         let mut skip = skip;
-        let mut wrote = 0;
-        for part in parts {
+        let (mut wrote, mut unpublished) = (0, 0);
+        'parts: for part in parts {
             let part = part.as_ref();
-            if room == 0 {
-                break;
-            }
             if skip >= part.len() {
                 skip -= part.len();
                 continue;
             }
-            let chunk = &part[skip..][..(part.len() - skip).min(room)];
+            let mut data = &part[skip..];
             skip = 0;
-            self.region.copy_in(self.head.wrapping_add(wrote as u64), chunk);
-            wrote += chunk.len();
-            room -= chunk.len();
+            while !data.is_empty() {
+                if room == 0 {
+                    // The bytes not yet published are not counted by the
+                    // consumer's counter: they take room too.
+                    room = (self.room()? as usize).saturating_sub(unpublished);
+                    if room == 0 {
+                        break 'parts;
+                    }
+                }
+                let n = data.len().min(room).min(chunk - unpublished);
+                self.region
+                    .copy_in(self.head.wrapping_add(unpublished as u64), &data[..n]);
+                (wrote, unpublished, room, data) = (wrote + n, unpublished + n, room - n, &data[n..]);
+                if unpublished == chunk {
+                    let wake = self.publish(unpublished);
+                    unpublished = 0;
+                    if wake {
+                        return Ok((wrote, true));
+                    }
+                }
+            }
         }
-        if wrote == 0 {
-            return Ok((0, false));
-        }
-        self.head = self.head.wrapping_add(wrote as u64);
+        let wake = unpublished > 0 && self.publish(unpublished);
+        Ok((wrote, wake))
+    }
+
+    /// Makes `n` more written bytes visible; true if the consumer said it
+    /// sleeps (the flag is taken: ring its doorbell).
+    fn publish(&mut self, n: usize) -> Wake {
+        self.head = self.head.wrapping_add(n as u64);
         self.region.u64_at(HEAD).store(self.head, Ordering::Release);
         fence(Ordering::SeqCst);
-        let wake = self.region.u32_at(READER_SLEEPS).swap(0, Ordering::AcqRel) != 0;
-        Ok((wrote, wake))
+        // A plain load first: the swap would take the line from the
+        // consumer's cache on every chunk.
+        let flag = self.region.u32_at(READER_SLEEPS);
+        flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::AcqRel) != 0
     }
 
     /// About to wait for `need` bytes of room: announces it, then looks
@@ -231,18 +265,34 @@ impl Consumer {
     }
 
     /// Reads up to `out.len()` bytes; returns how many, and whether to ring
-    /// the producer's doorbell (it waits for room).
+    /// the producer's doorbell (it waits for room). Room is given back a
+    /// chunk at a time (the producer refills it while this side copies
+    /// on), and bytes written meanwhile are read too. A read that finds
+    /// the producer waiting stops after that chunk, so the caller rings
+    /// at once.
     pub(crate) fn read(&mut self, out: &mut [u8]) -> Result<(usize, Wake), Corrupt> {
-        let n = (self.ready()? as usize).min(out.len());
-        if n == 0 {
-            return Ok((0, false));
+        let chunk = self.region.chunk();
+        let mut got = 0;
+        let mut ready = 0;
+        while got < out.len() {
+            if ready == 0 {
+                ready = self.ready()? as usize;
+                if ready == 0 {
+                    break;
+                }
+            }
+            let n = (out.len() - got).min(ready).min(chunk);
+            self.region.copy_out(self.tail, &mut out[got..got + n]);
+            (got, ready) = (got + n, ready - n);
+            self.tail = self.tail.wrapping_add(n as u64);
+            self.region.u64_at(TAIL).store(self.tail, Ordering::Release);
+            fence(Ordering::SeqCst);
+            let flag = self.region.u32_at(WRITER_WAITS);
+            if flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::AcqRel) != 0 {
+                return Ok((got, true));
+            }
         }
-        self.region.copy_out(self.tail, &mut out[..n]);
-        self.tail = self.tail.wrapping_add(n as u64);
-        self.region.u64_at(TAIL).store(self.tail, Ordering::Release);
-        fence(Ordering::SeqCst);
-        let wake = self.region.u32_at(WRITER_WAITS).swap(0, Ordering::AcqRel) != 0;
-        Ok((n, wake))
+        Ok((got, false))
     }
 
     /// About to sleep: announces it, then looks again. True if bytes
@@ -302,6 +352,39 @@ mod tests {
         let mut out = [0u8; 32];
         assert_eq!(c.read(&mut out).unwrap().0, 16);
         assert_eq!(&out[..16], b"bcdefghijklmnopq");
+    }
+
+    #[test]
+    fn bytes_not_yet_published_count_against_the_room() {
+        // A ring of 64 publishes every 16 bytes. With 54 unread, a write of
+        // 30 fits 10 (not published yet when the room runs out); looking
+        // again must not count those 10 as free.
+        let mut heap = Heap::new(64);
+        let (mut p, mut c) = (Producer::new(heap.region()), Consumer::new(heap.region()));
+        let first: Vec<u8> = (0..54).collect();
+        assert_eq!(p.write(&[&first], 0).unwrap().0, 54);
+        let second: Vec<u8> = (100..130).collect();
+        assert_eq!(p.write(&[&second], 0).unwrap().0, 10);
+        let mut out = [0u8; 64];
+        assert_eq!(c.read(&mut out).unwrap().0, 64);
+        assert_eq!(&out[..54], &first[..]);
+        assert_eq!(&out[54..], &second[..10]);
+    }
+
+    #[test]
+    fn a_large_write_is_published_a_chunk_at_a_time() {
+        // The consumer sees the first chunk while the rest is unread: a
+        // reader waking mid-write finds bytes before the write ends. A
+        // sleeping reader is woken after the first chunk: the write stops
+        // there so that the caller rings at once.
+        let mut heap = Heap::new(1 << 16);
+        let (mut p, c) = (Producer::new(heap.region()), Consumer::new(heap.region()));
+        assert!(!c.prepare_sleep().unwrap());
+        let data = vec![7u8; 1 << 15];
+        assert_eq!(p.write(&[&data], 0).unwrap(), (1 << 14, true));
+        assert_eq!(c.ready().unwrap(), 1 << 14);
+        assert_eq!(p.write(&[&data[1 << 14..]], 0).unwrap(), (1 << 14, false));
+        assert_eq!(c.ready().unwrap(), 1 << 15);
     }
 
     #[test]

@@ -278,6 +278,7 @@ impl Shared {
             if done() || self.stopping.load(Ordering::Acquire) {
                 break Ok(());
             }
+            let before = incoming.bytes();
             match reader.read_until(
                 &mut incoming,
                 &mut |frame, reader| self.on_frame(&conn, frame, reader, None),
@@ -289,6 +290,22 @@ impl Shared {
             }
             if done() {
                 break Ok(());
+            }
+            // A pipe that gave bytes has a writer at work (a large reply
+            // comes a ring at a time): spin afresh, without asking it to
+            // ring, rather than sleep once per ring (measured: a 64 MiB
+            // reply through 128 KiB rings slept ~140 times).
+            if conn.stream.is_shm() && incoming.bytes() > before {
+                // The caller's deadline still ends the wait (the bytes may
+                // be another call's, or keep coming past it).
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break Ok(());
+                }
+                spin_until = None;
+                if announced {
+                    announced = false;
+                    incoming.set_how(How::Spinning);
+                }
             }
             let now = Instant::now();
             if now < *spin_until.get_or_insert_with(spin_bound) {

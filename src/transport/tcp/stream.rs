@@ -418,6 +418,7 @@ impl Stream {
             stream: self,
             how,
             timed_out: false,
+            bytes: 0,
         }
     }
 }
@@ -440,12 +441,20 @@ pub(crate) struct Incoming<'a> {
     stream: &'a Stream,
     how: How,
     timed_out: bool,
+    /// Bytes read so far (a reader spinning on a pipe goes on spinning
+    /// while they grow: the peer is writing).
+    bytes: u64,
 }
 
 impl Incoming<'_> {
     /// The first read waited its whole time and got nothing.
     pub(crate) fn timed_out(&self) -> bool {
         self.timed_out
+    }
+
+    /// Bytes read so far.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Reads the next bytes `how` (it applies until the next call).
@@ -466,6 +475,9 @@ impl Read for Incoming<'_> {
                 self.how = How::NoWait;
                 let got = recv.read(buf);
                 self.timed_out |= recv.timed_out();
+                if let Ok(n) = got {
+                    self.bytes += n as u64;
+                }
                 got
             }
             Stream::Shm(s) => {
@@ -496,6 +508,7 @@ impl Read for Incoming<'_> {
                         Err(e) => return Err(e),
                     }
                 }
+                self.bytes += got as u64;
                 Ok(got)
             }
         }
