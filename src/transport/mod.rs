@@ -171,16 +171,21 @@ pub(crate) enum ReadPass {
 
 impl ReadPass {
     /// Keeps `work` if it is the pass's first request for the pool;
-    /// otherwise hands back what is to be queued now (this one, and the one
-    /// kept before, if any).
-    pub(crate) fn keep(&mut self, label: Arc<str>, work: crate::pool::Work) -> Vec<(Arc<str>, crate::pool::Work)> {
+    /// otherwise hands back what is to be queued now: this one, and the one
+    /// kept before, if any (no allocation: a busy pass meets one per
+    /// request).
+    pub(crate) fn keep(
+        &mut self,
+        label: Arc<str>,
+        work: crate::pool::Work,
+    ) -> [Option<(Arc<str>, crate::pool::Work)>; 2] {
         match std::mem::replace(self, ReadPass::Busy) {
             ReadPass::Nothing => {
                 *self = ReadPass::One(label, work);
-                Vec::new()
+                [None, None]
             }
-            ReadPass::One(first_label, first) => vec![(first_label, first), (label, work)],
-            ReadPass::Busy => vec![(label, work)],
+            ReadPass::One(first_label, first) => [Some((first_label, first)), Some((label, work))],
+            ReadPass::Busy => [Some((label, work)), None],
         }
     }
 }

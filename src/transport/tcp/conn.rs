@@ -35,11 +35,12 @@ const NO_PEER: usize = usize::MAX;
 const WAIT_FOR_SOCKET: Duration = Duration::from_millis(200);
 /// A corked batch is written once it holds this many frames.
 const MAX_CORKED: usize = 64;
-/// Buffers of queued frames up to this size are kept for the next ones
-/// (at most this many): small frames then cost no allocation, and an idle
+/// Buffers of queued frames up to this size are kept for the next ones,
+/// up to `MAX_SPARE_BYTES` of them: small frames then cost no allocation
+/// (a batch of 128 replies of 32 B needs 128 buffers), and an idle
 /// connection holds at most 128 KiB.
 const KEEP_FRAME_BUFFER: usize = 4096;
-const MAX_SPARE_FRAMES: usize = 32;
+const MAX_SPARE_BYTES: usize = 128 << 10;
 
 /// The send window a request must fit in before it is copied into the
 /// outbox (replies are not held to it).
@@ -114,6 +115,8 @@ struct Outbox {
     /// Emptied buffers (and an emptied queue) kept for the next frames, so
     /// queueing a small frame costs no allocation.
     spare_frames: Vec<Vec<u8>>,
+    /// Their capacities, together.
+    spare_bytes: usize,
     spare_queue: VecDeque<Vec<u8>>,
     /// How much of the front entry was already sent.
     front_sent: usize,
@@ -198,7 +201,7 @@ impl Outbox {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         self.bytes += len as u64;
         let spare = if len <= KEEP_FRAME_BUFFER {
-            self.spare_frames.pop()
+            self.spare_frames.pop().inspect(|b| self.spare_bytes -= b.capacity())
         } else {
             None
         };
@@ -219,8 +222,9 @@ impl Outbox {
     /// Keeps the buffers of a batch that was written.
     fn recycle(&mut self, mut batch: VecDeque<Vec<u8>>) {
         for mut buf in batch.drain(..) {
-            if buf.capacity() <= KEEP_FRAME_BUFFER && self.spare_frames.len() < MAX_SPARE_FRAMES {
+            if buf.capacity() <= KEEP_FRAME_BUFFER && self.spare_bytes + buf.capacity() <= MAX_SPARE_BYTES {
                 buf.clear();
+                self.spare_bytes += buf.capacity();
                 self.spare_frames.push(buf);
             } else {
                 crate::net::buffers::give_back(buf);
