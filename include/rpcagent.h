@@ -276,6 +276,11 @@ typedef void (*rpcagent_log_fn)(void *user_data, int32_t level, const char *mess
 #define RPCAGENT_ERR_BUSY (-13)
 
 /**
+ * The call was cancelled by `rpcagent_future_cancel`.
+ */
+#define RPCAGENT_ERR_CANCELLED (-14)
+
+/**
  * A bug: an internal panic was caught.
  */
 #define RPCAGENT_ERR_INTERNAL (-99)
@@ -751,6 +756,19 @@ rpcagent_status_t rpcagent_future_on_complete(struct rpcagent_future_t *f,
                                               void *user_data);
 
 /**
+ * Cancels a pending call: it ends at once with `RPCAGENT_ERR_CANCELLED`
+ * for waits, `wait_any`, queues and callbacks, and the destination is
+ * told (a request not started there is dropped unrun; a running handler
+ * sees `rpcagent_reply_cancelled`). On a call that has completed it
+ * changes nothing (it keeps its status). `RPCAGENT_OK`, or
+ * `RPCAGENT_ERR_INVALID_ARGUMENT` for NULL. Never blocks.
+ *
+ * # Safety
+ * `f` is NULL or a live future handle.
+ */
+rpcagent_status_t rpcagent_future_cancel(struct rpcagent_future_t *f);
+
+/**
  * Frees a future; NULL is a no-op. Freeing a pending future abandons the
  * call: its reply is dropped on arrival (callbacks still run).
  *
@@ -789,6 +807,28 @@ uint8_t *rpcagent_reply_alloc(struct rpcagent_reply_t *reply, size_t len);
  * NULL or a NUL-terminated string.
  */
 rpcagent_status_t rpcagent_reply_error(struct rpcagent_reply_t *reply, const char *message);
+
+/**
+ * 1 once the caller cancelled the call (`rpcagent_future_cancel`) or its
+ * deadline passed here, else 0 (also for NULL, and once the reply was
+ * deferred: ask `rpcagent_deferred_cancelled`). A handler that loops polls
+ * it and returns early; its answer is dropped. Cheap: one uncontended
+ * lock and a table lookup.
+ *
+ * # Safety
+ * `reply` is NULL or the live handle of a running handler.
+ */
+int rpcagent_reply_cancelled(const struct rpcagent_reply_t *reply);
+
+/**
+ * 1 once the caller cancelled the deferred call or its deadline passed,
+ * else 0 (also for NULL). Completing it anyway is allowed and returns
+ * `RPCAGENT_OK` (the answer is dropped).
+ *
+ * # Safety
+ * `d` is NULL or a handle from `rpcagent_reply_defer` not yet consumed.
+ */
+int rpcagent_deferred_cancelled(const struct rpcagent_deferred_t *d);
 
 /**
  * Takes the reply out of the handler, which may then return at once; the

@@ -123,6 +123,12 @@ struct Request {
     std::string_view function;
     const uint8_t *args;
     size_t args_len;
+    /// The handler's reply handle (for `cancelled`).
+    const rpcagent_reply_t *reply = nullptr;
+
+    /// True once the caller cancelled the call or its deadline passed: a
+    /// handler that loops polls it and returns early (its answer is dropped).
+    bool cancelled() const { return rpcagent_reply_cancelled(reply) == 1; }
 
     /// The arguments, copied.
     Bytes bytes() const { return Bytes(args, args + args_len); }
@@ -151,6 +157,9 @@ public:
         detail::check(rpcagent_deferred_complete(release(), static_cast<const uint8_t *>(data), len));
     }
     void fail(const std::string &message) { detail::check(rpcagent_deferred_fail(release(), message.c_str())); }
+    /// True once the caller cancelled the call or its deadline passed
+    /// (answering is still allowed; the answer is dropped).
+    bool cancelled() const { return rpcagent_deferred_cancelled(d_) == 1; }
 
 private:
     rpcagent_deferred_t *release() {
@@ -177,6 +186,10 @@ public:
     ~Future() { rpcagent_future_free(f_); }
 
     bool ready() const { return rpcagent_future_is_ready(f_) == 1; }
+
+    /// Ends a pending call at once with RPCAGENT_ERR_CANCELLED and tells the
+    /// destination; a completed call keeps its outcome.
+    void cancel() { detail::check(rpcagent_future_cancel(f_)); }
 
     /// Waits for the reply; throws Error if the call failed.
     Bytes get() { return *wait_for(RPCAGENT_WAIT_FOREVER); }
@@ -373,7 +386,7 @@ private:
 
     static int32_t trampoline(void *user_data, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
         auto *slot = static_cast<Slot *>(user_data);
-        Request r{req->src_rank, req->function, req->args, req->args_len};
+        Request r{req->src_rank, req->function, req->args, req->args_len, reply};
         try {
             if (slot->deferred) {
                 rpcagent_deferred_t *d = rpcagent_reply_defer(reply);

@@ -21,12 +21,14 @@ pub enum Status {
     Exists = -12,
     /// The destination's send window is full and this call may not wait.
     Busy = -13,
+    /// The caller cancelled the call.
+    Cancelled = -14,
     Internal = -99,
 }
 
 impl Status {
     /// Every status, for tables and tests.
-    pub const ALL: [Status; 16] = [
+    pub const ALL: [Status; 17] = [
         Status::Ok,
         Status::Pending,
         Status::InvalidArgument,
@@ -42,6 +44,7 @@ impl Status {
         Status::Io,
         Status::Exists,
         Status::Busy,
+        Status::Cancelled,
         Status::Internal,
     ];
 
@@ -63,6 +66,7 @@ impl Status {
             Status::Io => "RPCAGENT_ERR_IO",
             Status::Exists => "RPCAGENT_ERR_EXISTS",
             Status::Busy => "RPCAGENT_ERR_BUSY",
+            Status::Cancelled => "RPCAGENT_ERR_CANCELLED",
             Status::Internal => "RPCAGENT_ERR_INTERNAL",
         }
     }
@@ -109,6 +113,8 @@ pub enum RpcError {
     Exists(String),
     #[error("busy: {0}")]
     Busy(String),
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -130,6 +136,7 @@ impl RpcError {
             RpcError::Io(_) => Status::Io,
             RpcError::Exists(_) => Status::Exists,
             RpcError::Busy(_) => Status::Busy,
+            RpcError::Cancelled(_) => Status::Cancelled,
             RpcError::Internal(_) => Status::Internal,
         }
     }
@@ -155,6 +162,7 @@ impl RpcError {
             Status::Io => RpcError::Io(format!("rank {rank}: {message}")),
             Status::Exists => RpcError::Exists(message),
             Status::Busy => RpcError::Busy(format!("rank {rank}: {message}")),
+            Status::Cancelled => RpcError::Cancelled(format!("rank {rank}, '{function}': {message}")),
             Status::Ok | Status::Pending | Status::Internal => {
                 RpcError::Internal(format!("rank {rank}, '{function}': {message}"))
             }

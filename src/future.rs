@@ -24,12 +24,17 @@ pub(crate) trait Progress: Send + Sync {
     /// Writes the requests held back to share a write (a caller is about
     /// to wait for replies).
     fn flush_batches(&self);
+    /// Ends call `id` to `dst` with a cancelled error if it is still in
+    /// flight, and tells `dst`.
+    fn cancel(&self, dst: usize, id: u64);
 }
 
 /// Where a future can make progress while waiting.
 struct Driver {
     progress: Weak<dyn Progress>,
     dst: usize,
+    /// The call's id (for a cancel).
+    id: u64,
     deadline: Option<Instant>,
 }
 
@@ -284,6 +289,7 @@ impl RpcFuture {
         slot: Arc<Slot>,
         progress: Weak<dyn Progress>,
         dst: usize,
+        id: u64,
         deadline: Option<Instant>,
     ) -> RpcFuture {
         RpcFuture {
@@ -291,6 +297,7 @@ impl RpcFuture {
             driver: Some(Driver {
                 progress,
                 dst,
+                id,
                 deadline,
             }),
         }
@@ -340,6 +347,20 @@ impl RpcFuture {
     pub fn wait_ref(&self) -> Result<Vec<u8>> {
         self.wait_until(None)
             .expect("a wait without deadline returns an outcome")
+    }
+
+    /// Ends the call at once if it is still pending: waits, `wait_any`,
+    /// queues and callbacks see [`RpcError::Cancelled`]. The destination is
+    /// told: a request not yet started there is dropped unrun, and a
+    /// running handler sees [`crate::Request::is_cancelled`]. A call that
+    /// has completed keeps its outcome.
+    pub fn cancel(&self) {
+        if let Some(d) = &self.driver
+            && !self.slot.is_ready()
+            && let Some(progress) = d.progress.upgrade()
+        {
+            progress.cancel(d.dst, d.id);
+        }
     }
 
     /// The error of a completed, failed call.

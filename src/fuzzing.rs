@@ -162,6 +162,6 @@ pub fn decode_payload(kind: Kind, payload: &[u8]) {
         Kind::Join => drop(Join::decode(payload)),
         Kind::Table => drop(Table::decode(payload)),
         Kind::Missing => drop(wire::decode_ranks(payload)),
-        Kind::Request | Kind::Response | Kind::Goodbye | Kind::Proof | Kind::Refused => {}
+        Kind::Request | Kind::Response | Kind::Goodbye | Kind::Proof | Kind::Refused | Kind::Cancel => {}
     }
 }

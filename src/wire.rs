@@ -19,7 +19,8 @@
 //! | 32 | 8 | payload length (at most the receiver's maximum message size) |
 //!
 //! A request's name is the function's; a response's payload is the reply, or
-//! the error message when the status is not 0. Deadlines travel as time left,
+//! the error message when the status is not 0. A cancel names its call by
+//! the request id alone. Deadlines travel as time left,
 //! not as a clock reading, so ranks need no synchronised clocks.
 //!
 //! Every length is checked against its limit by [`decode_header`] before the
@@ -61,6 +62,12 @@ pub enum Kind {
     Challenge = 6,
     /// The client's proof: a MAC of [`MAC_LEN`] bytes.
     Proof = 7,
+    /// The caller gave up on call `request_id` (sent after its request,
+    /// on the same connection; no name, no payload): the destination drops
+    /// it if it has not started, and tells its handler if it runs. One for
+    /// a call the destination no longer knows (answered, or never seen) is
+    /// ignored.
+    Cancel = 8,
     /// Rendezvous: a rank announces itself, payload [`Join`].
     Join = 16,
     /// Rendezvous: the complete world, payload [`Table`].
@@ -82,6 +89,7 @@ impl Kind {
             5 => Kind::Goodbye,
             6 => Kind::Challenge,
             7 => Kind::Proof,
+            8 => Kind::Cancel,
             16 => Kind::Join,
             17 => Kind::Table,
             18 => Kind::Refused,

@@ -290,3 +290,43 @@ fn a_timed_out_barrier_can_be_retried_and_the_world_meets_there() {
         s.spawn(|| agents[0].barrier(Duration::from_secs(10)).unwrap());
     });
 }
+
+#[test]
+fn a_cancel_ends_the_wait_at_once_and_reaches_the_running_handler() {
+    let agents = RpcAgent::local_world_with(2, Config::default().worker_threads(1)).unwrap();
+    let noticed = Arc::new(AtomicUsize::new(0));
+    let seen = noticed.clone();
+    agents[1]
+        .register_with("loop", HandlerOptions::default(), move |req, reply| {
+            let give_up = std::time::Instant::now() + Duration::from_secs(20);
+            while !req.is_cancelled() && std::time::Instant::now() < give_up {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            assert!(reply.is_cancelled(), "the reply says so too");
+            seen.fetch_add(1, Ordering::SeqCst);
+            reply.set(b"late".to_vec());
+            Ok(())
+        })
+        .unwrap();
+    for a in &agents {
+        a.start().unwrap();
+    }
+    let fut = agents[0].rpc_async(1, "loop", b"");
+    std::thread::sleep(Duration::from_millis(50));
+    fut.cancel();
+    assert_eq!(
+        fut.wait_timeout(Duration::ZERO).unwrap().unwrap_err().status(),
+        Status::Cancelled
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while noticed.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(noticed.load(Ordering::SeqCst), 1);
+    // The worker is free again, and a completed call keeps its outcome.
+    agents[1].register("echo", |args| Ok(args.to_vec())).unwrap();
+    let done = agents[0].rpc_async(1, "echo", b"abc");
+    assert_eq!(done.wait_ref().unwrap(), b"abc");
+    done.cancel();
+    assert!(done.error().is_none());
+}

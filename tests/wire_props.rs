@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use rpcagent::fuzzing::{decode_payload, read_stream};
 use rpcagent::wire::{self, HEADER_LEN, Header, Kind};
 
-const KINDS: [Kind; 11] = [
+const KINDS: [Kind; 12] = [
     Kind::Hello,
     Kind::Welcome,
     Kind::Request,
@@ -14,6 +14,7 @@ const KINDS: [Kind; 11] = [
     Kind::Goodbye,
     Kind::Challenge,
     Kind::Proof,
+    Kind::Cancel,
     Kind::Join,
     Kind::Table,
     Kind::Refused,

@@ -24,6 +24,7 @@ use rustc_hash::FxHashMap;
 
 use super::handler::{Body, Handler, Reply, ReplyRoute, Request};
 use super::pending::{CallName, Pending, PendingCall};
+use super::service::{CancelView, Cancellation, InService, ServiceSlot};
 use super::stats::{Stats, StatsSnapshot};
 
 const RUNNING: u8 = 0;
@@ -83,6 +84,8 @@ pub(crate) struct Core {
     deadline_thread: Mutex<Option<JoinHandle<()>>>,
     transports: OnceLock<Transports>,
     pub(crate) stats: Arc<Stats>,
+    /// Pool requests by caller and call id, for cancels.
+    in_service: Arc<InService>,
     gatherings: Mutex<Gatherings>,
     barrier_generation: AtomicU64,
     stall_reported: Mutex<bool>,
@@ -119,6 +122,7 @@ impl Core {
             deadline_thread: Mutex::new(None),
             transports: OnceLock::new(),
             stats: Arc::new(Stats::default()),
+            in_service: Arc::default(),
             backlog_bytes: Arc::new(AtomicU64::new(0)),
             gatherings: Mutex::new(Gatherings {
                 barriers: HashMap::new(),
@@ -328,7 +332,7 @@ impl Core {
             self.finish(id, Err(e));
         }
         let progress = self.me.clone() as std::sync::Weak<dyn Progress>;
-        Ok(RpcFuture::with_driver(slot, progress, dst, deadline))
+        Ok(RpcFuture::with_driver(slot, progress, dst, id, deadline))
     }
 
     fn check_call(&self, dst: usize, function: &str, args: &[u8], internal: bool) -> Result<()> {
@@ -399,12 +403,21 @@ impl Core {
     // ---- serving ----
 
     fn route(&self, request: &InRequest) -> ReplyRoute {
+        self.route_as(request, None)
+    }
+
+    /// `listed`: the request's slot on the cancellation list (a pool request).
+    fn route_as(&self, request: &InRequest, listed: Option<ServiceSlot>) -> ReplyRoute {
         ReplyRoute {
             sink: request.reply_to.clone(),
             id: request.id,
             max_message_bytes: self.config.max_message_bytes,
             // The agent's own traffic is not counted as served requests.
             stats: (!request.internal).then(|| self.stats.clone()),
+            cancel: Cancellation {
+                listed: listed.map(|slot| (self.in_service.clone(), slot)),
+                deadline: request.deadline,
+            },
         }
     }
 
@@ -422,10 +435,12 @@ impl Core {
         drop(std::mem::take(&mut request.function));
         let inline = handler.handler.options.inline;
         if inline && request.inline_here {
-            return crate::threads::must_not_block(|| self.run_handler(handler, request, false));
+            return crate::threads::must_not_block(|| self.run_handler(handler, request, None));
         }
         let label = handler.name.clone();
         let me = self.me.clone();
+        // Listed until answered, so that the caller's cancel finds it.
+        let slot = self.in_service.admit(request.src, request.id);
         // Counted from now until the job starts (a job dropped unrun by a
         // stopped pool belongs to a closing agent: its count no longer matters).
         let bytes = request.args.len() as u64;
@@ -433,13 +448,17 @@ impl Core {
         let job = Box::new(move || {
             if let Some(core) = me.upgrade() {
                 core.left_backlog(bytes);
-                if !core.gave_up(&request, &handler.name) {
+                let cancelled = core.in_service.is_cancelled(slot);
+                if cancelled || core.gave_up(&request, &handler.name) {
+                    // Dropped unrun (the caller is not waiting any more).
+                    core.in_service.finish(slot);
+                } else {
                     // An inline handler on a worker (a rank's call to
                     // itself) still must not block, as on the I/O thread.
                     if inline {
-                        crate::threads::must_not_block(|| core.run_handler(handler, request, true));
+                        crate::threads::must_not_block(|| core.run_handler(handler, request, Some(slot)));
                     } else {
-                        core.run_handler(handler, request, true);
+                        core.run_handler(handler, request, Some(slot));
                     }
                 }
             }
@@ -465,15 +484,18 @@ impl Core {
         }
     }
 
-    /// `pooled`: runs as a pool job (whose reply may wait for the replies
-    /// of the jobs queued behind it).
-    fn run_handler(&self, handler: Arc<Registered>, request: InRequest, pooled: bool) {
+    /// `listed`: runs as a pool job, whose slot on the cancellation list
+    /// this is (see `dispatch`; its reply may wait for the replies of the
+    /// jobs queued behind it).
+    fn run_handler(&self, handler: Arc<Registered>, request: InRequest, listed: Option<ServiceSlot>) {
+        let pooled = listed.is_some();
+        let route = self.route_as(&request, listed);
         if self.state.load(Ordering::Acquire) == CLOSED {
-            return self
-                .route(&request)
-                .send(Err((Status::Shutdown, format!("rank {} is shut down", self.rank))));
+            return route.send(Err((Status::Shutdown, format!("rank {} is shut down", self.rank))));
         }
-        let mut reply = Reply::new(self.route(&request));
+        // What the handler's `Request` looks at (the route moves into the reply).
+        let cancel = CancelView::new(listed.map(|slot| (&*self.in_service, slot)), request.deadline);
+        let mut reply = Reply::new(route);
         let src = request.src;
         // Kept for the next large message once a borrowing handler is done.
         let mut args = Some(request.args);
@@ -484,6 +506,7 @@ impl Core {
                         src_rank: src,
                         function: &handler.name,
                         args: args.as_deref().unwrap_or_default(),
+                        cancel,
                     };
                     func(&view, &mut reply)
                 }
@@ -802,6 +825,18 @@ impl Progress for Core {
     fn flush_batches(&self) {
         Core::flush_batches(self);
     }
+
+    fn cancel(&self, dst: usize, id: u64) {
+        let Some(call) = self.pending.remove_if(id, |c| c.dst == dst) else {
+            // Completed (or timed out) meanwhile: it keeps its outcome.
+            return;
+        };
+        let error = RpcError::Cancelled(format!("the call to '{}' on rank {dst} was cancelled", call.function));
+        self.complete(call, Err(error));
+        if self.transports.get().is_some() {
+            self.transport_to(dst).send_cancel(dst, id);
+        }
+    }
 }
 
 impl Dispatch for Core {
@@ -826,6 +861,10 @@ impl Dispatch for Core {
             }
         }
         self.dispatch(request, pass);
+    }
+
+    fn on_cancel(&self, src: usize, id: u64) {
+        self.in_service.cancel(src, id);
     }
 
     fn on_response(&self, from: usize, id: u64, outcome: Outcome) {

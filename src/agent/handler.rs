@@ -7,10 +7,11 @@ use std::sync::atomic::Ordering;
 use crate::error::Status;
 use crate::transport::{Outcome, ReplySink};
 
+use super::service::{CancelView, Cancellation};
 use super::stats::Stats;
 
 /// One incoming call, as a handler sees it. Valid during the handler call.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Request<'a> {
     /// The rank that made the call.
     pub src_rank: usize,
@@ -18,6 +19,26 @@ pub struct Request<'a> {
     pub function: &'a str,
     /// The call's arguments.
     pub args: &'a [u8],
+    pub(crate) cancel: CancelView<'a>,
+}
+
+impl Request<'_> {
+    /// True once the caller cancelled the call, or its deadline passed
+    /// here: a handler that loops polls it and stops early (its answer is
+    /// dropped).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+impl std::fmt::Debug for Request<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("src_rank", &self.src_rank)
+            .field("function", &self.function)
+            .field("args", &self.args.len())
+            .finish()
+    }
 }
 
 /// How a handler is run.
@@ -56,6 +77,16 @@ pub(crate) struct ReplyRoute {
     pub id: u64,
     pub max_message_bytes: u64,
     pub stats: Option<Arc<Stats>>,
+    /// Whether the caller gave up; a cancelled call's answer is not sent.
+    pub cancel: Cancellation,
+}
+
+/// A route dropped unused (its request dropped) takes the request off the
+/// cancellation list.
+impl Drop for ReplyRoute {
+    fn drop(&mut self) {
+        self.cancel.finish();
+    }
 }
 
 impl ReplyRoute {
@@ -67,7 +98,10 @@ impl ReplyRoute {
 
     /// Like [`ReplyRoute::send`]; `more_follow`: this thread answers more
     /// requests right away (see [`ReplySink::send_reply`]).
-    pub(crate) fn send_then(self, outcome: Outcome, more_follow: bool) {
+    pub(crate) fn send_then(mut self, outcome: Outcome, more_follow: bool) {
+        if self.cancel.finish() {
+            return;
+        }
         let outcome = match outcome {
             Ok(data) if data.len() as u64 > self.max_message_bytes => Err((
                 Status::TooLarge,
@@ -148,6 +182,13 @@ impl Reply {
         self.error = Some(message.into());
     }
 
+    /// True once the caller cancelled the call, or its deadline passed
+    /// here (see [`Request::is_cancelled`]); false once deferred (ask the
+    /// [`Deferred`]).
+    pub fn is_cancelled(&self) -> bool {
+        self.route.as_ref().is_some_and(|r| r.cancel.is_cancelled())
+    }
+
     /// True once the reply was deferred (it can no longer be set here).
     pub fn is_deferred(&self) -> bool {
         self.route.is_none()
@@ -188,6 +229,12 @@ pub struct Deferred {
 }
 
 impl Deferred {
+    /// True once the caller cancelled the call, or its deadline passed
+    /// here: completing it is still allowed (the answer is dropped).
+    pub fn is_cancelled(&self) -> bool {
+        self.route.as_ref().is_some_and(|r| r.cancel.is_cancelled())
+    }
+
     /// Answers the call with `data`.
     pub fn complete(mut self, data: Vec<u8>) {
         if let Some(route) = self.route.take() {

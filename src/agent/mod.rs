@@ -13,6 +13,7 @@ use crate::transport::{Transports, local, tcp};
 mod core;
 mod handler;
 mod pending;
+mod service;
 mod shutdown;
 mod stats;
 

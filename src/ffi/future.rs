@@ -178,6 +178,24 @@ pub unsafe extern "C" fn rpcagent_future_on_complete(
     })
 }
 
+/// Cancels a pending call: it ends at once with `RPCAGENT_ERR_CANCELLED`
+/// for waits, `wait_any`, queues and callbacks, and the destination is
+/// told (a request not started there is dropped unrun; a running handler
+/// sees `rpcagent_reply_cancelled`). On a call that has completed it
+/// changes nothing (it keeps its status). `RPCAGENT_OK`, or
+/// `RPCAGENT_ERR_INVALID_ARGUMENT` for NULL. Never blocks.
+///
+/// # Safety
+/// `f` is NULL or a live future handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rpcagent_future_cancel(f: *mut rpcagent_future_t) -> rpcagent_status_t {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        unsafe { handle(f, "f") }?.future.cancel();
+        Ok(RPCAGENT_OK)
+    })
+}
+
 /// Frees a future; NULL is a no-op. Freeing a pending future abandons the
 /// call: its reply is dropped on arrival (callbacks still run).
 ///

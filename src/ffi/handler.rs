@@ -2,7 +2,7 @@
 //! deferred reply they can finish from any thread, and the user data whose
 //! release function runs exactly once.
 
-use std::ffi::{CString, c_char, c_void};
+use std::ffi::{CString, c_char, c_int, c_void};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -206,6 +206,41 @@ pub unsafe extern "C" fn rpcagent_reply_error(
         // SAFETY: forwarded caller contract.
         reply.error(unsafe { lossy(message) });
         Ok(RPCAGENT_OK)
+    })
+}
+
+/// 1 once the caller cancelled the call (`rpcagent_future_cancel`) or its
+/// deadline passed here, else 0 (also for NULL, and once the reply was
+/// deferred: ask `rpcagent_deferred_cancelled`). A handler that loops polls
+/// it and returns early; its answer is dropped. Cheap: one uncontended
+/// lock and a table lookup.
+///
+/// # Safety
+/// `reply` is NULL or the live handle of a running handler.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rpcagent_reply_cancelled(reply: *const rpcagent_reply_t) -> c_int {
+    guard_value(0, || {
+        // SAFETY: a live handle points at the trampoline's `Reply` for the
+        // handler call; only read here.
+        let Some(handle) = (unsafe { reply.as_ref() }) else {
+            return Ok(0);
+        };
+        // SAFETY: as above.
+        Ok(unsafe { &*handle.reply }.is_cancelled() as c_int)
+    })
+}
+
+/// 1 once the caller cancelled the deferred call or its deadline passed,
+/// else 0 (also for NULL). Completing it anyway is allowed and returns
+/// `RPCAGENT_OK` (the answer is dropped).
+///
+/// # Safety
+/// `d` is NULL or a handle from `rpcagent_reply_defer` not yet consumed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rpcagent_deferred_cancelled(d: *const rpcagent_deferred_t) -> c_int {
+    // SAFETY: forwarded caller contract.
+    guard_value(0, || {
+        Ok(unsafe { d.as_ref() }.is_some_and(|d| d.deferred.is_cancelled()) as c_int)
     })
 }
 

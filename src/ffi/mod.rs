@@ -67,6 +67,8 @@ pub const RPCAGENT_ERR_EXISTS: rpcagent_status_t = -12;
 /// room: it was made on a library thread that must not block (an inline
 /// handler, a completion callback). See `rpcagent_config_set_send_window_bytes`.
 pub const RPCAGENT_ERR_BUSY: rpcagent_status_t = -13;
+/// The call was cancelled by `rpcagent_future_cancel`.
+pub const RPCAGENT_ERR_CANCELLED: rpcagent_status_t = -14;
 /// A bug: an internal panic was caught.
 pub const RPCAGENT_ERR_INTERNAL: rpcagent_status_t = -99;
 
@@ -208,6 +210,7 @@ pub extern "C" fn rpcagent_status_str(status: rpcagent_status_t) -> *const c_cha
         Some(Status::Io) => c"RPCAGENT_ERR_IO",
         Some(Status::Exists) => c"RPCAGENT_ERR_EXISTS",
         Some(Status::Busy) => c"RPCAGENT_ERR_BUSY",
+        Some(Status::Cancelled) => c"RPCAGENT_ERR_CANCELLED",
         Some(Status::Internal) => c"RPCAGENT_ERR_INTERNAL",
         None => c"RPCAGENT_UNKNOWN_STATUS",
     };
@@ -255,6 +258,7 @@ mod tests {
             RPCAGENT_ERR_IO,
             RPCAGENT_ERR_EXISTS,
             RPCAGENT_ERR_BUSY,
+            RPCAGENT_ERR_CANCELLED,
             RPCAGENT_ERR_INTERNAL,
         ];
         let codes: Vec<i32> = Status::ALL.iter().map(|s| *s as i32).collect();

@@ -67,6 +67,12 @@ impl Transport for LocalTransport {
         Ok(())
     }
 
+    fn send_cancel(&self, dst: usize, id: u64) {
+        if let Some(target) = self.agents[dst].upgrade() {
+            target.on_cancel(self.me, id);
+        }
+    }
+
     fn close(&self, _graceful: bool, _deadline: Instant) {}
 
     fn listen_addr(&self) -> String {
@@ -165,6 +171,12 @@ impl Transport for SelfTransport {
         let request = in_request(self.me, request, here, reply_to);
         crate::threads::must_not_block(|| target.on_request(request, None));
         Ok(())
+    }
+
+    fn send_cancel(&self, _dst: usize, id: u64) {
+        if let Some(target) = self.agent.upgrade() {
+            target.on_cancel(self.me, id);
+        }
     }
 
     fn close(&self, _graceful: bool, _deadline: Instant) {

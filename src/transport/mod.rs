@@ -75,6 +75,11 @@ pub(crate) trait Transport: Send + Sync {
     /// [`Dispatch::on_response`]. An error means the request did not leave.
     fn send_request(&self, dst: usize, request: &OutRequest<'_>) -> Result<()>;
 
+    /// Tells `dst` that this rank cancelled its call `id` (already failed
+    /// here). Never blocks; a cancel that cannot leave is dropped (the
+    /// destination answers into the void at worst).
+    fn send_cancel(&self, dst: usize, id: u64);
+
     /// Closes every connection. `graceful`: queued frames are flushed first
     /// (until `deadline`) and peers are told it is on purpose.
     fn close(&self, graceful: bool, deadline: Instant);
@@ -212,6 +217,9 @@ pub(crate) trait Dispatch: Send + Sync {
     /// keep a request for the pool to run itself (`None`: queue it).
     fn on_request(&self, request: InRequest, pass: Option<&mut ReadPass>);
     fn on_response(&self, from: usize, id: u64, outcome: Outcome);
+    /// Rank `src` cancelled its call `id` (one this rank does not know is
+    /// ignored).
+    fn on_cancel(&self, src: usize, id: u64);
     /// The connection to `rank` failed; every call in flight to it fails.
     fn on_peer_lost(&self, rank: usize, error: crate::RpcError);
     fn rank(&self) -> usize;

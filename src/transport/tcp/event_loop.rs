@@ -546,6 +546,12 @@ impl Shared {
                 };
                 dispatch.on_response(peer, h.request_id, outcome);
             }
+            (Kind::Cancel, false) => {
+                if h.name_len != 0 || h.payload_len != 0 {
+                    return Err(RpcError::Protocol("a cancel frame with a body".into()));
+                }
+                dispatch.on_cancel(peer, h.request_id);
+            }
             (Kind::Goodbye, _) => conn.goodbye.store(true, Ordering::Release),
             (kind, _) => {
                 return Err(RpcError::Protocol(format!(

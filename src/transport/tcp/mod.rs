@@ -337,6 +337,10 @@ impl Transport for TcpTransport {
         self.shared.send_request(dst, request)
     }
 
+    fn send_cancel(&self, dst: usize, id: u64) {
+        self.shared.send_cancel(dst, id)
+    }
+
     fn close(&self, graceful: bool, deadline: Instant) {
         let shared = &self.shared;
         if shared.closing.swap(true, Ordering::AcqRel) {

@@ -105,6 +105,13 @@ impl WaitingCalls {
         self.bytes += request.as_ref().map_or(0, Queued::len);
         self.calls.extend(request);
     }
+
+    /// Takes call `id` out (it was cancelled before it could leave).
+    pub(super) fn remove(&mut self, id: u64) {
+        if let Some(i) = self.calls.iter().position(|q| q.id == id) {
+            self.bytes -= self.calls.remove(i).len();
+        }
+    }
 }
 
 impl Shared {

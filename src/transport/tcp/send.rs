@@ -174,6 +174,26 @@ impl Shared {
         Ok(())
     }
 
+    /// Tells `dst` that call `id` was cancelled: a cancel frame behind its
+    /// request, written without waiting (a full socket hands it to the I/O
+    /// thread). A request still waiting for its connection never leaves.
+    pub(super) fn send_cancel(&self, dst: usize, id: u64) {
+        let conn = match &mut *self.peers[dst].state.lock() {
+            PeerState::Ready(conn) => conn.clone(),
+            PeerState::Connecting { queued, .. } => {
+                queued.remove(id);
+                self.peers[dst].room.notify_all();
+                return;
+            }
+            PeerState::Idle | PeerState::Lost(_) => return,
+        };
+        let mut header = Header::new(Kind::Cancel);
+        header.request_id = id;
+        if let Err(e) = conn.send(header, &[], &[], conn::Mode::NoWait, None) {
+            self.conn_failed(&conn, format!("sending failed: {e}"));
+        }
+    }
+
     /// The error of a request that found no room in the send window to `dst`.
     fn window_full(&self, dst: usize, request: &OutRequest<'_>, full: WindowFull) -> RpcError {
         match full {
