@@ -6,7 +6,8 @@
  *   RPCAGENT_ERR_CANCELLED at once;
  * - a request queued behind a busy worker is cancelled and never runs;
  * - a deferred reply notices rpcagent_deferred_cancelled, and completing it
- *   anyway returns RPCAGENT_OK;
+ *   anyway returns RPCAGENT_OK; so does one an inline handler deferred;
+ * - a cancel from another thread ends a wait in progress (bounded time);
  * - a deadline that passes cancels a running handler the same way;
  * - a rank's cancel of a call to itself reaches its own handler;
  * - cancel after completion changes nothing (the reply is still there);
@@ -130,6 +131,18 @@ static rpcagent_status_t wait_status(rpcagent_future_t *f, int64_t timeout_ms) {
     return s;
 }
 
+struct pending_cancel {
+    rpcagent_future_t *f;
+    int delay_ms;
+};
+
+static void *cancel_later(void *arg) {
+    struct pending_cancel *p = arg;
+    usleep((useconds_t)p->delay_ms * 1000);
+    CHECK_OK(rpcagent_future_cancel(p->f));
+    return NULL;
+}
+
 static atomic_int callbacks;
 static void on_done(void *u) {
     (void)u;
@@ -190,6 +203,7 @@ static void body(void) {
     CHECK_OK(rpcagent_register(agent, "mark", mark, NULL, NULL, 0));
     CHECK_OK(rpcagent_register(agent, "echo", echo, NULL, NULL, 0));
     CHECK_OK(rpcagent_register(agent, "defer", deferring, NULL, NULL, 0));
+    CHECK_OK(rpcagent_register(agent, "idefer", deferring, NULL, NULL, RPCAGENT_HANDLER_INLINE));
     CHECK_OK(rpcagent_register(agent, "count", count, NULL, NULL, RPCAGENT_HANDLER_INLINE));
     CHECK_OK(rpcagent_start(agent));
     CHECK_OK(rpcagent_barrier(agent, 30000));
@@ -241,10 +255,33 @@ static void body(void) {
         CHECK(theirs(agent).defers_noticed == 1);
         rpcagent_future_free(f);
 
+        /* The same for a reply an inline handler deferred. */
+        CHECK_OK(rpcagent_call_async(agent, 1, "idefer", NULL, 0, -1, &f));
+        AWAIT_THEIRS(agent, defers_started, 2);
+        CHECK_OK(rpcagent_future_cancel(f));
+        CHECK_STATUS(wait_status(f, 0), RPCAGENT_ERR_CANCELLED);
+        AWAIT_THEIRS(agent, defer_complete_ok, 2);
+        rpcagent_future_free(f);
+
+        /* A cancel from another thread ends a wait in progress. */
+        CHECK_OK(rpcagent_call_async(agent, 1, "loop", NULL, 0, -1, &f));
+        AWAIT_THEIRS(agent, loops_started, 3);
+        struct pending_cancel later = {f, 100};
+        pthread_t canceller;
+        CHECK(pthread_create(&canceller, NULL, cancel_later, &later) == 0);
+        t0 = now_ms();
+        CHECK_STATUS(wait_status(f, -1), RPCAGENT_ERR_CANCELLED);
+        double waited = now_ms() - t0;
+        pthread_join(canceller, NULL);
+        printf("[cancel] a wait ended %.1f ms after it began (cancelled from another thread at 100 ms)\n", waited);
+        CHECK(waited < 2000);
+        AWAIT_THEIRS(agent, loops_noticed, 3);
+        rpcagent_future_free(f);
+
         /* A deadline that passes cancels the running handler. */
         CHECK_OK(rpcagent_call_async(agent, 1, "loop", NULL, 0, 300, &f));
         CHECK_STATUS(wait_status(f, -1), RPCAGENT_ERR_TIMEOUT);
-        AWAIT_THEIRS(agent, loops_noticed, 3);
+        AWAIT_THEIRS(agent, loops_noticed, 4);
         rpcagent_future_free(f);
 
         /* A call to this rank itself. */

@@ -98,6 +98,43 @@ static void in_process() {
         delete answerer;
     }
 
+    // Parts sent in place, a deferred reply sent in place, and a cancel.
+    {
+        static std::atomic<int> released{0};
+        auto count = [](void *) { released++; };
+        std::string head = "head:", body(1 << 20, 'x');
+        std::vector<rpcagent_iovec_t> parts = {{reinterpret_cast<const uint8_t *>(head.data()), head.size()},
+                                               {reinterpret_cast<const uint8_t *>(body.data()), body.size()}};
+        Bytes got = a.call_async_iov(1, "upper", parts, RPCAGENT_TIMEOUT_DEFAULT, count, nullptr).get();
+        EXPECT(released.load() == 1);
+        EXPECT(got.size() == head.size() + body.size() && got[0] == 'H' && got.back() == 'X');
+        EXPECT(status_of([&] { a.call_async_iov(9, "upper", parts, RPCAGENT_TIMEOUT_DEFAULT, count, nullptr); }) ==
+               RPCAGENT_ERR_INVALID_ARGUMENT);
+        EXPECT(released.load() == 2);
+
+        static const char lent[] = "lent bytes";
+        b.add_deferred("lend", [count](const Request &, rpcagent::Deferred d) {
+            d.complete_owned(lent, sizeof lent - 1, count, nullptr);
+        });
+        Bytes back = a.call(1, "lend");
+        EXPECT(std::string(back.begin(), back.end()) == "lent bytes");
+        for (int i = 0; i < 1000 && released.load() < 3; i++) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        EXPECT(released.load() == 3);
+
+        std::atomic<bool> noticed{false};
+        b.add("spin", [&noticed](const Request &r) {
+            for (int i = 0; i < 20000 && !r.cancelled(); i++) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+            noticed = r.cancelled();
+            return Bytes{};
+        });
+        rpcagent::Future spinning = a.call_async(1, "spin");
+        std::this_thread::sleep_for(std::chrono::milliseconds(30));
+        spinning.cancel();
+        EXPECT(status_of([&] { spinning.get(); }) == RPCAGENT_ERR_CANCELLED);
+        for (int i = 0; i < 5000 && !noticed.load(); i++) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        EXPECT(noticed.load());
+    }
+
     b.remove("upper");
     EXPECT(status_of([&] { a.call(1, "upper"); }) == RPCAGENT_ERR_NOT_FOUND);
     EXPECT(a.stats().calls_ok >= 3);

@@ -194,6 +194,21 @@ typedef struct rpcagent_stats_t {
 } rpcagent_stats_t;
 
 /**
+ * One part of a call's arguments: `len` bytes at `data` (NULL only when
+ * `len` is 0).
+ */
+typedef struct rpcagent_iovec_t {
+  /**
+   * The part's bytes (NULL only when `len` is 0).
+   */
+  const uint8_t *data;
+  /**
+   * How many.
+   */
+  size_t len;
+} rpcagent_iovec_t;
+
+/**
  * A log sink: receives the level and one whole line (rank prefix included).
  */
 typedef void (*rpcagent_log_fn)(void *user_data, int32_t level, const char *message);
@@ -812,8 +827,10 @@ rpcagent_status_t rpcagent_reply_error(struct rpcagent_reply_t *reply, const cha
  * 1 once the caller cancelled the call (`rpcagent_future_cancel`) or its
  * deadline passed here, else 0 (also for NULL, and once the reply was
  * deferred: ask `rpcagent_deferred_cancelled`). A handler that loops polls
- * it and returns early; its answer is dropped. Cheap: one uncontended
- * lock and a table lookup.
+ * it, from the handler's own thread, and returns early; its answer is
+ * dropped. Cheap: an atomic load while no call is cancelled, else a lock.
+ * Inline handlers are not told (they run to the end before the cancel is
+ * read), unless they defer.
  *
  * # Safety
  * `reply` is NULL or the live handle of a running handler.
@@ -863,6 +880,75 @@ rpcagent_status_t rpcagent_deferred_complete(struct rpcagent_deferred_t *d,
  * `message` is NULL or a NUL-terminated string.
  */
 rpcagent_status_t rpcagent_deferred_fail(struct rpcagent_deferred_t *d, const char *message);
+
+/**
+ * Starts a call whose arguments are `parts` concatenated (the handler sees
+ * one contiguous `args`). With `release` non-NULL the parts are read in
+ * place, with vectored writes (no copy in this process unless the
+ * connection is not ready, another thread is writing to it, or the socket
+ * stalls, when what is left is copied), and `release(release_user_data)`
+ * runs exactly once, on the calling thread before this returns, once they
+ * are no longer needed: sent or copied, or the call failed or could not
+ * start (any error returned here included). With `release` NULL the parts
+ * are copied or sent before this returns. A release function must not
+ * block or throw. Any number of parts; `n_parts` 0 sends empty arguments;
+ * a part of length 0 may have NULL data, a longer one may not
+ * (`RPCAGENT_ERR_INVALID_ARGUMENT`); a total above the maximum message size
+ * is `RPCAGENT_ERR_TOO_LARGE`. Otherwise as `rpcagent_call_async`.
+ *
+ * # Safety
+ * As `rpcagent_call_async`; `parts` is NULL (only with `n_parts` 0) or valid
+ * for `n_parts` entries, each valid as it says.
+ */
+rpcagent_status_t rpcagent_call_async_iov(struct rpcagent_t *agent,
+                                          uint32_t dst_rank,
+                                          const char *function,
+                                          const struct rpcagent_iovec_t *parts,
+                                          size_t n_parts,
+                                          int64_t timeout_ms,
+                                          rpcagent_free_fn release,
+                                          void *release_user_data,
+                                          struct rpcagent_future_t **out_future);
+
+/**
+ * Sets the reply to `len` bytes at `data`, sent from where they are (no
+ * copy in this process, unless another thread is writing to the same
+ * connection or the socket stalls, when what is left is copied);
+ * `release(release_user_data)` runs exactly once when they are no longer
+ * needed: sent, replaced by another reply, the handler failed, the call
+ * was cancelled, or this returned an error (NULL data with a length, a
+ * deferred reply: `RPCAGENT_ERR_INVALID_ARGUMENT`). The bytes must stay
+ * valid and unchanged until then. It may run on any library thread (the
+ * I/O thread included, for an inline handler): it must not block, call
+ * blocking library functions, or throw. Replaces any reply set before,
+ * a buffer from `rpcagent_reply_alloc` included (no longer valid).
+ *
+ * # Safety
+ * `reply` is NULL or the live handle of a running handler; `data` is NULL
+ * or valid for `len` bytes until `release` runs.
+ */
+rpcagent_status_t rpcagent_reply_set_owned(struct rpcagent_reply_t *reply,
+                                           const uint8_t *data,
+                                           size_t len,
+                                           rpcagent_free_fn release,
+                                           void *release_user_data);
+
+/**
+ * Answers a deferred call with `len` bytes at `data`, sent from where they
+ * are, and frees the handle; `release(release_user_data)` runs exactly
+ * once when they are no longer needed (sent, the call cancelled or its
+ * caller gone), or at once on an error. On `RPCAGENT_ERR_INVALID_ARGUMENT`
+ * (NULL `d`, or NULL data with a length) the handle is not consumed.
+ *
+ * # Safety
+ * `d` is NULL or a handle from `rpcagent_reply_defer` not yet consumed;
+ * `data` is NULL or valid for `len` bytes until `release` runs.
+ */
+rpcagent_status_t rpcagent_deferred_complete_owned(struct rpcagent_deferred_t *d,
+                                                   const uint8_t *data,
+                                                   size_t len,
+                                                   rpcagent_free_fn release,
+                                                   void *release_user_data);
 
 /**
  * Sends every emitted message to `fn(user_data, level, message)` instead of

@@ -123,11 +123,14 @@ struct Request {
     std::string_view function;
     const uint8_t *args;
     size_t args_len;
-    /// The handler's reply handle (for `cancelled`).
+    /// The handler's reply handle (for `cancelled`); null in deferred
+    /// handlers, which ask their `Deferred`.
     const rpcagent_reply_t *reply = nullptr;
 
     /// True once the caller cancelled the call or its deadline passed: a
-    /// handler that loops polls it and returns early (its answer is dropped).
+    /// handler that loops polls it (on its own thread, while it runs) and
+    /// returns early; its answer is dropped. Always false in a deferred
+    /// handler: use `Deferred::cancelled()`.
     bool cancelled() const { return rpcagent_reply_cancelled(reply) == 1; }
 
     /// The arguments, copied.
@@ -157,6 +160,19 @@ public:
         detail::check(rpcagent_deferred_complete(release(), static_cast<const uint8_t *>(data), len));
     }
     void fail(const std::string &message) { detail::check(rpcagent_deferred_fail(release(), message.c_str())); }
+    /// Answers with `len` bytes at `data`, sent from where they are (no
+    /// copy); `done(user_data)` runs exactly once when they are no longer
+    /// needed (on any thread), also if this throws.
+    void complete_owned(const void *data, size_t len, rpcagent_free_fn done, void *user_data) {
+        if (d_ == nullptr) {
+            if (done != nullptr) done(user_data);
+            throw Error(RPCAGENT_ERR_INVALID_ARGUMENT, "the deferred reply was already answered");
+        }
+        rpcagent_status_t s =
+            rpcagent_deferred_complete_owned(d_, static_cast<const uint8_t *>(data), len, done, user_data);
+        if (s == RPCAGENT_OK) d_ = nullptr;
+        detail::check(s);
+    }
     /// True once the caller cancelled the call or its deadline passed
     /// (answering is still allowed; the answer is dropped).
     bool cancelled() const { return rpcagent_deferred_cancelled(d_) == 1; }
@@ -363,6 +379,19 @@ public:
         return call_async(dst, function, args.data(), args.size(), timeout_ms);
     }
 
+    /// A call whose arguments are `parts` concatenated, read where they are
+    /// (header and tensor without a concatenating copy); `done(user_data)`,
+    /// if given, runs exactly once when they are no longer needed (before
+    /// this returns), also if it throws.
+    Future call_async_iov(uint32_t dst, const std::string &function, const std::vector<rpcagent_iovec_t> &parts,
+                          int64_t timeout_ms = RPCAGENT_TIMEOUT_DEFAULT, rpcagent_free_fn done = nullptr,
+                          void *user_data = nullptr) {
+        rpcagent_future_t *f = nullptr;
+        detail::check(rpcagent_call_async_iov(a_, dst, function.c_str(), parts.data(), parts.size(), timeout_ms,
+                                              done, user_data, &f));
+        return Future(f);
+    }
+
     /// Leaves the world (graceful: every rank calls it).
     void shutdown(bool graceful = true, int64_t timeout_ms = RPCAGENT_WAIT_FOREVER) {
         detail::check(rpcagent_shutdown(a_, graceful ? 1 : 0, timeout_ms));
@@ -386,7 +415,7 @@ private:
 
     static int32_t trampoline(void *user_data, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
         auto *slot = static_cast<Slot *>(user_data);
-        Request r{req->src_rank, req->function, req->args, req->args_len, reply};
+        Request r{req->src_rank, req->function, req->args, req->args_len, slot->deferred ? nullptr : reply};
         try {
             if (slot->deferred) {
                 rpcagent_deferred_t *d = rpcagent_reply_defer(reply);

@@ -330,3 +330,20 @@ fn a_cancel_ends_the_wait_at_once_and_reaches_the_running_handler() {
     done.cancel();
     assert!(done.error().is_none());
 }
+
+#[test]
+fn parts_arrive_concatenated() {
+    let agents = RpcAgent::local_world(2).unwrap();
+    agents[1].register("echo", |args| Ok(args.to_vec())).unwrap();
+    for a in &agents {
+        a.start().unwrap();
+    }
+    let tensor = vec![7u8; 1 << 20];
+    let parts: [&[u8]; 4] = [b"head", b"", &tensor, b"tail"];
+    let got = agents[0].rpc_async_parts(1, "echo", &parts).wait().unwrap();
+    assert_eq!(got, [&b"head"[..], &tensor, b"tail"].concat());
+    let owned = vec![b"a".to_vec(), b"bc".to_vec()];
+    assert_eq!(agents[0].rpc_async_parts(1, "echo", &owned).wait().unwrap(), b"abc");
+    let none: [&[u8]; 0] = [];
+    assert!(agents[0].rpc_async_parts(1, "echo", &none).wait().unwrap().is_empty());
+}

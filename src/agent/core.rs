@@ -19,12 +19,14 @@ use crate::log::log_at;
 use crate::pool::Pool;
 
 use super::shutdown::{self, Gather, Release};
-use crate::transport::{Dispatch, Executor, InRequest, OutRequest, Outcome, ReadPass, Transport, Transports, Waiting};
+use crate::transport::{
+    Dispatch, Executor, InRequest, OutRequest, Payload, ReadPass, Response, Transport, Transports, Waiting,
+};
 use rustc_hash::FxHashMap;
 
 use super::handler::{Body, Handler, Reply, ReplyRoute, Request};
 use super::pending::{CallName, Pending, PendingCall};
-use super::service::{CancelView, Cancellation, InService, ServiceSlot};
+use super::service::{Cancellation, InService};
 use super::stats::{Stats, StatsSnapshot};
 
 const RUNNING: u8 = 0;
@@ -283,12 +285,13 @@ impl Core {
         &self,
         dst: usize,
         function: &str,
-        args: &[u8],
+        args: &[&[u8]],
         timeout: Option<Duration>,
         internal: bool,
         will_wait: bool,
     ) -> Result<RpcFuture> {
-        if let Err(e) = self.check_call(dst, function, args, internal) {
+        let args_len: usize = args.iter().map(|p| p.len()).sum();
+        if let Err(e) = self.check_call(dst, function, args_len, internal) {
             if !internal {
                 self.stats.calls_started.fetch_add(1, Ordering::Relaxed);
                 self.stats.calls_failed.fetch_add(1, Ordering::Relaxed);
@@ -317,7 +320,7 @@ impl Core {
         }
         if !internal {
             self.stats.calls_started.fetch_add(1, Ordering::Relaxed);
-            self.stats.bytes_sent.fetch_add(args.len() as u64, Ordering::Relaxed);
+            self.stats.bytes_sent.fetch_add(args_len as u64, Ordering::Relaxed);
         }
         let request = OutRequest {
             id,
@@ -335,7 +338,7 @@ impl Core {
         Ok(RpcFuture::with_driver(slot, progress, dst, id, deadline))
     }
 
-    fn check_call(&self, dst: usize, function: &str, args: &[u8], internal: bool) -> Result<()> {
+    fn check_call(&self, dst: usize, function: &str, args_len: usize, internal: bool) -> Result<()> {
         let state = self.state.load(Ordering::Acquire);
         if state == CLOSED || (state == DRAINING && !internal && !crate::threads::in_any_handler()) {
             return Err(RpcError::Shutdown(format!("rank {} is shutting down", self.rank)));
@@ -348,10 +351,9 @@ impl Core {
         }
         check_name(function).map_err(|why| RpcError::InvalidArgument(format!("function name {why}")))?;
         let max = self.config.max_message_bytes;
-        if args.len() as u64 > max {
+        if args_len as u64 > max {
             return Err(RpcError::TooLarge(format!(
-                "arguments of {} bytes exceed the maximum message size of {max} bytes",
-                args.len()
+                "arguments of {args_len} bytes exceed the maximum message size of {max} bytes"
             )));
         }
         Ok(())
@@ -403,21 +405,21 @@ impl Core {
     // ---- serving ----
 
     fn route(&self, request: &InRequest) -> ReplyRoute {
-        self.route_as(request, None)
+        self.route_as(request, self.cancellation(request))
     }
 
-    /// `listed`: the request's slot on the cancellation list (a pool request).
-    fn route_as(&self, request: &InRequest, listed: Option<ServiceSlot>) -> ReplyRoute {
+    fn cancellation(&self, request: &InRequest) -> Cancellation {
+        self.in_service.cancellation(request.src, request.id, request.deadline)
+    }
+
+    fn route_as(&self, request: &InRequest, cancel: Cancellation) -> ReplyRoute {
         ReplyRoute {
             sink: request.reply_to.clone(),
             id: request.id,
             max_message_bytes: self.config.max_message_bytes,
             // The agent's own traffic is not counted as served requests.
             stats: (!request.internal).then(|| self.stats.clone()),
-            cancel: Cancellation {
-                listed: listed.map(|slot| (self.in_service.clone(), slot)),
-                deadline: request.deadline,
-            },
+            cancel,
         }
     }
 
@@ -439,8 +441,10 @@ impl Core {
         }
         let label = handler.name.clone();
         let me = self.me.clone();
-        // Listed until answered, so that the caller's cancel finds it.
-        let slot = self.in_service.admit(request.src, request.id);
+        // Listed until answered (or dropped, on any path), so that the
+        // caller's cancel finds it.
+        let mut cancel = self.cancellation(&request);
+        cancel.list();
         // Counted from now until the job starts (a job dropped unrun by a
         // stopped pool belongs to a closing agent: its count no longer matters).
         let bytes = request.args.len() as u64;
@@ -448,17 +452,14 @@ impl Core {
         let job = Box::new(move || {
             if let Some(core) = me.upgrade() {
                 core.left_backlog(bytes);
-                let cancelled = core.in_service.is_cancelled(slot);
-                if cancelled || core.gave_up(&request, &handler.name) {
-                    // Dropped unrun (the caller is not waiting any more).
-                    core.in_service.finish(slot);
-                } else {
+                // Dropped unrun if the caller is not waiting any more.
+                if !cancel.caller_cancelled() && !core.gave_up(&request, &handler.name) {
                     // An inline handler on a worker (a rank's call to
                     // itself) still must not block, as on the I/O thread.
                     if inline {
-                        crate::threads::must_not_block(|| core.run_handler(handler, request, Some(slot)));
+                        crate::threads::must_not_block(|| core.run_handler(handler, request, Some(cancel)));
                     } else {
-                        core.run_handler(handler, request, Some(slot));
+                        core.run_handler(handler, request, Some(cancel));
                     }
                 }
             }
@@ -484,17 +485,18 @@ impl Core {
         }
     }
 
-    /// `listed`: runs as a pool job, whose slot on the cancellation list
-    /// this is (see `dispatch`; its reply may wait for the replies of the
-    /// jobs queued behind it).
-    fn run_handler(&self, handler: Arc<Registered>, request: InRequest, listed: Option<ServiceSlot>) {
+    /// `listed`: runs as a pool job, listed for cancels with this (see
+    /// `dispatch`; its reply may wait for the replies of the jobs queued
+    /// behind it).
+    fn run_handler(&self, handler: Arc<Registered>, request: InRequest, listed: Option<Cancellation>) {
         let pooled = listed.is_some();
-        let route = self.route_as(&request, listed);
+        let cancel = listed.unwrap_or_else(|| self.cancellation(&request));
+        // What the handler's `Request` looks at (the route moves into the reply).
+        let view = cancel.view_in(&self.in_service);
+        let route = self.route_as(&request, cancel);
         if self.state.load(Ordering::Acquire) == CLOSED {
             return route.send(Err((Status::Shutdown, format!("rank {} is shut down", self.rank))));
         }
-        // What the handler's `Request` looks at (the route moves into the reply).
-        let cancel = CancelView::new(listed.map(|slot| (&*self.in_service, slot)), request.deadline);
         let mut reply = Reply::new(route);
         let src = request.src;
         // Kept for the next large message once a borrowing handler is done.
@@ -506,7 +508,7 @@ impl Core {
                         src_rank: src,
                         function: &handler.name,
                         args: args.as_deref().unwrap_or_default(),
-                        cancel,
+                        cancel: view,
                     };
                     func(&view, &mut reply)
                 }
@@ -545,7 +547,7 @@ impl Core {
                 let generation = u64::from_le_bytes(request.args[..8].try_into().expect("8 bytes"));
                 if g.barrier_done.is_some_and(|done| generation <= done) {
                     drop(g);
-                    return route.send(Ok(Vec::new()));
+                    return route.send(Ok(Payload::Owned(Vec::new())));
                 }
                 let arrived = g.barriers.entry(generation).or_default();
                 // A rank whose barrier call has timed out is not here any more
@@ -574,7 +576,7 @@ impl Core {
             }
             (_, f) if f == ALIVE.as_bytes() => {
                 drop(g);
-                return route.send(Ok(Vec::new()));
+                return route.send(Ok(Payload::Owned(Vec::new())));
             }
             _ => {
                 drop(g);
@@ -590,7 +592,7 @@ impl Core {
         let mut routes: Vec<(usize, ReplyRoute)> = complete.into_iter().flatten().collect();
         routes.sort_by_key(|(rank, _)| *rank == self.rank);
         for (_, route) in routes {
-            route.send(Ok(Vec::new()));
+            route.send(Ok(Payload::Owned(Vec::new())));
         }
     }
 
@@ -606,7 +608,7 @@ impl Core {
         let mut routes = release.routes;
         routes.sort_by_key(|(rank, _)| *rank == self.rank);
         for (_, route) in routes {
-            route.send(Ok(lost.clone()));
+            route.send(Ok(Payload::Owned(lost.clone())));
         }
     }
 
@@ -657,7 +659,7 @@ impl Core {
     /// are in; rank 0 keeps only a rank's latest arrival.
     pub(crate) fn barrier(&self, timeout: Option<Duration>) -> Result<()> {
         let generation = self.barrier_generation.load(Ordering::Relaxed);
-        self.call(0, BARRIER, &generation.to_le_bytes(), timeout, true, true)?
+        self.call(0, BARRIER, &[&generation.to_le_bytes()], timeout, true, true)?
             .wait()
             .map(|_| {
                 self.barrier_generation.fetch_add(1, Ordering::Relaxed);
@@ -725,7 +727,7 @@ impl Core {
             }
             let arrival = shutdown::encode_ranks(&lost);
             match self
-                .call(coordinator, SHUTDOWN, &arrival, remaining(deadline), true, true)
+                .call(coordinator, SHUTDOWN, &[&arrival], remaining(deadline), true, true)
                 .and_then(RpcFuture::wait)
             {
                 Ok(reply) => {
@@ -864,10 +866,14 @@ impl Dispatch for Core {
     }
 
     fn on_cancel(&self, src: usize, id: u64) {
+        // A request that came before `start` waits unlisted: it goes now.
+        if let Some(early) = self.early.lock().as_mut() {
+            early.retain(|r| r.src != src || r.id != id);
+        }
         self.in_service.cancel(src, id);
     }
 
-    fn on_response(&self, from: usize, id: u64, outcome: Outcome) {
+    fn on_response(&self, from: usize, id: u64, outcome: Response) {
         let Some(call) = self.pending.remove_if(id, |c| c.dst == from) else {
             // Abandoned, timed out, or not this peer's to answer.
             return;

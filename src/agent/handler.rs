@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::error::Status;
-use crate::transport::{Outcome, ReplySink};
+use crate::transport::{Lent, Outcome, Payload, ReplySink};
 
 use super::service::{CancelView, Cancellation};
 use super::stats::Stats;
@@ -81,14 +81,6 @@ pub(crate) struct ReplyRoute {
     pub cancel: Cancellation,
 }
 
-/// A route dropped unused (its request dropped) takes the request off the
-/// cancellation list.
-impl Drop for ReplyRoute {
-    fn drop(&mut self) {
-        self.cancel.finish();
-    }
-}
-
 impl ReplyRoute {
     /// Sends the response; a reply above the maximum becomes a TOO_LARGE
     /// error for the caller.
@@ -103,11 +95,11 @@ impl ReplyRoute {
             return;
         }
         let outcome = match outcome {
-            Ok(data) if data.len() as u64 > self.max_message_bytes => Err((
+            Ok(data) if data.bytes().len() as u64 > self.max_message_bytes => Err((
                 Status::TooLarge,
                 format!(
                     "the reply of {} bytes exceeds the maximum message size of {} bytes",
-                    data.len(),
+                    data.bytes().len(),
                     self.max_message_bytes
                 ),
             )),
@@ -116,7 +108,7 @@ impl ReplyRoute {
         if let Some(stats) = &self.stats {
             stats.requests_served.fetch_add(1, Ordering::Relaxed);
             if let Ok(data) = &outcome {
-                stats.bytes_sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+                stats.bytes_sent.fetch_add(data.bytes().len() as u64, Ordering::Relaxed);
             }
         }
         self.sink.send_reply(self.id, outcome, more_follow);
@@ -128,6 +120,9 @@ impl ReplyRoute {
 pub struct Reply {
     route: Option<ReplyRoute>,
     data: Vec<u8>,
+    /// Bytes lent by the application instead of `data` (given back when
+    /// sent, replaced, or dropped).
+    lent: Option<Box<dyn Lent>>,
     error: Option<String>,
     /// A reply buffer above the maximum was asked for: the caller is told
     /// the reply is too large, whatever the handler returns.
@@ -139,6 +134,7 @@ impl Reply {
         Reply {
             route: Some(route),
             data: Vec::new(),
+            lent: None,
             error: None,
             too_large: None,
         }
@@ -147,11 +143,20 @@ impl Reply {
     /// Sets the reply bytes (taking ownership: no copy).
     pub fn set(&mut self, data: Vec<u8>) {
         self.data = data;
+        self.lent = None;
+    }
+
+    /// Sets the reply to bytes the application lends (sent from where
+    /// they are; dropping `lent` gives them back).
+    pub(crate) fn set_lent(&mut self, lent: Box<dyn Lent>) {
+        self.data = Vec::new();
+        self.lent = Some(lent);
     }
 
     /// A zeroed reply buffer of `len` bytes for the handler to fill in place
     /// (a large one is a reused buffer, cleared: no page faults).
     pub fn alloc(&mut self, len: usize) -> &mut [u8] {
+        self.lent = None;
         self.data = crate::net::buffers::take_zeroed(len);
         &mut self.data
     }
@@ -165,6 +170,7 @@ impl Reply {
             self.too_large = Some(why.clone());
             return Err(crate::RpcError::TooLarge(why));
         }
+        self.lent = None;
         self.data = if let Some(spare) = crate::net::buffers::take_spare_zeroed(len) {
             spare
         } else {
@@ -203,7 +209,12 @@ impl Reply {
     /// the returned handle answers later, from any thread, exactly once.
     /// `None` if it was deferred already.
     pub fn defer(&mut self) -> Option<Deferred> {
-        self.route.take().map(|route| Deferred { route: Some(route) })
+        self.route.take().map(|mut route| {
+            // Listed from now on if it was not (an inline handler's): the
+            // cancel may now come while the answer waits.
+            route.cancel.list();
+            Deferred { route: Some(route) }
+        })
     }
 
     /// Sends what the handler produced (nothing if it deferred);
@@ -215,7 +226,10 @@ impl Reply {
         let outcome = match (result, self.error.take(), self.too_large.take()) {
             (_, _, Some(why)) => Err((Status::TooLarge, why)),
             (Err(message), _, None) | (Ok(()), Some(message), None) => Err((Status::Handler, message)),
-            (Ok(()), None, None) => Ok(std::mem::take(&mut self.data)),
+            (Ok(()), None, None) => Ok(match self.lent.take() {
+                Some(lent) => Payload::Lent(lent),
+                None => Payload::Owned(std::mem::take(&mut self.data)),
+            }),
         };
         route.send_then(outcome, more_follow);
     }
@@ -238,7 +252,15 @@ impl Deferred {
     /// Answers the call with `data`.
     pub fn complete(mut self, data: Vec<u8>) {
         if let Some(route) = self.route.take() {
-            route.send(Ok(data));
+            route.send(Ok(Payload::Owned(data)));
+        }
+    }
+
+    /// Answers the call with bytes the application lends (given back once
+    /// sent, or dropped).
+    pub(crate) fn complete_lent(mut self, lent: Box<dyn Lent>) {
+        if let Some(route) = self.route.take() {
+            route.send(Ok(Payload::Lent(lent)));
         }
     }
 

@@ -230,7 +230,30 @@ impl RpcAgent {
         timeout: Option<Duration>,
         will_wait: bool,
     ) -> Result<RpcFuture> {
-        self.core().call(dst, function, args, timeout, false, will_wait)
+        self.core().call(dst, function, &[args], timeout, false, will_wait)
+    }
+
+    /// Like `start_call`, the arguments given in parts.
+    pub(crate) fn start_call_parts(
+        &self,
+        dst: usize,
+        function: &str,
+        parts: &[&[u8]],
+        timeout: Option<Duration>,
+        will_wait: bool,
+    ) -> Result<RpcFuture> {
+        self.core().call(dst, function, parts, timeout, false, will_wait)
+    }
+
+    /// Starts a call whose arguments are `parts` concatenated (the handler
+    /// sees one contiguous buffer), written from where they are with
+    /// vectored writes: a header and a tensor go without a concatenating
+    /// copy. The parts are done with (sent, or copied where they must
+    /// wait) when this returns; a call that cannot start is a failed future.
+    pub fn rpc_async_parts<P: AsRef<[u8]>>(&self, dst: usize, function: &str, parts: &[P]) -> RpcFuture {
+        let slices: Vec<&[u8]> = parts.iter().map(AsRef::as_ref).collect();
+        self.start_call_parts(dst, function, &slices, self.default_timeout(), false)
+            .unwrap_or_else(RpcFuture::failed)
     }
 
     /// Starts a call and returns at once; `args` can be reused right away.

@@ -1,10 +1,11 @@
-//! The requests this rank serves on its pool, found by caller and call id,
-//! so that a caller's cancel reaches them: one still queued is dropped
-//! before it runs; a running handler (or its deferred reply) sees it and
-//! its answer is dropped.
+//! The requests this rank serves on its pool (and deferred replies), found
+//! by caller and call id, so that a caller's cancel reaches them: one still
+//! queued is dropped before it runs; a running handler (or its deferred
+//! reply) sees it and its answer is dropped.
 //!
-//! Inline handlers are not listed: they run on the thread that read their
-//! request and finish before that thread reads the cancel behind it.
+//! An inline handler's request is listed only if the handler defers: until
+//! it returns, the thread that read its request reads nothing else (the
+//! cancel behind it included).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,11 +13,11 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-/// The listed requests: a slab of entries, each owned by one request from
-/// dispatch to its answer (or its drop) through its slot number, so that
-/// listing and unlisting cost a lock and no hashing (a hash map here cost
-/// ~7% of a small request's instructions). A cancel finds its call by a
-/// scan, which is rare.
+/// The listed requests: a slab of entries, each owned by one request's
+/// [`Cancellation`] through its slot and generation, so that listing and
+/// unlisting cost a lock and no hashing (a hash map here cost ~7% of a
+/// small request's instructions), and a slot reused by a later request is
+/// never mistaken for the earlier one's. A cancel finds its call by a scan.
 #[derive(Default)]
 pub(crate) struct InService {
     table: Mutex<Table>,
@@ -36,6 +37,8 @@ struct Table {
 struct Entry {
     src: usize,
     id: u64,
+    /// Bumped each time the slot is taken.
+    generation: u32,
     state: State,
 }
 
@@ -46,27 +49,46 @@ enum State {
     Cancelled,
 }
 
-/// A listed request's place in the table.
-pub(crate) type ServiceSlot = u32;
+/// A listed request's place: its slot and that slot's generation.
+#[derive(Clone, Copy)]
+struct Place {
+    slot: u32,
+    generation: u32,
+}
 
 impl InService {
-    /// Lists call `id` of `src`, about to be queued for the pool.
-    pub(crate) fn admit(&self, src: usize, id: u64) -> ServiceSlot {
-        let entry = Entry {
+    /// The cancellation of call `id` from `src` (deadline: when the caller
+    /// gives up), not listed yet.
+    pub(crate) fn cancellation(self: &Arc<Self>, src: usize, id: u64, deadline: Option<Instant>) -> Cancellation {
+        Cancellation {
+            service: self.clone(),
             src,
             id,
-            state: State::Listed,
-        };
+            deadline,
+            place: None,
+        }
+    }
+
+    fn admit(&self, src: usize, id: u64) -> Place {
         let mut t = self.table.lock();
-        match t.free.pop() {
-            Some(slot) => {
-                t.entries[slot as usize] = entry;
-                slot
-            }
+        let slot = match t.free.pop() {
+            Some(slot) => slot,
             None => {
-                t.entries.push(entry);
-                (t.entries.len() - 1) as ServiceSlot
+                t.entries.push(Entry {
+                    src,
+                    id,
+                    generation: 0,
+                    state: State::Free,
+                });
+                (t.entries.len() - 1) as u32
             }
+        };
+        let e = &mut t.entries[slot as usize];
+        e.generation = e.generation.wrapping_add(1);
+        (e.src, e.id, e.state) = (src, id, State::Listed);
+        Place {
+            slot,
+            generation: e.generation,
         }
     }
 
@@ -84,19 +106,24 @@ impl InService {
         }
     }
 
-    /// Whether the request in `slot` is cancelled.
-    pub(crate) fn is_cancelled(&self, slot: ServiceSlot) -> bool {
-        self.cancelled.load(Ordering::Acquire) > 0 && self.table.lock().entries[slot as usize].state == State::Cancelled
+    fn is_cancelled(&self, at: Place) -> bool {
+        if self.cancelled.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let e = self.table.lock().entries[at.slot as usize];
+        e.generation == at.generation && e.state == State::Cancelled
     }
 
-    /// Takes the request in `slot` off the list: true if it was cancelled.
-    pub(crate) fn finish(&self, slot: ServiceSlot) -> bool {
+    /// Frees the slot; true if the call was cancelled.
+    fn finish(&self, at: Place) -> bool {
         let mut t = self.table.lock();
-        let was = std::mem::replace(&mut t.entries[slot as usize].state, State::Free);
-        debug_assert!(was != State::Free, "a slot is finished once");
-        t.free.push(slot);
+        let e = &mut t.entries[at.slot as usize];
+        if e.generation != at.generation || e.state == State::Free {
+            return false;
+        }
+        let cancelled = std::mem::replace(&mut e.state, State::Free) == State::Cancelled;
+        t.free.push(at.slot);
         drop(t);
-        let cancelled = was == State::Cancelled;
         if cancelled {
             self.cancelled.fetch_sub(1, Ordering::Release);
         }
@@ -104,47 +131,79 @@ impl InService {
     }
 }
 
-/// What tells one request's handler that its call is over: the caller
-/// cancelled it (listed requests only), or its deadline passed here. The
-/// reply route holds it and takes the request off the list (`finish`).
+/// Whether one request's call is over: its caller cancelled it (once it is
+/// listed), or its deadline passed here. Made when the request is
+/// dispatched; it travels with the request into its reply route (and a
+/// deferred reply), and takes the request off the list when the answer is
+/// sent or when it is dropped, on every path.
 pub(crate) struct Cancellation {
-    /// The list it is on and its slot there, if it is (pool requests).
-    pub(crate) listed: Option<(Arc<InService>, ServiceSlot)>,
-    pub(crate) deadline: Option<Instant>,
+    service: Arc<InService>,
+    src: usize,
+    id: u64,
+    deadline: Option<Instant>,
+    place: Option<Place>,
 }
 
 impl Cancellation {
+    /// Puts the request on the list, so that a cancel reaches it (a pool
+    /// request at dispatch; an inline one when its handler defers).
+    pub(crate) fn list(&mut self) {
+        if self.place.is_none() {
+            self.place = Some(self.service.admit(self.src, self.id));
+        }
+    }
+
+    /// True once the caller cancelled the call (deadlines aside).
+    pub(crate) fn caller_cancelled(&self) -> bool {
+        self.place.is_some_and(|at| self.service.is_cancelled(at))
+    }
+
     /// True once the caller cancelled the call or its deadline passed.
     pub(crate) fn is_cancelled(&self) -> bool {
         self.view().is_cancelled()
     }
 
-    /// The same question, borrowed (for the handler's `Request`).
+    /// The same question, borrowed.
     pub(crate) fn view(&self) -> CancelView<'_> {
-        CancelView::new(self.listed.as_ref().map(|(s, slot)| (&**s, *slot)), self.deadline)
+        self.view_in(&self.service)
+    }
+
+    /// A look through `service` (this one's list, borrowed from elsewhere:
+    /// the handler's `Request` looks while the reply holds this).
+    pub(crate) fn view_in<'a>(&self, service: &'a InService) -> CancelView<'a> {
+        debug_assert!(std::ptr::eq(service, &*self.service));
+        CancelView {
+            service,
+            place: self.place,
+            deadline: self.deadline,
+        }
     }
 
     /// The request is answered or dropped: off the list. True if the
     /// caller cancelled it (its answer is not sent).
     pub(crate) fn finish(&mut self) -> bool {
-        self.listed.take().is_some_and(|(s, slot)| s.finish(slot))
+        self.place.take().is_some_and(|at| self.service.finish(at))
     }
 }
 
-/// A borrowed [`Cancellation`]: only looks.
+impl Drop for Cancellation {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// A borrowed look at a [`Cancellation`] (a slot reused by a later request
+/// is told apart by its generation).
 #[derive(Clone, Copy)]
 pub(crate) struct CancelView<'a> {
-    listed: Option<(&'a InService, ServiceSlot)>,
+    service: &'a InService,
+    place: Option<Place>,
     deadline: Option<Instant>,
 }
 
-impl<'a> CancelView<'a> {
-    pub(crate) fn new(listed: Option<(&'a InService, ServiceSlot)>, deadline: Option<Instant>) -> CancelView<'a> {
-        CancelView { listed, deadline }
-    }
-
+impl CancelView<'_> {
     pub(crate) fn is_cancelled(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d) || self.listed.is_some_and(|(s, slot)| s.is_cancelled(slot))
+        self.deadline.is_some_and(|d| Instant::now() >= d) || self.place.is_some_and(|at| self.service.is_cancelled(at))
     }
 }
 
@@ -153,10 +212,9 @@ mod tests {
     use super::*;
 
     fn listed(service: &Arc<InService>, id: u64) -> Cancellation {
-        Cancellation {
-            listed: Some((service.clone(), service.admit(3, id))),
-            deadline: None,
-        }
+        let mut c = service.cancellation(3, id, None);
+        c.list();
+        c
     }
 
     #[test]
@@ -166,7 +224,7 @@ mod tests {
         service.cancel(3, 1);
         service.cancel(4, 2); // another caller's id 2: not this one
         service.cancel(3, 99); // unknown: ignored
-        assert!(a.is_cancelled() && !b.is_cancelled());
+        assert!(a.is_cancelled() && a.caller_cancelled() && !b.is_cancelled());
         assert!(a.finish());
         assert!(!a.finish(), "finished once");
         assert!(!b.finish());
@@ -178,11 +236,35 @@ mod tests {
     }
 
     #[test]
-    fn a_passed_deadline_cancels_an_unlisted_call() {
-        let c = Cancellation {
-            listed: None,
-            deadline: Some(Instant::now()),
+    fn a_view_of_a_finished_request_never_sees_the_next_one_in_its_slot() {
+        let service = Arc::new(InService::default());
+        let mut first = listed(&service, 1);
+        let old = first.view().place;
+        first.finish();
+        let _second = listed(&service, 2);
+        service.cancel(3, 2);
+        let stale = CancelView {
+            service: &service,
+            place: old,
+            deadline: None,
         };
-        assert!(c.is_cancelled());
+        assert!(!stale.is_cancelled());
+    }
+
+    #[test]
+    fn dropping_an_unanswered_request_frees_its_slot() {
+        let service = Arc::new(InService::default());
+        let c = listed(&service, 1);
+        service.cancel(3, 1);
+        drop(c);
+        assert_eq!(service.cancelled.load(Ordering::Relaxed), 0);
+        assert_eq!(service.table.lock().free.len(), 1);
+    }
+
+    #[test]
+    fn a_passed_deadline_cancels_an_unlisted_call() {
+        let service = Arc::new(InService::default());
+        let c = service.cancellation(0, 1, Some(Instant::now()));
+        assert!(c.is_cancelled() && !c.caller_cancelled());
     }
 }

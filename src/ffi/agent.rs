@@ -290,7 +290,7 @@ pub unsafe extern "C" fn rpcagent_unregister(agent: *mut rpcagent_t, name: *cons
 }
 
 /// A call timeout: -1 the agent's default, 0 none, > 0 milliseconds.
-fn call_timeout(agent: &RpcAgent, ms: i64) -> Result<Option<Duration>, crate::RpcError> {
+pub(crate) fn call_timeout(agent: &RpcAgent, ms: i64) -> Result<Option<Duration>, crate::RpcError> {
     match ms {
         -1 => Ok(agent.default_timeout()),
         0 => Ok(None),

@@ -35,6 +35,12 @@ pub struct rpcagent_deferred_t {
     deferred: Deferred,
 }
 
+impl rpcagent_deferred_t {
+    pub(crate) fn into_deferred(self) -> Deferred {
+        self.deferred
+    }
+}
+
 /// A handler: returns 0 for success (the reply is what it set; empty if
 /// nothing) or non-zero for failure (the caller gets `RPCAGENT_ERR_HANDLER`
 /// with the message given to `rpcagent_reply_error`, or one naming the code).
@@ -138,7 +144,7 @@ pub(crate) fn register(
 ///
 /// # Safety
 /// `reply` is NULL or the handle passed to a handler that is still running.
-unsafe fn reply_mut<'a>(reply: *mut rpcagent_reply_t) -> Result<&'a mut Reply, crate::RpcError> {
+pub(crate) unsafe fn reply_mut<'a>(reply: *mut rpcagent_reply_t) -> Result<&'a mut Reply, crate::RpcError> {
     // SAFETY: a live handle points at the trampoline's `Reply`, borrowed
     // mutably for the handler call (the only user on this thread).
     let handle = unsafe { reply.as_mut() }.ok_or_else(|| invalid("reply is NULL"))?;
@@ -212,8 +218,10 @@ pub unsafe extern "C" fn rpcagent_reply_error(
 /// 1 once the caller cancelled the call (`rpcagent_future_cancel`) or its
 /// deadline passed here, else 0 (also for NULL, and once the reply was
 /// deferred: ask `rpcagent_deferred_cancelled`). A handler that loops polls
-/// it and returns early; its answer is dropped. Cheap: one uncontended
-/// lock and a table lookup.
+/// it, from the handler's own thread, and returns early; its answer is
+/// dropped. Cheap: an atomic load while no call is cancelled, else a lock.
+/// Inline handlers are not told (they run to the end before the cancel is
+/// read), unless they defer.
 ///
 /// # Safety
 /// `reply` is NULL or the live handle of a running handler.

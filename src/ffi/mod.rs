@@ -19,6 +19,7 @@ mod buffer;
 mod config;
 mod future;
 mod handler;
+mod lend;
 mod log;
 mod queue;
 
@@ -27,6 +28,7 @@ pub use buffer::*;
 pub use config::*;
 pub use future::*;
 pub use handler::*;
+pub use lend::*;
 pub use log::*;
 pub use queue::*;
 

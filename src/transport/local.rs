@@ -10,7 +10,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Result, RpcError};
 
-use super::{Dispatch, InRequest, OutRequest, Outcome, ReplySink, Transport};
+use super::{Dispatch, InRequest, OutRequest, Outcome, Payload, ReplySink, Transport};
 
 struct LocalTransport {
     me: usize,
@@ -43,7 +43,7 @@ fn in_request(src: usize, request: &OutRequest<'_>, inline_here: bool, reply_to:
         function: request.function.as_bytes().to_vec(),
         internal: request.internal,
         deadline: request.deadline,
-        args: request.args.to_vec(),
+        args: request.args.concat(),
         inline_here,
         reply_to: Arc::new(reply_to),
     }
@@ -201,7 +201,7 @@ impl Transport for SelfTransport {
 impl ReplySink for LocalReply {
     fn send_reply(&self, id: u64, outcome: Outcome, _more_follow: bool) {
         if let Some(caller) = self.caller.upgrade() {
-            caller.on_response(self.from, id, outcome);
+            caller.on_response(self.from, id, outcome.map(Payload::into_vec));
         }
     }
 }

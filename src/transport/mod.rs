@@ -19,7 +19,9 @@ pub(crate) struct OutRequest<'a> {
     pub timeout: Option<Duration>,
     /// That deadline on this rank's clock.
     pub deadline: Option<Instant>,
-    pub args: &'a [u8],
+    /// The arguments, in parts (their concatenation is what the handler
+    /// gets): sent from where they are, or copied where they must wait.
+    pub args: &'a [&'a [u8]],
     /// The caller waits for the reply right away (and so may read it itself).
     pub will_wait: bool,
 }
@@ -53,7 +55,40 @@ impl InRequest {
 
 /// The outcome a destination sends back: the reply bytes, or a status and
 /// message.
-pub(crate) type Outcome = std::result::Result<Vec<u8>, (Status, String)>;
+pub(crate) type Outcome = std::result::Result<Payload, (Status, String)>;
+
+/// A response as its caller gets it.
+pub(crate) type Response = std::result::Result<Vec<u8>, (Status, String)>;
+
+/// Bytes the application lends the library to send (a reply set with
+/// `rpcagent_reply_set_owned`): read where they are; dropping the value
+/// gives them back (the application's release runs).
+pub(crate) trait Lent: Send {
+    fn bytes(&self) -> &[u8];
+}
+
+/// A reply's bytes: the library's own, or lent by the application.
+pub(crate) enum Payload {
+    Owned(Vec<u8>),
+    Lent(Box<dyn Lent>),
+}
+
+impl Payload {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Owned(v) => v,
+            Payload::Lent(l) => l.bytes(),
+        }
+    }
+
+    /// The bytes as the library's own (lent ones are copied, then given back).
+    pub(crate) fn into_vec(self) -> Vec<u8> {
+        match self {
+            Payload::Owned(v) => v,
+            Payload::Lent(l) => l.bytes().to_vec(),
+        }
+    }
+}
 
 /// Where the response to one request goes.
 pub(crate) trait ReplySink: Send + Sync {
@@ -216,7 +251,7 @@ pub(crate) trait Dispatch: Send + Sync {
     /// A request arrived. `pass`: the I/O thread's read pass, which may
     /// keep a request for the pool to run itself (`None`: queue it).
     fn on_request(&self, request: InRequest, pass: Option<&mut ReadPass>);
-    fn on_response(&self, from: usize, id: u64, outcome: Outcome);
+    fn on_response(&self, from: usize, id: u64, outcome: Response);
     /// Rank `src` cancelled its call `id` (one this rank does not know is
     /// ignored).
     fn on_cancel(&self, src: usize, id: u64);

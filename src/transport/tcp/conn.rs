@@ -35,6 +35,9 @@ const NO_PEER: usize = usize::MAX;
 const WAIT_FOR_SOCKET: Duration = Duration::from_millis(200);
 /// A corked batch is written once it holds this many frames.
 const MAX_CORKED: usize = 64;
+/// Frames larger than this are never corked: corking copies a frame into
+/// the outbox, and one this large fills a write by itself.
+pub(crate) const MAX_CORKED_FRAME: u64 = 64 << 10;
 /// Buffers of queued frames up to this size are kept for the next ones,
 /// up to `MAX_SPARE_BYTES` of them: small frames then cost no allocation
 /// (a batch of 128 replies of 32 B needs 128 buffers), and an idle
@@ -453,17 +456,31 @@ impl Conn {
     /// `window`, if one is given.
     pub(crate) fn send(
         &self,
-        mut header: Header,
+        header: Header,
         name: &[u8],
         payload: &[u8],
         mode: Mode,
         window: Option<Window>,
     ) -> io::Result<()> {
+        self.send_parts(header, name, &[payload], mode, window)
+    }
+
+    /// Like [`Conn::send`], the payload given in parts (written from where
+    /// they are, with vectored writes).
+    pub(crate) fn send_parts(
+        &self,
+        mut header: Header,
+        name: &[u8],
+        payload: &[&[u8]],
+        mode: Mode,
+        window: Option<Window>,
+    ) -> io::Result<()> {
         header.name_len = name.len() as u16;
-        header.payload_len = payload.len() as u64;
+        header.payload_len = total_len(payload) as u64;
         let head = wire::encode_header(&header);
-        let parts: [&[u8]; 3] = [&head, name, payload];
-        let len = (head.len() + name.len() + payload.len()) as u64;
+        let pieces = Pieces::of(&head, name, payload);
+        let parts = pieces.as_slice();
+        let len = head.len() as u64 + name.len() as u64 + header.payload_len;
         // A request written straight from the caller's buffers still counts
         // against the window while it is written: if the socket stalls, its
         // rest is copied into the outbox.
@@ -477,14 +494,14 @@ impl Conn {
                 out = self.wait_for_room(out, len, w)?;
             }
             if out.writing || out.handed_off {
-                out.push(&parts);
+                out.push(parts);
                 return Ok(());
             }
             out.writing = true;
             if out.corked {
                 // A corked batch goes first, and this frame with it.
                 out.corked = false;
-                out.push(&parts);
+                out.push(parts);
                 drop(out);
                 return self.write_queued(mode, 0);
             }
@@ -493,7 +510,7 @@ impl Conn {
                 in_flight = len;
             }
         }
-        match self.write_all(&parts, 0, mode) {
+        match self.write_all(parts, 0, mode) {
             Ok(Wrote::All) => self.write_queued(mode, in_flight),
             Ok(Wrote::Partly(sent)) => self.hand_off(VecDeque::from([parts.concat()]), sent),
             Err(e) => Err(self.broken(e)),
@@ -507,22 +524,33 @@ impl Conn {
     /// millisecond. True if this frame starts a corked batch.
     pub(crate) fn send_corked(
         &self,
-        mut header: Header,
+        header: Header,
         name: &[u8],
         payload: &[u8],
         window: Option<Window>,
     ) -> io::Result<bool> {
+        self.send_corked_parts(header, name, &[payload], window)
+    }
+
+    /// Like [`Conn::send_corked`], the payload given in parts.
+    pub(crate) fn send_corked_parts(
+        &self,
+        mut header: Header,
+        name: &[u8],
+        payload: &[&[u8]],
+        window: Option<Window>,
+    ) -> io::Result<bool> {
         header.name_len = name.len() as u16;
-        header.payload_len = payload.len() as u64;
+        header.payload_len = total_len(payload) as u64;
         let head = wire::encode_header(&header);
         let mut out = self.out.lock();
         if out.closed {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
         if let Some(w) = window {
-            out = self.wait_for_room(out, (head.len() + name.len() + payload.len()) as u64, w)?;
+            out = self.wait_for_room(out, head.len() as u64 + name.len() as u64 + header.payload_len, w)?;
         }
-        out.push(&[&head, name, payload]);
+        out.push(Pieces::of(&head, name, payload).as_slice());
         if out.writing || out.handed_off {
             return Ok(false); // the writer takes it
         }
@@ -749,12 +777,41 @@ impl Conn {
         let mut header = Header::new(Kind::Response);
         header.request_id = id;
         match outcome {
-            Ok(data) => (header, data),
+            Ok(data) => (header, data.bytes()),
             Err((status, message)) => {
                 header.status = *status as i32;
                 debug_assert_ne!(*status, Status::Ok);
                 (header, message.as_bytes())
             }
+        }
+    }
+}
+
+/// Bytes in `parts`, together.
+pub(crate) fn total_len(parts: &[&[u8]]) -> usize {
+    parts.iter().map(|p| p.len()).sum()
+}
+
+/// A frame's pieces as one list (header, name, then the payload's parts):
+/// on the stack for the usual payload of one part.
+enum Pieces<'a> {
+    Three([&'a [u8]; 3]),
+    Many(Vec<&'a [u8]>),
+}
+
+impl<'a> Pieces<'a> {
+    fn of(head: &'a [u8], name: &'a [u8], payload: &[&'a [u8]]) -> Pieces<'a> {
+        match payload {
+            [] => Pieces::Three([head, name, &[]]),
+            [one] => Pieces::Three([head, name, one]),
+            many => Pieces::Many([head, name].into_iter().chain(many.iter().copied()).collect()),
+        }
+    }
+
+    fn as_slice(&self) -> &[&'a [u8]] {
+        match self {
+            Pieces::Three(three) => three,
+            Pieces::Many(many) => many,
         }
     }
 }

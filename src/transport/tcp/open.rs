@@ -46,7 +46,7 @@ impl Queued {
             id: request.id,
             internal: request.internal,
             function: request.function.into(),
-            args: request.args.to_vec(),
+            args: request.args.concat(),
             deadline: request.deadline,
         }
     }
@@ -58,7 +58,7 @@ impl Queued {
 
     /// The bytes `request`'s frame will take, before any copy is made.
     pub(super) fn len_of(request: &OutRequest<'_>) -> u64 {
-        frame_len(request.function, request.args)
+        (crate::wire::HEADER_LEN + request.function.len() + super::conn::total_len(request.args)) as u64
     }
 }
 

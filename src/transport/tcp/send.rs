@@ -24,8 +24,9 @@ impl crate::transport::ReplySink for Conn {
     fn send_reply(&self, id: u64, outcome: crate::transport::Outcome, more_follow: bool) {
         let (header, payload) = Conn::response(id, &outcome);
         // A failed send means the connection is broken; its reader sees that
-        // and reports the peer, so there is nothing more to do here.
-        if more_follow {
+        // and reports the peer, so there is nothing more to do here. A large
+        // reply is not corked (that would copy it; it fills a write alone).
+        if more_follow && payload.len() as u64 <= conn::MAX_CORKED_FRAME {
             // Only the reply that starts a batch needs the batch recorded.
             if let Ok(true) = self.send_corked(header, &[], payload, None)
                 && let Some(owner) = self.owner.upgrade()
@@ -38,7 +39,8 @@ impl crate::transport::ReplySink for Conn {
         }
         // The reply has left (or been copied): its buffer can take the next
         // large message.
-        if let Ok(data) = outcome {
+        // (A lent one is given back to the application as it drops.)
+        if let Ok(crate::transport::Payload::Owned(data)) = outcome {
             crate::net::buffers::give_back(data);
         }
     }
@@ -49,8 +51,9 @@ impl crate::transport::ReplySink for Conn {
 /// gains 20-100%, 128 in flight loses ~10% when it spins).
 const SPIN_MAX_IN_FLIGHT: usize = 32;
 /// How long a caller reading its own reply waits before it looks again at
-/// whether its call completed some other way.
-const LEAD_SLICE: Duration = Duration::from_millis(100);
+/// whether its call completed some other way (cancelled from another
+/// thread, say: that is how late such a wait returns at worst).
+const LEAD_SLICE: Duration = Duration::from_millis(10);
 
 /// The header of request `id`; `timeout` is the time left to its deadline
 /// (`None`: no deadline).
@@ -145,15 +148,17 @@ impl Shared {
         let header = request_header(request.id, request.internal, request.timeout);
         // A thread issuing calls while others to this rank are in flight
         // corks them: they leave together when it waits (or within about a
-        // millisecond), in one write instead of one each.
+        // millisecond), in one write instead of one each. Not a large one:
+        // corking copies it, and it fills a write by itself.
         let cork = !request.will_wait
+            && len <= conn::MAX_CORKED_FRAME
             && !crate::threads::is_io_thread()
             && self.dispatch().is_some_and(|d| d.calls_in_flight_to(dst) >= 2);
         let sent = if cork {
-            conn.send_corked(header, request.function.as_bytes(), request.args, Some(window))
+            conn.send_corked_parts(header, request.function.as_bytes(), request.args, Some(window))
                 .map(|starts| self.corked(&conn, starts))
         } else {
-            conn.send(
+            conn.send_parts(
                 header,
                 request.function.as_bytes(),
                 request.args,
