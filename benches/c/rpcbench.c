@@ -11,7 +11,7 @@
  * each, and prints the median and the [min-max] spread over the rounds of
  * both, side by side.
  *
- *   rpcbench_c [--quick] [--rounds N] [--only latency,inflight,bandwidth,samehost]
+ *   rpcbench_c [--quick] [--rounds N] [--only latency,inflight,bandwidth,samehost,cancel]
  *              [--one-cpu] [--depth N] [--variant NAME]
  *
  * --quick: tiny rounds, payloads up to 1 MiB (the ctest smoke run).
@@ -92,7 +92,7 @@ static int opt_quick, opt_rounds = 5, opt_one_cpu;
 static const char *opt_variant; /* --variant: run only in-flight variants whose name contains it */
 /* --depth: only this many calls in flight (for profiling one row). */
 static int opt_depth;
-static int want_latency = 1, want_inflight = 1, want_bandwidth = 1, want_samehost = 1;
+static int want_latency = 1, want_inflight = 1, want_bandwidth = 1, want_samehost = 1, want_cancel = 1;
 static int is_child;
 static pid_t rpc_server_pids[2], raw_server_pid;
 /* The two worlds: their transport settings, by index. */
@@ -441,6 +441,33 @@ static int32_t h_weights(void *ud, const rpcagent_request_t *req, rpcagent_reply
     return rpcagent_reply_set_owned(reply, server_weights, req->args_len, NULL, NULL) == RPCAGENT_OK ? 0 : 1;
 }
 
+/* A handler that works until its call is cancelled, polling
+ * rpcagent_reply_cancelled every CANCEL_POLL_US, and notes when it saw it
+ * (CLOCK_MONOTONIC: the client, on the same host, reads the same clock). */
+#define CANCEL_POLL_US 50
+static _Atomic uint64_t noticed_at_ns;
+
+static int32_t h_until_cancelled(void *ud, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
+    (void)ud;
+    (void)req;
+    uint64_t give_up = now_ns() + 10000000000ull;
+    while (!rpcagent_reply_cancelled(reply)) {
+        if (now_ns() > give_up) return 1;
+        uint64_t next = now_ns() + CANCEL_POLL_US * 1000ull;
+        while (now_ns() < next) {
+        }
+    }
+    atomic_store(&noticed_at_ns, now_ns());
+    return 0;
+}
+
+static int32_t h_noticed_at(void *ud, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
+    (void)ud;
+    (void)req;
+    uint64_t t = atomic_load(&noticed_at_ns);
+    return rpcagent_reply_set(reply, (const uint8_t *)&t, sizeof t) == RPCAGENT_OK ? 0 : 1;
+}
+
 /* Inline handler answering with a copy (runs on the thread that read the request). */
 static int32_t h_echo_inline(void *ud, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
     (void)ud;
@@ -482,6 +509,10 @@ static int rpc_server_main(int port, const char *transport) {
                  "register echo_inline");
     check_status(rpcagent_register(agent, "echo_alloc", h_echo_alloc, NULL, NULL, 0), "register echo_alloc");
     check_status(rpcagent_register(agent, "stop", h_stop, NULL, NULL, 0), "register stop");
+    check_status(rpcagent_register(agent, "until_cancelled", h_until_cancelled, NULL, NULL, 0),
+                 "register until_cancelled");
+    check_status(rpcagent_register(agent, "noticed_at", h_noticed_at, NULL, NULL, RPCAGENT_HANDLER_INLINE),
+                 "register noticed_at");
     if (big_cap) {
         server_weights = big_alloc(big_cap, WEIGHT_BYTE);
         check_status(rpcagent_register(agent, "weights", h_weights, NULL, NULL, 0), "register weights");
@@ -1122,24 +1153,99 @@ static void section_samehost(void) {
     agent = agents[0];
 }
 
+/* ---------- section 5: cancellation ---------- */
+
+static int cancelled_on_purpose[2]; /* per world: calls this run cancelled */
+
+static uint64_t server_noticed_at(void) {
+    rpcagent_buffer_t out;
+    check_status(rpcagent_call_sync(agent, 1, "noticed_at", NULL, 0, RPCAGENT_TIMEOUT_DEFAULT, &out), "noticed_at");
+    uint64_t t;
+    if (out.len != sizeof t) fail("noticed_at: %zu bytes", out.len);
+    memcpy(&t, out.data, sizeof t);
+    rpcagent_buffer_free(&out);
+    return t;
+}
+
+/* One cancel of a running handler: how long after rpcagent_future_cancel
+ * the caller's wait returned CANCELLED, and the handler saw it (us). */
+static void cancel_once(int w, double *returned_us, double *noticed_us) {
+    uint64_t before = server_noticed_at();
+    rpcagent_future_t *f;
+    check_status(rpcagent_call_async(agent, 1, "until_cancelled", NULL, 0, RPCAGENT_TIMEOUT_DEFAULT, &f),
+                 "until_cancelled");
+    usleep(2000); /* it is running by now */
+    uint64_t t0 = now_ns();
+    check_status(rpcagent_future_cancel(f), "rpcagent_future_cancel");
+    rpcagent_buffer_t out;
+    if (rpcagent_future_wait(f, -1, &out) != RPCAGENT_ERR_CANCELLED) fail("a cancelled call did not end CANCELLED");
+    *returned_us = (now_ns() - t0) / 1e3;
+    rpcagent_future_free(f);
+    cancelled_on_purpose[w]++;
+    /* Asked only after a pause: a caller polling meanwhile would hold a
+     * CPU the server's I/O thread needs (2 CPUs, one of them the handler's). */
+    uint64_t seen;
+    uint64_t give_up = now_ns() + 5000000000ull;
+    do {
+        usleep(5000);
+        if (now_ns() > give_up) fail("the handler never saw its cancel");
+    } while ((seen = server_noticed_at()) == before);
+    *noticed_us = (seen - t0) / 1e3;
+}
+
+static void section_cancel(void) {
+    printf("\n## Cancellation: a running pool handler polling rpcagent_reply_cancelled every %d us\n\n",
+           CANCEL_POLL_US);
+    printf("Per round: 20 cancels, medians; the worker is free once the handler returns, which it does as it "
+           "sees the cancel. Round trip: 8 B p50 of the same world, pool handler.\n\n");
+    printf("| world | cancel -> wait returns CANCELLED, us | cancel -> handler sees it, us | 8 B round trip p50, "
+           "us |\n");
+    printf("|---|---|---|---|\n");
+    static const char *names[2] = {"tcp", "auto (shm)"};
+    uint64_t lat[200];
+    for (int w = 0; w < 2; w++) {
+        agent = agents[w];
+        struct series ret = {0}, seen = {0}, rtt = {0};
+        int per_round = opt_quick ? 3 : 20;
+        for (int r = 0; r < opt_rounds; r++) {
+            double a[20], b[20];
+            struct series ra = {0}, rb = {0};
+            for (int i = 0; i < per_round; i++) {
+                cancel_once(w, &a[i], &b[i]);
+                add(&ra, a[i]);
+                add(&rb, b[i]);
+            }
+            add(&ret, median(&ra));
+            add(&seen, median(&rb));
+            add(&rtt, rpc_latency_round("echo_set", 8, 200, lat).p50_us);
+        }
+        char x[96], y[96], z[96];
+        printf("| %s | %s | %s | %s |\n", names[w], fmt_series(x, sizeof x, &ret, US), fmt_series(y, sizeof y, &seen, US),
+               fmt_series(z, sizeof z, &rtt, US));
+        fflush(stdout);
+    }
+    agent = agents[0];
+}
+
 /* ---------- main ---------- */
 
 static void usage(const char *argv0) {
-    fprintf(stderr, "usage: %s [--quick] [--rounds N] [--only latency,inflight,bandwidth,samehost] [--one-cpu] [--depth 1|16|128] [--variant NAME]\n",
+    fprintf(stderr, "usage: %s [--quick] [--rounds N] [--only latency,inflight,bandwidth,samehost,cancel] [--one-cpu] [--depth 1|16|128] [--variant NAME]\n",
             argv0);
     exit(2);
 }
 
 static void parse_only(const char *list, const char *argv0) {
-    want_latency = want_inflight = want_bandwidth = want_samehost = 0;
+    want_latency = want_inflight = want_bandwidth = want_samehost = want_cancel = 0;
     char *copy = strdup(list), *save = NULL;
     for (char *t = strtok_r(copy, ",", &save); t != NULL; t = strtok_r(NULL, ",", &save)) {
         if (strcmp(t, "latency") == 0) want_latency = 1;
         else if (strcmp(t, "inflight") == 0) want_inflight = 1;
         else if (strcmp(t, "bandwidth") == 0) want_bandwidth = 1;
         else if (strcmp(t, "samehost") == 0) want_samehost = 1;
+        else if (strcmp(t, "cancel") == 0) want_cancel = 1;
         else {
-            fprintf(stderr, "unknown section '%s' (latency, inflight, bandwidth, samehost)\n", t);
+            fprintf(stderr, "unknown section '%s' (latency, inflight, bandwidth, samehost, cancel)\n", t);
             usage(argv0);
         }
     }
@@ -1215,12 +1321,15 @@ int main(int argc, char **argv) {
     if (want_inflight) section_inflight();
     if (want_bandwidth) section_bandwidth();
     if (want_samehost) section_samehost();
+    if (want_cancel) section_cancel();
 
     unsigned long long calls = 0;
     for (int w = 0; w < 2; w++) {
         rpcagent_stats_t st;
         check_status(rpcagent_get_stats(agents[w], &st, sizeof st), "rpcagent_get_stats");
-        if (st.calls_failed || st.calls_timed_out || st.calls_in_flight || st.calls_ok != st.calls_started)
+        /* The only failures are the cancels of section 5. */
+        if (st.calls_failed != (uint64_t)cancelled_on_purpose[w] || st.calls_timed_out || st.calls_in_flight ||
+            st.calls_ok + st.calls_failed != st.calls_started)
             fail("stats: %llu started, %llu ok, %llu failed, %llu timed out, %llu in flight",
                  (unsigned long long)st.calls_started, (unsigned long long)st.calls_ok,
                  (unsigned long long)st.calls_failed, (unsigned long long)st.calls_timed_out,
