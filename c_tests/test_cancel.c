@@ -14,7 +14,10 @@
  * - a cancel racing the reply, 10,000 times: every call ends OK (with the
  *   right bytes) or CANCELLED, its queue tag comes exactly once and its
  *   callback runs exactly once;
- * - NULL handles: cancel is INVALID_ARGUMENT, the predicates are 0. */
+ * - NULL handles: cancel is INVALID_ARGUMENT, the predicates are 0;
+ * - rpcagent_get_function_stats on the serving rank counts all of the
+ *   above: served, failed, cancelled (dropped unrun or answer dropped),
+ *   running, bytes in, handler times. */
 #include "harness.h"
 
 #include <pthread.h>
@@ -190,6 +193,49 @@ static void race(rpcagent_t *agent) {
     rpcagent_queue_free(q);
 }
 
+static rpcagent_function_stats_t fstats(rpcagent_t *agent, const char *name) {
+    rpcagent_function_stats_t s;
+    memset(&s, 0xff, sizeof s);
+    CHECK_OK(rpcagent_get_function_stats(agent, name, &s, sizeof s));
+    return s;
+}
+
+/* What rank 1 served, as rank 0's calls above make it. */
+static void check_function_stats(rpcagent_t *agent) {
+    /* The race's last requests may still be on their way through the pool. */
+    double until = now_ms() + 10000;
+    rpcagent_function_stats_t echo_s = fstats(agent, "echo");
+    while (echo_s.served + echo_s.cancelled < 10002 && now_ms() < until) {
+        usleep(1000);
+        echo_s = fstats(agent, "echo");
+    }
+    CHECK(echo_s.served + echo_s.cancelled == 10002 && echo_s.failed == 0 && echo_s.running == 0);
+    CHECK(echo_s.bytes_in == 1 + 3 + 10000 * 8);
+    CHECK(echo_s.window == 1024 && echo_s.handler_ns_p50 <= echo_s.handler_ns_p99 &&
+          echo_s.handler_ns_p99 <= echo_s.handler_ns_max);
+    /* Three cancelled while running, one answered after its deadline. */
+    rpcagent_function_stats_t loop = fstats(agent, "loop");
+    CHECK(loop.cancelled == 3 && loop.served == 1 && loop.failed == 0 && loop.running == 0);
+    CHECK(loop.window == 4 && loop.handler_ns_max >= 300000000ull);
+    CHECK(loop.bytes_in == 0 && loop.bytes_out == 4);
+    rpcagent_function_stats_t m = fstats(agent, "mark");
+    CHECK(m.cancelled == 1 && m.served == 0 && m.window == 0);
+    CHECK(fstats(agent, "defer").cancelled == 1 && fstats(agent, "idefer").cancelled == 1);
+    printf("[cancel] rank 1's echo: %llu served, %llu cancelled; handler p50 %llu ns, p99 %llu ns, max %llu ns\n",
+           (unsigned long long)echo_s.served, (unsigned long long)echo_s.cancelled,
+           (unsigned long long)echo_s.handler_ns_p50, (unsigned long long)echo_s.handler_ns_p99,
+           (unsigned long long)echo_s.handler_ns_max);
+    /* Misuse; an older caller's smaller struct gets the fields it knows. */
+    rpcagent_function_stats_t s;
+    CHECK_STATUS(rpcagent_get_function_stats(agent, "nope", &s, sizeof s), RPCAGENT_ERR_NOT_FOUND);
+    CHECK_STATUS(rpcagent_get_function_stats(agent, NULL, &s, sizeof s), RPCAGENT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(rpcagent_get_function_stats(NULL, "echo", &s, sizeof s), RPCAGENT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(rpcagent_get_function_stats(agent, "echo", NULL, sizeof s), RPCAGENT_ERR_INVALID_ARGUMENT);
+    uint64_t first[2] = {7, 7};
+    CHECK_OK(rpcagent_get_function_stats(agent, "mark", (rpcagent_function_stats_t *)(void *)first, 8));
+    CHECK(first[0] == 0 && first[1] == 7);
+}
+
 static void body(void) {
     rpcagent_config_t *cfg = rpcagent_config_new();
     CHECK(cfg != NULL);
@@ -311,6 +357,7 @@ static void body(void) {
     }
     CHECK_OK(rpcagent_barrier(agent, 60000));
     CHECK(atomic_load(&overran) == 0);
+    if (rpcagent_rank(agent) == 1) check_function_stats(agent);
     CHECK_OK(rpcagent_shutdown(agent, 1, 30000));
     rpcagent_free(agent);
 }

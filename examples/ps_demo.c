@@ -264,6 +264,17 @@ static int run_rank(void) {
         printf("server: %llu requests served, %llu bytes in, %llu bytes out\n",
                (unsigned long long)st.requests_served, (unsigned long long)st.bytes_received,
                (unsigned long long)st.bytes_sent);
+        const char *functions[] = {"get_weights", "push_gradient", "report_loss"};
+        for (size_t i = 0; i < sizeof functions / sizeof functions[0]; i++) {
+            rpcagent_function_stats_t fs;
+            CHECK(rpcagent_get_function_stats(agent, functions[i], &fs, sizeof fs));
+            printf("  %-13s %6llu served, %llu failed, %llu cancelled, %8llu bytes in, %8llu out; "
+                   "handler p50 %.1f us, p99 %.1f us, max %.1f us (last %llu)\n",
+                   functions[i], (unsigned long long)fs.served, (unsigned long long)fs.failed,
+                   (unsigned long long)fs.cancelled, (unsigned long long)fs.bytes_in,
+                   (unsigned long long)fs.bytes_out, fs.handler_ns_p50 / 1e3, fs.handler_ns_p99 / 1e3,
+                   fs.handler_ns_max / 1e3, (unsigned long long)fs.window);
+        }
         fflush(stdout);
         status = reached ? 0 : 1;
     }

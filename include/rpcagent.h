@@ -156,6 +156,59 @@ typedef struct rpcagent_buffer_t {
 } rpcagent_buffer_t;
 
 /**
+ * Counters of one registered function on the rank that serves it; fields
+ * are only ever appended. Each request that reached it ends as exactly one
+ * of `served` (answered successfully), `failed` (answered with an error:
+ * the handler failed or panicked, or its reply was too large) or
+ * `cancelled` (its caller cancelled it, or its deadline passed before it
+ * ran: not answered), or is still running or queued.
+ */
+typedef struct rpcagent_function_stats_t {
+  /**
+   * Requests answered successfully.
+   */
+  uint64_t served;
+  /**
+   * Requests answered with an error.
+   */
+  uint64_t failed;
+  /**
+   * Requests cancelled by their caller (or whose deadline passed before
+   * they ran), not answered.
+   */
+  uint64_t cancelled;
+  /**
+   * Handlers of it running now.
+   */
+  uint64_t running;
+  /**
+   * Argument bytes received.
+   */
+  uint64_t bytes_in;
+  /**
+   * Reply bytes sent.
+   */
+  uint64_t bytes_out;
+  /**
+   * Handler time (how long the handler ran; a deferred reply's wait not
+   * counted) over the last `window` requests, in nanoseconds: median.
+   */
+  uint64_t handler_ns_p50;
+  /**
+   * 99th percentile of the same.
+   */
+  uint64_t handler_ns_p99;
+  /**
+   * Largest of the same.
+   */
+  uint64_t handler_ns_max;
+  /**
+   * How many requests the handler times cover (the last ones, at most 1024).
+   */
+  uint64_t window;
+} rpcagent_function_stats_t;
+
+/**
  * Counters of one agent; fields are only ever appended.
  */
 typedef struct rpcagent_stats_t {
@@ -500,6 +553,21 @@ rpcagent_status_t rpcagent_call_async(struct rpcagent_t *agent,
  * `agent` is NULL or a live agent handle.
  */
 rpcagent_status_t rpcagent_shutdown(struct rpcagent_t *agent, int graceful, int64_t timeout_ms);
+
+/**
+ * Copies the counters of this rank's registered function `name` into
+ * `out` (`out_size` as in `rpcagent_get_stats`): `RPCAGENT_ERR_NOT_FOUND`
+ * if no function of that name is registered (its counters go with it when
+ * it is unregistered).
+ *
+ * # Safety
+ * `agent` is NULL or a live agent handle; `name` is NULL or NUL-terminated;
+ * `out` is NULL or writable for `out_size` bytes.
+ */
+rpcagent_status_t rpcagent_get_function_stats(const struct rpcagent_t *agent,
+                                              const char *name,
+                                              struct rpcagent_function_stats_t *out,
+                                              size_t out_size);
 
 /**
  * Copies the agent's counters into `out`. `out_size` is

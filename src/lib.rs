@@ -38,7 +38,9 @@ mod threads;
 mod transport;
 pub mod wire;
 
-pub use agent::{Deferred, HandlerFn, HandlerOptions, OwnedHandlerFn, Reply, Request, RpcAgent, StatsSnapshot};
+pub use agent::{
+    Deferred, FunctionStatsSnapshot, HandlerFn, HandlerOptions, OwnedHandlerFn, Reply, Request, RpcAgent, StatsSnapshot,
+};
 pub use config::{
     Config, DEFAULT_CALL_TIMEOUT, DEFAULT_INIT_TIMEOUT, DEFAULT_MASTER_PORT, DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_PEER_TIMEOUT, DEFAULT_SEND_WINDOW_BYTES, DEFAULT_WORKER_THREADS, MAX_NAME_BYTES, MIN_SEND_WINDOW_BYTES,

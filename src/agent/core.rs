@@ -27,7 +27,7 @@ use rustc_hash::FxHashMap;
 use super::handler::{Body, Handler, Reply, ReplyRoute, Request};
 use super::pending::{CallName, Pending, PendingCall};
 use super::service::{Cancellation, InService};
-use super::stats::{Stats, StatsSnapshot};
+use super::stats::{Ended, FunctionStats, FunctionStatsSnapshot, Stats, StatsSnapshot};
 
 const RUNNING: u8 = 0;
 const DRAINING: u8 = 1;
@@ -50,6 +50,8 @@ const POOL_STALL_WARNING: Duration = Duration::from_secs(5);
 struct Registered {
     handler: Handler,
     name: Arc<str>,
+    /// What it has served (`rpcagent_get_function_stats`).
+    stats: Arc<FunctionStats>,
 }
 
 /// Who has arrived at each barrier (rank 0) and at shutdown (whichever
@@ -231,6 +233,7 @@ impl Core {
             Arc::new(Registered {
                 handler,
                 name: name.into(),
+                stats: Arc::default(),
             }),
         );
         Ok(())
@@ -398,6 +401,11 @@ impl Core {
         self.pending.user_calls()
     }
 
+    /// The counters of function `name`, if it is registered.
+    pub(crate) fn function_stats(&self, name: &str) -> Option<FunctionStatsSnapshot> {
+        self.registry.read().get(name.as_bytes()).map(|r| r.stats.snapshot())
+    }
+
     pub(crate) fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot(self.calls_in_flight() as u64)
     }
@@ -405,15 +413,17 @@ impl Core {
     // ---- serving ----
 
     fn route(&self, request: &InRequest) -> ReplyRoute {
-        self.route_as(request, self.cancellation(request))
+        self.route_as(request, self.cancellation(request), None)
     }
 
     fn cancellation(&self, request: &InRequest) -> Cancellation {
         self.in_service.cancellation(request.src, request.id, request.deadline)
     }
 
-    fn route_as(&self, request: &InRequest, cancel: Cancellation) -> ReplyRoute {
+    /// `function`: the counters of the function that answers.
+    fn route_as(&self, request: &InRequest, cancel: Cancellation, function: Option<Arc<FunctionStats>>) -> ReplyRoute {
         ReplyRoute {
+            function,
             sink: request.reply_to.clone(),
             id: request.id,
             max_message_bytes: self.config.max_message_bytes,
@@ -435,6 +445,7 @@ impl Core {
         // that allocated it (freed on a worker, it costs the allocator's
         // slow path on both threads).
         drop(std::mem::take(&mut request.function));
+        handler.stats.arrived(request.args.len());
         let inline = handler.handler.options.inline;
         if inline && request.inline_here {
             return crate::threads::must_not_block(|| self.run_handler(handler, request, None));
@@ -453,7 +464,9 @@ impl Core {
             if let Some(core) = me.upgrade() {
                 core.left_backlog(bytes);
                 // Dropped unrun if the caller is not waiting any more.
-                if !cancel.caller_cancelled() && !core.gave_up(&request, &handler.name) {
+                if cancel.caller_cancelled() || core.gave_up(&request, &handler.name) {
+                    handler.stats.ended(Ended::Cancelled);
+                } else {
                     // An inline handler on a worker (a rank's call to
                     // itself) still must not block, as on the I/O thread.
                     if inline {
@@ -493,7 +506,7 @@ impl Core {
         let cancel = listed.unwrap_or_else(|| self.cancellation(&request));
         // What the handler's `Request` looks at (the route moves into the reply).
         let view = cancel.view_in(&self.in_service);
-        let route = self.route_as(&request, cancel);
+        let route = self.route_as(&request, cancel, Some(handler.stats.clone()));
         if self.state.load(Ordering::Acquire) == CLOSED {
             return route.send(Err((Status::Shutdown, format!("rank {} is shut down", self.rank))));
         }
@@ -501,6 +514,7 @@ impl Core {
         let src = request.src;
         // Kept for the next large message once a borrowing handler is done.
         let mut args = Some(request.args);
+        let running = handler.stats.running();
         let result = crate::threads::in_handler(|| {
             catch_unwind(AssertUnwindSafe(|| match &handler.handler.body {
                 Body::Borrowed(func) => {
@@ -515,6 +529,7 @@ impl Core {
                 Body::Owned(func) => func(src, args.take().unwrap_or_default()).map(|out| reply.set(out)),
             }))
         });
+        drop(running);
         if let Some(args) = args {
             crate::net::buffers::give_back(args);
         }

@@ -8,7 +8,7 @@ use crate::error::Status;
 use crate::transport::{Lent, Outcome, Payload, ReplySink};
 
 use super::service::{CancelView, Cancellation};
-use super::stats::Stats;
+use super::stats::{Ended, FunctionStats, Stats};
 
 /// One incoming call, as a handler sees it. Valid during the handler call.
 #[derive(Clone, Copy)]
@@ -73,6 +73,9 @@ pub(crate) struct Handler {
 
 /// Where and how one response goes back; used exactly once.
 pub(crate) struct ReplyRoute {
+    /// The answering function's counters (none for the agent's own
+    /// functions and for names not found).
+    pub function: Option<Arc<FunctionStats>>,
     pub sink: Arc<dyn ReplySink>,
     pub id: u64,
     pub max_message_bytes: u64,
@@ -92,6 +95,9 @@ impl ReplyRoute {
     /// requests right away (see [`ReplySink::send_reply`]).
     pub(crate) fn send_then(mut self, outcome: Outcome, more_follow: bool) {
         if self.cancel.finish() {
+            if let Some(f) = &self.function {
+                f.ended(Ended::Cancelled);
+            }
             return;
         }
         let outcome = match outcome {
@@ -105,6 +111,12 @@ impl ReplyRoute {
             )),
             other => other,
         };
+        if let Some(f) = &self.function {
+            f.ended(match &outcome {
+                Ok(data) => Ended::Served(data.bytes().len()),
+                Err(_) => Ended::Failed,
+            });
+        }
         if let Some(stats) = &self.stats {
             stats.requests_served.fetch_add(1, Ordering::Relaxed);
             if let Ok(data) = &outcome {

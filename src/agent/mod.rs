@@ -18,7 +18,7 @@ mod shutdown;
 mod stats;
 
 pub use handler::{Deferred, HandlerFn, HandlerOptions, OwnedHandlerFn, Reply, Request};
-pub use stats::StatsSnapshot;
+pub use stats::{FunctionStatsSnapshot, StatsSnapshot};
 
 use self::core::Core;
 use handler::{Body, Handler};
@@ -326,6 +326,12 @@ impl RpcAgent {
     /// True once the agent has shut down.
     pub fn is_shut_down(&self) -> bool {
         self.core().is_closed()
+    }
+
+    /// What registered function `name` has served on this rank (see
+    /// [`FunctionStatsSnapshot`]); `None` if no such function is registered.
+    pub fn function_stats(&self, name: &str) -> Option<FunctionStatsSnapshot> {
+        self.core().function_stats(name)
     }
 
     pub fn stats(&self) -> StatsSnapshot {

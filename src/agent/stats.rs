@@ -48,3 +48,158 @@ impl Stats {
         }
     }
 }
+
+/// How many handler times the sliding window keeps (the last this many
+/// requests of the function).
+pub(crate) const TIME_WINDOW: usize = 1024;
+
+/// Counters of one registered function, as its handler serves it.
+pub(crate) struct FunctionStats {
+    served: AtomicU64,
+    failed: AtomicU64,
+    cancelled: AtomicU64,
+    running: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    /// The handler times of the last [`TIME_WINDOW`] requests, in ns: a
+    /// ring written with no lock (a slot being overwritten while a
+    /// snapshot reads it gives either value, both real).
+    times: Box<[AtomicU64]>,
+    recorded: AtomicU64,
+}
+
+impl Default for FunctionStats {
+    fn default() -> FunctionStats {
+        FunctionStats {
+            served: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            running: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            times: (0..TIME_WINDOW).map(|_| AtomicU64::new(0)).collect(),
+            recorded: AtomicU64::new(0),
+        }
+    }
+}
+
+/// How a request of the function ended.
+pub(crate) enum Ended {
+    /// Answered successfully with this many bytes.
+    Served(usize),
+    /// Answered with an error.
+    Failed,
+    /// Cancelled by its caller, or its deadline passed before it ran: not
+    /// answered.
+    Cancelled,
+}
+
+impl FunctionStats {
+    pub(crate) fn arrived(&self, bytes: usize) {
+        self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// A handler starts; the returned guard, dropped when it returns,
+    /// records how long it ran.
+    pub(crate) fn running(&self) -> Running<'_> {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        Running {
+            stats: self,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    pub(crate) fn ended(&self, how: Ended) {
+        match how {
+            Ended::Served(bytes) => {
+                self.served.fetch_add(1, Ordering::Relaxed);
+                self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+            Ended::Failed => drop(self.failed.fetch_add(1, Ordering::Relaxed)),
+            Ended::Cancelled => drop(self.cancelled.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> FunctionStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let n = (get(&self.recorded) as usize).min(TIME_WINDOW);
+        let mut times: Vec<u64> = self.times[..n].iter().map(get).collect();
+        times.sort_unstable();
+        let at = |q: usize| times.get((n * q / 100).min(n.saturating_sub(1))).copied().unwrap_or(0);
+        FunctionStatsSnapshot {
+            served: get(&self.served),
+            failed: get(&self.failed),
+            cancelled: get(&self.cancelled),
+            running: get(&self.running),
+            bytes_in: get(&self.bytes_in),
+            bytes_out: get(&self.bytes_out),
+            handler_ns_p50: at(50),
+            handler_ns_p99: at(99),
+            handler_ns_max: times.last().copied().unwrap_or(0),
+            window: n as u64,
+        }
+    }
+}
+
+/// A running handler (see [`FunctionStats::running`]).
+pub(crate) struct Running<'a> {
+    stats: &'a FunctionStats,
+    started: std::time::Instant,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let ns = self.started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        let i = self.stats.recorded.fetch_add(1, Ordering::Relaxed) as usize % TIME_WINDOW;
+        self.stats.times[i].store(ns, Ordering::Relaxed);
+        self.stats.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of one function's counters on the rank that serves it.
+///
+/// Each request that reached the function ends as exactly one of `served`
+/// (answered successfully), `failed` (answered with an error: the handler
+/// failed or panicked, or its reply was too large) or `cancelled` (its
+/// caller cancelled it, or its deadline passed before it ran: not
+/// answered), or is still `running` or queued. Bytes are payload bytes.
+/// Handler times (how long the handler ran, not counting a deferred
+/// reply's wait) are over the last `window` requests, at most 1024.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FunctionStatsSnapshot {
+    pub served: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub running: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub handler_ns_p50: u64,
+    pub handler_ns_p99: u64,
+    pub handler_ns_max: u64,
+    pub window: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_the_window_of_handler_times() {
+        let f = FunctionStats::default();
+        f.arrived(10);
+        for _ in 0..3 {
+            drop(f.running());
+        }
+        f.ended(Ended::Served(4));
+        f.ended(Ended::Failed);
+        f.ended(Ended::Cancelled);
+        let s = f.snapshot();
+        assert_eq!((s.served, s.failed, s.cancelled, s.running), (1, 1, 1, 0));
+        assert_eq!((s.bytes_in, s.bytes_out, s.window), (10, 4, 3));
+        assert!(s.handler_ns_p50 <= s.handler_ns_p99 && s.handler_ns_p99 <= s.handler_ns_max);
+        for _ in 0..2 * TIME_WINDOW {
+            drop(f.running());
+        }
+        assert_eq!(f.snapshot().window, TIME_WINDOW as u64);
+    }
+}

@@ -63,6 +63,39 @@ pub struct rpcagent_stats_t {
     pub calls_in_flight: u64,
 }
 
+/// Counters of one registered function on the rank that serves it; fields
+/// are only ever appended. Each request that reached it ends as exactly one
+/// of `served` (answered successfully), `failed` (answered with an error:
+/// the handler failed or panicked, or its reply was too large) or
+/// `cancelled` (its caller cancelled it, or its deadline passed before it
+/// ran: not answered), or is still running or queued.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct rpcagent_function_stats_t {
+    /// Requests answered successfully.
+    pub served: u64,
+    /// Requests answered with an error.
+    pub failed: u64,
+    /// Requests cancelled by their caller (or whose deadline passed before
+    /// they ran), not answered.
+    pub cancelled: u64,
+    /// Handlers of it running now.
+    pub running: u64,
+    /// Argument bytes received.
+    pub bytes_in: u64,
+    /// Reply bytes sent.
+    pub bytes_out: u64,
+    /// Handler time (how long the handler ran; a deferred reply's wait not
+    /// counted) over the last `window` requests, in nanoseconds: median.
+    pub handler_ns_p50: u64,
+    /// 99th percentile of the same.
+    pub handler_ns_p99: u64,
+    /// Largest of the same.
+    pub handler_ns_max: u64,
+    /// How many requests the handler times cover (the last ones, at most 1024).
+    pub window: u64,
+}
+
 /// Joins a world over TCP as configured: rank 0 hosts the rendezvous at the
 /// master address; blocks until every rank has joined or the init timeout
 /// passes (`RPCAGENT_ERR_INIT`, naming the missing ranks). Any rank may then
@@ -410,6 +443,59 @@ pub unsafe extern "C" fn rpcagent_shutdown(
     guard(|| {
         // SAFETY: forwarded caller contract.
         unsafe { agent_ref(agent) }?.shutdown_timeout(graceful != 0, wait_timeout(timeout_ms))?;
+        Ok(RPCAGENT_OK)
+    })
+}
+
+/// Copies the counters of this rank's registered function `name` into
+/// `out` (`out_size` as in `rpcagent_get_stats`): `RPCAGENT_ERR_NOT_FOUND`
+/// if no function of that name is registered (its counters go with it when
+/// it is unregistered).
+///
+/// # Safety
+/// `agent` is NULL or a live agent handle; `name` is NULL or NUL-terminated;
+/// `out` is NULL or writable for `out_size` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rpcagent_get_function_stats(
+    agent: *const rpcagent_t,
+    name: *const c_char,
+    out: *mut rpcagent_function_stats_t,
+    out_size: usize,
+) -> rpcagent_status_t {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let agent = unsafe { agent_ref(agent) }?;
+        // SAFETY: forwarded caller contract.
+        let name = unsafe { c_str(name, "name") }?;
+        if out.is_null() || out_size == 0 {
+            return Err(invalid("out is NULL or out_size is 0"));
+        }
+        let s = agent.function_stats(name).ok_or_else(|| crate::RpcError::NotFound {
+            rank: agent.rank(),
+            function: name.to_string(),
+        })?;
+        let stats = rpcagent_function_stats_t {
+            served: s.served,
+            failed: s.failed,
+            cancelled: s.cancelled,
+            running: s.running,
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+            handler_ns_p50: s.handler_ns_p50,
+            handler_ns_p99: s.handler_ns_p99,
+            handler_ns_max: s.handler_ns_max,
+            window: s.window,
+        };
+        let n = out_size.min(std::mem::size_of::<rpcagent_function_stats_t>());
+        // SAFETY: `stats` is plain data of at least `n` bytes; `out` is
+        // writable for `out_size >= n` bytes by the caller's contract.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&stats as *const rpcagent_function_stats_t).cast::<u8>(),
+                out.cast::<u8>(),
+                n,
+            )
+        };
         Ok(RPCAGENT_OK)
     })
 }
