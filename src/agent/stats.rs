@@ -105,7 +105,7 @@ impl FunctionStats {
         self.running.fetch_add(1, Ordering::Relaxed);
         Running {
             stats: self,
-            started: std::time::Instant::now(),
+            started_ns: crate::net::sys::monotonic_ns(),
         }
     }
 
@@ -144,12 +144,12 @@ impl FunctionStats {
 /// A running handler (see [`FunctionStats::running`]).
 pub(crate) struct Running<'a> {
     stats: &'a FunctionStats,
-    started: std::time::Instant,
+    started_ns: u64,
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        let ns = self.started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        let ns = crate::net::sys::monotonic_ns().saturating_sub(self.started_ns);
         let i = self.stats.recorded.fetch_add(1, Ordering::Relaxed) as usize % TIME_WINDOW;
         self.stats.times[i].store(ns, Ordering::Relaxed);
         self.stats.running.fetch_sub(1, Ordering::Relaxed);
