@@ -216,7 +216,9 @@ static void check_function_stats(rpcagent_t *agent) {
     /* Three cancelled while running, one answered after its deadline. */
     rpcagent_function_stats_t loop = fstats(agent, "loop");
     CHECK(loop.cancelled == 3 && loop.served == 1 && loop.failed == 0 && loop.running == 0);
-    CHECK(loop.window == 4 && loop.handler_ns_max >= 300000000ull);
+    /* The 300 ms deadline ran from when rank 1 read the request, a little
+     * before the handler's clock started. */
+    CHECK(loop.window == 4 && loop.handler_ns_max >= 250000000ull);
     CHECK(loop.bytes_in == 0 && loop.bytes_out == 4);
     rpcagent_function_stats_t m = fstats(agent, "mark");
     CHECK(m.cancelled == 1 && m.served == 0 && m.window == 0);

@@ -161,7 +161,10 @@ typedef struct rpcagent_buffer_t {
  * of `served` (answered successfully), `failed` (answered with an error:
  * the handler failed or panicked, or its reply was too large) or
  * `cancelled` (its caller cancelled it, or its deadline passed before it
- * ran: not answered), or is still running or queued.
+ * ran: not answered), or is still queued, running, or waiting for its
+ * deferred answer (requests dropped by a closing agent are not counted).
+ * A handler that saw its deadline pass and answered anyway counts as
+ * served or failed.
  */
 typedef struct rpcagent_function_stats_t {
   /**
@@ -895,10 +898,11 @@ rpcagent_status_t rpcagent_reply_error(struct rpcagent_reply_t *reply, const cha
  * 1 once the caller cancelled the call (`rpcagent_future_cancel`) or its
  * deadline passed here, else 0 (also for NULL, and once the reply was
  * deferred: ask `rpcagent_deferred_cancelled`). A handler that loops polls
- * it, from the handler's own thread, and returns early; its answer is
- * dropped. Cheap: an atomic load while no call is cancelled, else a lock.
- * Inline handlers are not told (they run to the end before the cancel is
- * read), unless they defer.
+ * it, from the handler's own thread, and returns early. After a cancel its
+ * answer is dropped; after a passed deadline it is still sent (the caller
+ * has given up by then). Cheap: an atomic load while no call is
+ * cancelled, else a lock. An inline handler sees its deadline but not a
+ * cancel (it runs to the end before the cancel is read), unless it defers.
  *
  * # Safety
  * `reply` is NULL or the live handle of a running handler.

@@ -445,11 +445,12 @@ static int32_t h_weights(void *ud, const rpcagent_request_t *req, rpcagent_reply
  * rpcagent_reply_cancelled every CANCEL_POLL_US, and notes when it saw it
  * (CLOCK_MONOTONIC: the client, on the same host, reads the same clock). */
 #define CANCEL_POLL_US 50
-static _Atomic uint64_t noticed_at_ns;
+static _Atomic uint64_t noticed_at_ns, started_count;
 
 static int32_t h_until_cancelled(void *ud, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
     (void)ud;
     (void)req;
+    atomic_fetch_add(&started_count, 1);
     uint64_t give_up = now_ns() + 10000000000ull;
     while (!rpcagent_reply_cancelled(reply)) {
         if (now_ns() > give_up) return 1;
@@ -464,8 +465,8 @@ static int32_t h_until_cancelled(void *ud, const rpcagent_request_t *req, rpcage
 static int32_t h_noticed_at(void *ud, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
     (void)ud;
     (void)req;
-    uint64_t t = atomic_load(&noticed_at_ns);
-    return rpcagent_reply_set(reply, (const uint8_t *)&t, sizeof t) == RPCAGENT_OK ? 0 : 1;
+    uint64_t t[2] = {atomic_load(&noticed_at_ns), atomic_load(&started_count)};
+    return rpcagent_reply_set(reply, (const uint8_t *)t, sizeof t) == RPCAGENT_OK ? 0 : 1;
 }
 
 /* Inline handler answering with a copy (runs on the thread that read the request). */
@@ -1157,24 +1158,34 @@ static void section_samehost(void) {
 
 static int cancelled_on_purpose[2]; /* per world: calls this run cancelled */
 
-static uint64_t server_noticed_at(void) {
+/* When the server's handler last saw a cancel; `started`: how many it
+ * has started. */
+static uint64_t server_noticed_at(uint64_t *started) {
     rpcagent_buffer_t out;
     check_status(rpcagent_call_sync(agent, 1, "noticed_at", NULL, 0, RPCAGENT_TIMEOUT_DEFAULT, &out), "noticed_at");
-    uint64_t t;
+    uint64_t t[2];
     if (out.len != sizeof t) fail("noticed_at: %zu bytes", out.len);
-    memcpy(&t, out.data, sizeof t);
+    memcpy(t, out.data, sizeof t);
     rpcagent_buffer_free(&out);
-    return t;
+    if (started) *started = t[1];
+    return t[0];
 }
 
 /* One cancel of a running handler: how long after rpcagent_future_cancel
  * the caller's wait returned CANCELLED, and the handler saw it (us). */
 static void cancel_once(int w, double *returned_us, double *noticed_us) {
-    uint64_t before = server_noticed_at();
+    uint64_t started, now_started;
+    uint64_t before = server_noticed_at(&started);
     rpcagent_future_t *f;
     check_status(rpcagent_call_async(agent, 1, "until_cancelled", NULL, 0, RPCAGENT_TIMEOUT_DEFAULT, &f),
                  "until_cancelled");
-    usleep(2000); /* it is running by now */
+    /* Cancelled once it runs (not before: that is dropped unrun). */
+    uint64_t wait_until = now_ns() + 5000000000ull;
+    do {
+        usleep(1000);
+        if (now_ns() > wait_until) fail("until_cancelled never started");
+        server_noticed_at(&now_started);
+    } while (now_started == started);
     uint64_t t0 = now_ns();
     check_status(rpcagent_future_cancel(f), "rpcagent_future_cancel");
     rpcagent_buffer_t out;
@@ -1189,7 +1200,7 @@ static void cancel_once(int w, double *returned_us, double *noticed_us) {
     do {
         usleep(5000);
         if (now_ns() > give_up) fail("the handler never saw its cancel");
-    } while ((seen = server_noticed_at()) == before);
+    } while ((seen = server_noticed_at(NULL)) == before);
     *noticed_us = (seen - t0) / 1e3;
 }
 

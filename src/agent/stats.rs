@@ -62,8 +62,9 @@ pub(crate) struct FunctionStats {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     /// The handler times of the last [`TIME_WINDOW`] requests, in ns: a
-    /// ring written with no lock (a slot being overwritten while a
-    /// snapshot reads it gives either value, both real).
+    /// ring written with no lock (a snapshot taken while a slot is being
+    /// written may read its previous value: 0 before the window first
+    /// fills).
     times: Box<[AtomicU64]>,
     recorded: AtomicU64,
 }
@@ -162,7 +163,10 @@ impl Drop for Running<'_> {
 /// (answered successfully), `failed` (answered with an error: the handler
 /// failed or panicked, or its reply was too large) or `cancelled` (its
 /// caller cancelled it, or its deadline passed before it ran: not
-/// answered), or is still `running` or queued. Bytes are payload bytes.
+/// answered), or is still queued, `running`, or waiting for its deferred
+/// answer (requests dropped by a closing agent are not counted). A handler
+/// that saw its deadline pass and answered anyway counts as served or
+/// failed. Bytes are payload bytes.
 /// Handler times (how long the handler ran, not counting a deferred
 /// reply's wait) are over the last `window` requests, at most 1024.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -68,7 +68,10 @@ pub struct rpcagent_stats_t {
 /// of `served` (answered successfully), `failed` (answered with an error:
 /// the handler failed or panicked, or its reply was too large) or
 /// `cancelled` (its caller cancelled it, or its deadline passed before it
-/// ran: not answered), or is still running or queued.
+/// ran: not answered), or is still queued, running, or waiting for its
+/// deferred answer (requests dropped by a closing agent are not counted).
+/// A handler that saw its deadline pass and answered anyway counts as
+/// served or failed.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct rpcagent_function_stats_t {

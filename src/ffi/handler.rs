@@ -218,10 +218,11 @@ pub unsafe extern "C" fn rpcagent_reply_error(
 /// 1 once the caller cancelled the call (`rpcagent_future_cancel`) or its
 /// deadline passed here, else 0 (also for NULL, and once the reply was
 /// deferred: ask `rpcagent_deferred_cancelled`). A handler that loops polls
-/// it, from the handler's own thread, and returns early; its answer is
-/// dropped. Cheap: an atomic load while no call is cancelled, else a lock.
-/// Inline handlers are not told (they run to the end before the cancel is
-/// read), unless they defer.
+/// it, from the handler's own thread, and returns early. After a cancel its
+/// answer is dropped; after a passed deadline it is still sent (the caller
+/// has given up by then). Cheap: an atomic load while no call is
+/// cancelled, else a lock. An inline handler sees its deadline but not a
+/// cancel (it runs to the end before the cancel is read), unless it defers.
 ///
 /// # Safety
 /// `reply` is NULL or the live handle of a running handler.
