@@ -11,7 +11,8 @@
  * - a deadline that passes cancels a running handler the same way;
  * - a rank's cancel of a call to itself reaches its own handler;
  * - cancel after completion changes nothing (the reply is still there);
- * - a cancel racing the reply, 10,000 times: every call ends OK (with the
+ * - a cancel racing the reply, 10,000 times (1,200 under memcheck,
+ *   RPCAGENT_TEST_SMALL): every call ends OK (with the
  *   right bytes) or CANCELLED, its queue tag comes exactly once and its
  *   callback runs exactly once;
  * - NULL handles: cancel is INVALID_ARGUMENT, the predicates are 0;
@@ -146,6 +147,9 @@ static void *cancel_later(void *arg) {
     return NULL;
 }
 
+/* How many calls race their cancels. */
+static int race_calls(void) { return getenv("RPCAGENT_TEST_SMALL") ? 1200 : 10000; }
+
 static atomic_int callbacks;
 static void on_done(void *u) {
     (void)u;
@@ -155,7 +159,7 @@ static void on_done(void *u) {
 static void race(rpcagent_t *agent) {
     rpcagent_queue_t *q;
     CHECK_OK(rpcagent_queue_new(&q));
-    int ok = 0, cancelled = 0, calls = 10000;
+    int ok = 0, cancelled = 0, calls = race_calls();
     for (int i = 0; i < calls; i++) {
         uint64_t v = (uint64_t)i * 2654435761u;
         rpcagent_future_t *f;
@@ -205,13 +209,16 @@ static void check_function_stats(rpcagent_t *agent) {
     /* The race's last requests may still be on their way through the pool. */
     double until = now_ms() + 10000;
     rpcagent_function_stats_t echo_s = fstats(agent, "echo");
-    while (echo_s.served + echo_s.cancelled < 10002 && now_ms() < until) {
+    uint64_t echoes = (uint64_t)race_calls() + 2;
+    while (echo_s.served + echo_s.cancelled < echoes && now_ms() < until) {
         usleep(1000);
         echo_s = fstats(agent, "echo");
     }
-    CHECK(echo_s.served + echo_s.cancelled == 10002 && echo_s.failed == 0 && echo_s.running == 0);
-    CHECK(echo_s.bytes_in == 1 + 3 + 10000 * 8);
-    CHECK(echo_s.window == 1024 && echo_s.handler_ns_p50 <= echo_s.handler_ns_p99 &&
+    CHECK(echo_s.served + echo_s.cancelled == echoes && echo_s.failed == 0 && echo_s.running == 0);
+    CHECK(echo_s.bytes_in == 1 + 3 + (uint64_t)race_calls() * 8);
+    /* Every served call's handler ran (and some cancelled ones'). */
+    uint64_t at_least = echo_s.served < 1024 ? echo_s.served : 1024;
+    CHECK(echo_s.window <= 1024 && echo_s.window >= at_least && echo_s.handler_ns_p50 <= echo_s.handler_ns_p99 &&
           echo_s.handler_ns_p99 <= echo_s.handler_ns_max);
     /* Three cancelled while running, one answered after its deadline. */
     rpcagent_function_stats_t loop = fstats(agent, "loop");
