@@ -15,6 +15,8 @@
  *   RPCAGENT_TEST_SMALL): every call ends OK (with the
  *   right bytes) or CANCELLED, its queue tag comes exactly once and its
  *   callback runs exactly once;
+ * - a request waiting for its destination's rpcagent_start, cancelled,
+ *   never runs;
  * - NULL handles: cancel is INVALID_ARGUMENT, the predicates are 0;
  * - rpcagent_get_function_stats on the serving rank counts all of the
  *   above: served, failed, cancelled (dropped unrun or answer dropped),
@@ -260,13 +262,29 @@ static void body(void) {
     CHECK_OK(rpcagent_register(agent, "defer", deferring, NULL, NULL, 0));
     CHECK_OK(rpcagent_register(agent, "idefer", deferring, NULL, NULL, RPCAGENT_HANDLER_INLINE));
     CHECK_OK(rpcagent_register(agent, "count", count, NULL, NULL, RPCAGENT_HANDLER_INLINE));
-    CHECK_OK(rpcagent_start(agent));
+    /* Rank 1 opens for business 300 ms after the barrier: what rank 0
+     * calls meanwhile waits there for start. */
+    if (rpcagent_rank(agent) == 0) CHECK_OK(rpcagent_start(agent));
     CHECK_OK(rpcagent_barrier(agent, 30000));
+    if (rpcagent_rank(agent) == 1) {
+        usleep(300000);
+        CHECK_OK(rpcagent_start(agent));
+    }
 
     if (rpcagent_rank(agent) == 0) {
         CHECK_STATUS(rpcagent_future_cancel(NULL), RPCAGENT_ERR_INVALID_ARGUMENT);
         CHECK(rpcagent_reply_cancelled(NULL) == 0);
         CHECK(rpcagent_deferred_cancelled(NULL) == 0);
+
+        /* A request waiting for its destination's start, cancelled, never
+         * runs (it is not counted by the function either: it never got
+         * that far). */
+        rpcagent_future_t *early;
+        CHECK_OK(rpcagent_call_async(agent, 1, "mark", NULL, 0, -1, &early));
+        usleep(50000);
+        CHECK_OK(rpcagent_future_cancel(early));
+        CHECK_STATUS(wait_status(early, 0), RPCAGENT_ERR_CANCELLED);
+        rpcagent_future_free(early);
 
         /* A looping handler notices. */
         rpcagent_future_t *f;

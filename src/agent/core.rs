@@ -254,10 +254,23 @@ impl Core {
         if self.state.load(Ordering::Acquire) == CLOSED {
             return Err(RpcError::Shutdown("the agent is shut down".into()));
         }
-        let early = self.early.lock().take();
-        for request in early.into_iter().flatten() {
-            if !self.gave_up(&request, &request.name()) {
-                self.dispatch(request, None);
+        // Listed before the lock is let go (lock order: `early`, then the
+        // cancellation list, as in `on_cancel`), so that a cancel arriving
+        // while they are dispatched one by one still finds each.
+        let early: Vec<(InRequest, Cancellation)> = {
+            let mut early = self.early.lock();
+            let requests = early.take().into_iter().flatten();
+            requests
+                .map(|request| {
+                    let mut cancel = self.cancellation(&request);
+                    cancel.list();
+                    (request, cancel)
+                })
+                .collect()
+        };
+        for (request, cancel) in early {
+            if !cancel.caller_cancelled() && !self.gave_up(&request, &request.name()) {
+                self.dispatch(request, None, Some(cancel));
             }
         }
         Ok(())
@@ -435,7 +448,9 @@ impl Core {
 
     /// Runs `request`'s handler: inline handlers here and now, others on
     /// the pool (or kept by the I/O thread's read `pass` to run itself).
-    fn dispatch(&self, mut request: InRequest, pass: Option<&mut ReadPass>) {
+    /// `listed`: its cancellation, already listed (requests that waited for
+    /// `start`); otherwise one is made (and listed for the pool).
+    fn dispatch(&self, mut request: InRequest, pass: Option<&mut ReadPass>, listed: Option<Cancellation>) {
         let found = self.registry.read().get(&request.function[..]).cloned();
         let Some(handler) = found else {
             let message = format!("rank {} has no function named '{}'", self.rank, request.name());
@@ -448,13 +463,13 @@ impl Core {
         handler.stats.arrived(request.args.len());
         let inline = handler.handler.options.inline;
         if inline && request.inline_here {
-            return crate::threads::must_not_block(|| self.run_handler(handler, request, None));
+            return crate::threads::must_not_block(|| self.run_handler(handler, request, listed, false));
         }
         let label = handler.name.clone();
         let me = self.me.clone();
         // Listed until answered (or dropped, on any path), so that the
         // caller's cancel finds it.
-        let mut cancel = self.cancellation(&request);
+        let mut cancel = listed.unwrap_or_else(|| self.cancellation(&request));
         cancel.list();
         // Counted from now until the job starts (a job dropped unrun by a
         // stopped pool belongs to a closing agent: its count no longer matters).
@@ -470,9 +485,9 @@ impl Core {
                     // An inline handler on a worker (a rank's call to
                     // itself) still must not block, as on the I/O thread.
                     if inline {
-                        crate::threads::must_not_block(|| core.run_handler(handler, request, Some(cancel)));
+                        crate::threads::must_not_block(|| core.run_handler(handler, request, Some(cancel), true));
                     } else {
-                        core.run_handler(handler, request, Some(cancel));
+                        core.run_handler(handler, request, Some(cancel), true);
                     }
                 }
             }
@@ -498,11 +513,10 @@ impl Core {
         }
     }
 
-    /// `listed`: runs as a pool job, listed for cancels with this (see
-    /// `dispatch`; its reply may wait for the replies of the jobs queued
-    /// behind it).
-    fn run_handler(&self, handler: Arc<Registered>, request: InRequest, listed: Option<Cancellation>) {
-        let pooled = listed.is_some();
+    /// `listed`: its cancellation, if made already (see `dispatch`);
+    /// `pooled`: runs as a pool job (whose reply may wait for the replies of
+    /// the jobs queued behind it).
+    fn run_handler(&self, handler: Arc<Registered>, request: InRequest, listed: Option<Cancellation>, pooled: bool) {
         let cancel = listed.unwrap_or_else(|| self.cancellation(&request));
         // What the handler's `Request` looks at (the route moves into the reply).
         let view = cancel.view_in(&self.in_service);
@@ -877,7 +891,7 @@ impl Dispatch for Core {
                 return;
             }
         }
-        self.dispatch(request, pass);
+        self.dispatch(request, pass, None);
     }
 
     fn on_cancel(&self, src: usize, id: u64) {
