@@ -150,7 +150,7 @@ typedef struct rpcagent_buffer_t {
    */
   size_t len;
   /**
-   * The library's allocation behind `data`.
+   * The library's record of the allocation behind `data` (do not touch).
    */
   void *owner;
 } rpcagent_buffer_t;

@@ -10,7 +10,7 @@ pub struct rpcagent_buffer_t {
     pub data: *mut u8,
     /// How many bytes.
     pub len: usize,
-    /// The library's allocation behind `data`.
+    /// The library's record of the allocation behind `data` (do not touch).
     pub owner: *mut c_void,
 }
 
@@ -21,17 +21,31 @@ impl rpcagent_buffer_t {
         owner: std::ptr::null_mut(),
     };
 
-    /// Hands `bytes` to C without copying them.
+    /// Hands `bytes` to C without copying them. `owner` records the
+    /// vector's capacity (not a pointer: no allocation per reply for a
+    /// box around the vector, which with many calls in flight cost the
+    /// allocator's slow path on two threads).
     pub(crate) fn from_vec(bytes: Vec<u8>) -> rpcagent_buffer_t {
         if bytes.is_empty() {
             return rpcagent_buffer_t::EMPTY;
         }
-        let mut owner = Box::new(bytes);
+        let mut bytes = std::mem::ManuallyDrop::new(bytes);
         rpcagent_buffer_t {
-            data: owner.as_mut_ptr(),
-            len: owner.len(),
-            owner: Box::into_raw(owner).cast(),
+            data: bytes.as_mut_ptr(),
+            len: bytes.len(),
+            owner: std::ptr::without_provenance_mut(bytes.capacity()),
         }
+    }
+
+    /// The vector `from_vec` handed over, back.
+    ///
+    /// # Safety
+    /// The buffer was filled by `from_vec` and not taken back since.
+    unsafe fn take_vec(&self) -> Vec<u8> {
+        // SAFETY: `data`, `len` and the capacity in `owner` are those of a
+        // vector `from_vec` gave up (non-empty: `data` is its allocation),
+        // by the caller's contract.
+        unsafe { Vec::from_raw_parts(self.data, self.len, self.owner.addr()) }
     }
 }
 
@@ -49,10 +63,9 @@ pub unsafe extern "C" fn rpcagent_buffer_free(buf: *mut rpcagent_buffer_t) {
             return;
         };
         if !buf.owner.is_null() {
-            // SAFETY: a non-NULL owner is the Box<Vec<u8>> from `from_vec`,
-            // freed once: the buffer is zeroed right after.
-            let bytes = unsafe { Box::from_raw(buf.owner.cast::<Vec<u8>>()) };
-            crate::recycle_buffer(*bytes);
+            // SAFETY: a non-NULL owner was set by `from_vec`; taken back
+            // once: the buffer is zeroed right after.
+            crate::recycle_buffer(unsafe { buf.take_vec() });
         }
         *buf = rpcagent_buffer_t::EMPTY;
     });
