@@ -340,10 +340,12 @@ fn parts_arrive_concatenated() {
     }
     let tensor = vec![7u8; 1 << 20];
     let parts: [&[u8]; 4] = [b"head", b"", &tensor, b"tail"];
-    let got = agents[0].rpc_async_parts(1, "echo", &parts).wait().unwrap();
+    let got = agents[0].rpc_async_parts(1, "echo", parts).wait().unwrap();
     assert_eq!(got, [&b"head"[..], &tensor, b"tail"].concat());
     let owned = vec![b"a".to_vec(), b"bc".to_vec()];
     assert_eq!(agents[0].rpc_async_parts(1, "echo", &owned).wait().unwrap(), b"abc");
+    // Owned buffers, given to the call.
+    assert_eq!(agents[0].rpc_async_parts(1, "echo", owned).wait().unwrap(), b"abc");
     let none: [&[u8]; 0] = [];
-    assert!(agents[0].rpc_async_parts(1, "echo", &none).wait().unwrap().is_empty());
+    assert!(agents[0].rpc_async_parts(1, "echo", none).wait().unwrap().is_empty());
 }

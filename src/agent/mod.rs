@@ -248,9 +248,16 @@ impl RpcAgent {
     /// Starts a call whose arguments are `parts` concatenated (the handler
     /// sees one contiguous buffer), written from where they are with
     /// vectored writes: a header and a tensor go without a concatenating
-    /// copy. The parts are done with (sent, or copied where they must
-    /// wait) when this returns; a call that cannot start is a failed future.
-    pub fn rpc_async_parts<P: AsRef<[u8]>>(&self, dst: usize, function: &str, parts: &[P]) -> RpcFuture {
+    /// copy. `parts` may be owned buffers (`vec![header, tensor]`, dropped
+    /// once sent) or borrowed ones (`&[&header[..], &tensor]`); either way
+    /// they are done with (sent, or copied where they must wait) when this
+    /// returns. A call that cannot start is a failed future.
+    pub fn rpc_async_parts<I, P>(&self, dst: usize, function: &str, parts: I) -> RpcFuture
+    where
+        I: IntoIterator<Item = P>,
+        P: AsRef<[u8]>,
+    {
+        let parts: Vec<P> = parts.into_iter().collect();
         let slices: Vec<&[u8]> = parts.iter().map(AsRef::as_ref).collect();
         self.start_call_parts(dst, function, &slices, self.default_timeout(), false)
             .unwrap_or_else(RpcFuture::failed)
