@@ -306,7 +306,7 @@ impl Core {
         internal: bool,
         will_wait: bool,
     ) -> Result<RpcFuture> {
-        let args_len: usize = args.iter().map(|p| p.len()).sum();
+        let args_len = crate::transport::total_len(args);
         if let Err(e) = self.check_call(dst, function, args_len, internal) {
             if !internal {
                 self.stats.calls_started.fetch_add(1, Ordering::Relaxed);

@@ -55,8 +55,9 @@ pub type rpcagent_free_fn = Option<unsafe extern "C" fn(user_data: *mut c_void)>
 /// worker pool (for tiny handlers that never block and make no calls).
 pub const RPCAGENT_HANDLER_INLINE: u32 = 1;
 
-/// A handler's `user_data` and its release function, run when the last
-/// holder drops it (unregistered, or the agent freed, and not running).
+/// A pointer and its release function, run once when the last holder drops
+/// it: a handler's `user_data` (unregistered, or the agent freed, and not
+/// running), or bytes lent to send (`lend.rs`).
 pub(crate) struct UserData {
     ptr: *mut c_void,
     free: rpcagent_free_fn,
@@ -70,6 +71,15 @@ unsafe impl Send for UserData {}
 unsafe impl Sync for UserData {}
 
 impl UserData {
+    /// `free(ptr)` runs when this drops (NULL `free`: nothing runs).
+    pub(crate) fn new(ptr: *mut c_void, free: rpcagent_free_fn) -> UserData {
+        UserData {
+            ptr,
+            free,
+            armed: AtomicBool::new(true),
+        }
+    }
+
     /// The caller keeps ownership (registration failed): never release.
     fn disarm(&self) {
         self.armed.store(false, Ordering::Release);
@@ -102,11 +112,7 @@ pub(crate) fn register(
         return Err(invalid(format!("unknown handler flags {flags:#x}")));
     }
     let c_name = CString::new(name).map_err(|_| invalid("name contains NUL"))?;
-    let data = Arc::new(UserData {
-        ptr: user_data,
-        free: free_user_data,
-        armed: AtomicBool::new(true),
-    });
+    let data = Arc::new(UserData::new(user_data, free_user_data));
     let held = data.clone();
     let options = crate::HandlerOptions {
         inline: flags & RPCAGENT_HANDLER_INLINE != 0,

@@ -8,7 +8,7 @@ use crate::transport::Lent;
 
 use super::agent::{agent_ref, rpcagent_t};
 use super::future::rpcagent_future_t;
-use super::handler::{rpcagent_deferred_t, rpcagent_free_fn, rpcagent_reply_t};
+use super::handler::{UserData as Release, rpcagent_deferred_t, rpcagent_free_fn, rpcagent_reply_t};
 use super::{RPCAGENT_OK, guard, invalid, put, rpcagent_status_t};
 
 /// One part of a call's arguments: `len` bytes at `data` (NULL only when
@@ -20,35 +20,6 @@ pub struct rpcagent_iovec_t {
     pub data: *const u8,
     /// How many.
     pub len: usize,
-}
-
-/// A release function and its argument, run once when dropped (NULL: nothing
-/// to run).
-pub(crate) struct Release {
-    release: rpcagent_free_fn,
-    user_data: *mut c_void,
-}
-
-// SAFETY: the C contract says a release function may be called from any
-// thread with its user data; the library only passes the pointer back.
-unsafe impl Send for Release {}
-
-impl Release {
-    pub(crate) fn new(release: rpcagent_free_fn, user_data: *mut c_void) -> Release {
-        Release { release, user_data }
-    }
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        if let Some(release) = self.release.take() {
-            let user_data = self.user_data;
-            // SAFETY: the caller's release function, called exactly once
-            // (taken above) with its own user data; by the contract it
-            // neither blocks nor unwinds (a C++ one must not throw).
-            unsafe { release(user_data) };
-        }
-    }
 }
 
 /// Reply bytes the application lends: read in place until dropped, when
@@ -122,7 +93,7 @@ pub unsafe extern "C" fn rpcagent_call_async_iov(
     // Dropped (the release run) when the body ends, whatever it returns,
     // and before the status is recorded (a release that calls the library
     // cannot overwrite `rpcagent_last_error`).
-    let release = Release::new(release, release_user_data);
+    let release = Release::new(release_user_data, release);
     guard(move || {
         let _release = release;
         // SAFETY: forwarded caller contract.
@@ -135,12 +106,11 @@ pub unsafe extern "C" fn rpcagent_call_async_iov(
         };
         let mut slices = Vec::with_capacity(iov.len());
         for (i, part) in iov.iter().enumerate() {
-            if part.data.is_null() && part.len > 0 {
-                return Err(invalid(format!("part {i} is NULL but its length is {}", part.len)));
-            }
-            // SAFETY: checked above; each part is valid as it says, by the
-            // contract.
-            slices.push(unsafe { super::bytes(part.data, part.len, "a part") }?);
+            // SAFETY: each part is valid as it says, by the contract. (The
+            // message is made only for a refused part.)
+            let bytes = unsafe { super::bytes(part.data, part.len, "") }
+                .map_err(|_| invalid(format!("part {i} is NULL but its length is {}", part.len)))?;
+            slices.push(bytes);
         }
         // SAFETY: forwarded caller contract.
         let agent = unsafe { agent_ref(agent) }?;
@@ -177,7 +147,7 @@ pub unsafe extern "C" fn rpcagent_reply_set_owned(
     release: rpcagent_free_fn,
     release_user_data: *mut c_void,
 ) -> rpcagent_status_t {
-    let release = Release::new(release, release_user_data);
+    let release = Release::new(release_user_data, release);
     guard(move || {
         // SAFETY: forwarded caller contract.
         let lent = unsafe { lend(data, len, release) }?;
@@ -205,7 +175,7 @@ pub unsafe extern "C" fn rpcagent_deferred_complete_owned(
     release: rpcagent_free_fn,
     release_user_data: *mut c_void,
 ) -> rpcagent_status_t {
-    let release = Release::new(release, release_user_data);
+    let release = Release::new(release_user_data, release);
     guard(move || {
         // SAFETY: forwarded caller contract.
         let lent = unsafe { lend(data, len, release) }?;

@@ -132,6 +132,14 @@ impl Region {
     }
 }
 
+/// Takes the other side's "I sleep" flag, after this side published its
+/// counter (and fenced): true if it was set (ring its doorbell). A plain
+/// load first: a swap every chunk would take the line from the other
+/// side's cache.
+fn take_flag(flag: &AtomicU32) -> bool {
+    flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::AcqRel) != 0
+}
+
 /// The writing side. Its `head` is its own count, never read back.
 pub(crate) struct Producer {
     region: Region,
@@ -220,10 +228,7 @@ impl Producer {
         self.head = self.head.wrapping_add(n as u64);
         self.region.u64_at(HEAD).store(self.head, Ordering::Release);
         fence(Ordering::SeqCst);
-        // A plain load first: the swap would take the line from the
-        // consumer's cache on every chunk.
-        let flag = self.region.u32_at(READER_SLEEPS);
-        flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::AcqRel) != 0
+        take_flag(self.region.u32_at(READER_SLEEPS))
     }
 
     /// About to wait for `need` bytes of room: announces it, then looks
@@ -287,8 +292,7 @@ impl Consumer {
             self.tail = self.tail.wrapping_add(n as u64);
             self.region.u64_at(TAIL).store(self.tail, Ordering::Release);
             fence(Ordering::SeqCst);
-            let flag = self.region.u32_at(WRITER_WAITS);
-            if flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::AcqRel) != 0 {
+            if take_flag(self.region.u32_at(WRITER_WAITS)) {
                 return Ok((got, true));
             }
         }

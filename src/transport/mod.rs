@@ -26,6 +26,11 @@ pub(crate) struct OutRequest<'a> {
     pub will_wait: bool,
 }
 
+/// Bytes in `parts` (a request's arguments, a frame's pieces), together.
+pub(crate) fn total_len(parts: &[&[u8]]) -> usize {
+    parts.iter().map(|p| p.len()).sum()
+}
+
 /// A request that arrived.
 pub(crate) struct InRequest {
     pub src: usize,

@@ -21,7 +21,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::auth::{ClientHandshake, Handshake};
 use crate::error::Status;
-use crate::transport::Outcome;
+use crate::transport::{Outcome, total_len};
 use crate::wire::{self, Header, Kind};
 
 use crate::net::framing::FrameReader;
@@ -201,7 +201,7 @@ pub(crate) struct Conn {
 impl Outbox {
     /// Appends a frame made of `parts`, copied into a kept buffer if one is free.
     fn push(&mut self, parts: &[&[u8]]) {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let len = total_len(parts);
         self.bytes += len as u64;
         let spare = if len <= KEEP_FRAME_BUFFER {
             self.spare_frames.pop().inspect(|b| self.spare_bytes -= b.capacity())
@@ -785,11 +785,6 @@ impl Conn {
             }
         }
     }
-}
-
-/// Bytes in `parts`, together.
-pub(crate) fn total_len(parts: &[&[u8]]) -> usize {
-    parts.iter().map(|p| p.len()).sum()
 }
 
 /// A frame's pieces as one list (header, name, then the payload's parts):

@@ -58,7 +58,7 @@ impl Queued {
 
     /// The bytes `request`'s frame will take, before any copy is made.
     pub(super) fn len_of(request: &OutRequest<'_>) -> u64 {
-        (crate::wire::HEADER_LEN + request.function.len() + super::conn::total_len(request.args)) as u64
+        (crate::wire::HEADER_LEN + request.function.len() + crate::transport::total_len(request.args)) as u64
     }
 }
 
