@@ -779,24 +779,33 @@ static void run_wait_oldest(int n_inflight, int total) {
 /* (c) rpcagent_future_on_complete. The callback runs on a library thread
  * and must not block: it posts the slot's index to a lock-free ring
  * (multi-producer, single consumer) and wakes the main thread with a futex
- * only if it sleeps. The main thread reads the result and issues the next
- * call. The ring is static: a callback may still be returning after its
- * post was consumed. */
+ * only if it sleeps, once per sleep. The main thread reads the result and
+ * issues the next call. The ring is static: a callback may still be
+ * returning after its post was consumed. */
 #define RING 256 /* > MAX_INFLIGHT: at most one post per slot is outstanding */
+#define SLEEPS (1ull << 32)
 static struct {
     _Atomic uint32_t tail;
     uint32_t head; /* the consumer's */
     _Atomic uint32_t cells[RING]; /* 0 empty, else slot index + 1 */
     _Atomic uint32_t seq;         /* bumped on every post; the futex word */
-    _Atomic int sleeping;
+    /* 0, or SLEEPS | the value of seq the main thread sleeps on */
+    _Atomic uint64_t sleeper;
 } ring;
 
 static void on_done(void *user_data) {
     uint32_t idx = (uint32_t)(uintptr_t)user_data;
     uint32_t pos = atomic_fetch_add(&ring.tail, 1);
     atomic_store(&ring.cells[pos % RING], idx + 1);
-    atomic_fetch_add(&ring.seq, 1);
-    if (atomic_load(&ring.sleeping)) syscall(SYS_futex, (uint32_t *)&ring.seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    uint32_t before = atomic_fetch_add(&ring.seq, 1);
+    /* Callbacks may run on several library threads at once. The wake-up
+     * belongs to the first post that bumped seq past the value the main
+     * thread sleeps on (a post before that makes its wait return at once;
+     * one after finds the wake-up taken): a batch of completions costs one
+     * system call, not one per post. */
+    uint64_t w = atomic_load(&ring.sleeper);
+    if (w != 0 && (int32_t)(before - (uint32_t)w) >= 0 && atomic_compare_exchange_strong(&ring.sleeper, &w, 0))
+        syscall(SYS_futex, (uint32_t *)&ring.seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 
 static uint32_t ring_take(void) {
@@ -808,10 +817,10 @@ static uint32_t ring_take(void) {
             return v - 1;
         }
         uint32_t s = atomic_load(&ring.seq);
-        atomic_store(&ring.sleeping, 1);
+        atomic_store(&ring.sleeper, SLEEPS | s);
         if (atomic_load(&ring.cells[ring.head % RING]) == 0)
             syscall(SYS_futex, (uint32_t *)&ring.seq, FUTEX_WAIT_PRIVATE, s, NULL, NULL, 0);
-        atomic_store(&ring.sleeping, 0);
+        atomic_store(&ring.sleeper, 0);
     }
 }
 
