@@ -12,7 +12,49 @@ use crate::error::{Result, RpcError};
 use crate::queue::QueueInner;
 use crate::transport::Waiting;
 
-pub(crate) type Callback = Box<dyn FnOnce() + Send>;
+/// A completion callback. A C callback is a plain function and its
+/// pointer, kept as they are: registering it allocates nothing, and the
+/// library thread that runs it (usually not the one that registered it)
+/// frees nothing.
+pub(crate) enum Callback {
+    Boxed(Box<dyn FnOnce() + Send>),
+    /// `run(words)`: a function of two words (a C callback and its
+    /// `user_data`, say), called once.
+    Plain {
+        run: fn([usize; 2]),
+        words: [usize; 2],
+    },
+}
+
+impl Callback {
+    fn run(self) {
+        match self {
+            Callback::Boxed(cb) => cb(),
+            Callback::Plain { run, words } => run(words),
+        }
+    }
+}
+
+/// The callbacks of one call: almost always one, kept inline so that
+/// subscribing allocates nothing.
+#[derive(Default)]
+struct Callbacks {
+    first: Option<Callback>,
+    more: Vec<Callback>,
+}
+
+impl Callbacks {
+    fn push(&mut self, cb: Callback) {
+        match self.first {
+            None => self.first = Some(cb),
+            Some(_) => self.more.push(cb),
+        }
+    }
+
+    fn into_iter(self) -> impl Iterator<Item = Callback> {
+        self.first.into_iter().chain(self.more)
+    }
+}
 
 /// Runs a completion callback on a library thread.
 pub(crate) type Spawner = Arc<dyn Fn(Callback) + Send + Sync>;
@@ -40,7 +82,7 @@ struct Driver {
 
 enum State {
     Pending {
-        callbacks: Vec<Callback>,
+        callbacks: Callbacks,
         /// The completion queue this call posts its tag to.
         queue: Option<(Arc<QueueInner>, u64)>,
         /// The `wait_any` sets waiting on this call, with its index in each.
@@ -56,7 +98,7 @@ enum State {
 pub(crate) fn run_callback(cb: Callback) {
     // Callbacks must not block: a call one makes into a full send window
     // fails with BUSY instead of waiting for room.
-    let ran = crate::threads::must_not_block(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(cb)));
+    let ran = crate::threads::must_not_block(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb.run())));
     if ran.is_err() {
         crate::log::log_at!(Error, None, "a completion callback panicked");
     }
@@ -112,7 +154,7 @@ impl Slot {
     pub(crate) fn new() -> Arc<Slot> {
         Arc::new(Slot {
             state: Mutex::new(State::Pending {
-                callbacks: Vec::new(),
+                callbacks: Callbacks::default(),
                 queue: None,
                 watchers: Watchers::default(),
             }),
@@ -162,7 +204,7 @@ impl Slot {
         for (set, index) in watchers.into_iter() {
             set.post(index);
         }
-        for cb in callbacks {
+        for cb in callbacks.into_iter() {
             // Off the library's threads (a caller reading its own reply, a
             // user thread shutting down) callbacks go to the spawner, so a
             // callback never runs inside a user's wait, where it could
@@ -233,16 +275,29 @@ impl Slot {
         self.first_set.get()
     }
 
+    /// The outcome if the call has completed (`None` if still pending).
+    /// Reply bytes are handed out once; later looks see an empty reply.
+    fn take_outcome(&self) -> Option<Result<Vec<u8>>> {
+        Self::take_from(&mut self.state.lock())
+    }
+
+    fn take_from(state: &mut State) -> Option<Result<Vec<u8>>> {
+        match state {
+            State::Done(result) => Some(match result {
+                Ok(bytes) => Ok(bytes.take().unwrap_or_default()),
+                Err(e) => Err(e.clone()),
+            }),
+            State::Pending { .. } => None,
+        }
+    }
+
     /// Waits up to `deadline` (`None`: forever). `None` if still pending.
     /// Reply bytes are handed out once; later waits see an empty reply.
     fn wait_until(&self, deadline: Option<Instant>) -> Option<Result<Vec<u8>>> {
         let mut state = self.state.lock();
         loop {
-            if let State::Done(result) = &mut *state {
-                return Some(match result {
-                    Ok(bytes) => Ok(bytes.take().unwrap_or_default()),
-                    Err(e) => Err(e.clone()),
-                });
+            if let Some(outcome) = Self::take_from(&mut state) {
+                return Some(outcome);
             }
             match deadline {
                 None => self.done.wait(&mut state),
@@ -340,6 +395,10 @@ impl RpcFuture {
     /// reply bytes are handed out once: a later wait returns an empty reply
     /// (or the same error).
     pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<Vec<u8>>> {
+        if timeout.is_zero() {
+            // A look, not a wait: no clock, no reading of the connection.
+            return self.slot.take_outcome();
+        }
         self.wait_until(Some(Instant::now() + timeout))
     }
 
@@ -372,7 +431,13 @@ impl RpcFuture {
     /// that completes it, even if this future is dropped first; at once on
     /// this thread if it already has. `cb` must not block.
     pub fn on_complete(&self, cb: impl FnOnce() + Send + 'static) {
-        self.slot.on_complete(Box::new(cb));
+        self.slot.on_complete(Callback::Boxed(Box::new(cb)));
+    }
+
+    /// Like [`RpcFuture::on_complete`] for a plain function of two words
+    /// (a C callback and its data): nothing is allocated.
+    pub(crate) fn on_complete_plain(&self, run: fn([usize; 2]), words: [usize; 2]) {
+        self.slot.on_complete(Callback::Plain { run, words });
     }
 
     /// Waits until one of `futures` is complete and returns its index, or

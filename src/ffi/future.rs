@@ -29,11 +29,18 @@ impl rpcagent_future_t {
     }
 }
 
-/// A completion callback's pointer, handed back to C on a library thread.
-struct SendPtr(*mut c_void);
-// SAFETY: the C contract says the callback runs on a library thread; the
-// library only passes the pointer back, never dereferences it.
-unsafe impl Send for SendPtr {}
+/// Runs a C completion callback kept as two words by
+/// `rpcagent_future_on_complete`: the function, and its `user_data`.
+fn run_c_callback(words: [usize; 2]) {
+    // SAFETY: `words[0]` was made from an `unsafe extern "C" fn(*mut c_void)`
+    // (checked not NULL before it was kept); a function pointer and a data
+    // pointer have the same size on every platform this library builds for.
+    let cb = unsafe { std::mem::transmute::<*const (), unsafe extern "C" fn(*mut c_void)>(words[0] as *const ()) };
+    // SAFETY: the caller registered `cb` with `user_data` for exactly this
+    // one call, to run on a library thread (the C contract); the library
+    // only passes the pointer back, never dereferences it.
+    unsafe { cb(words[1] as *mut c_void) };
+}
 
 /// 1 if the call has completed (successfully or not), 0 if it is pending
 /// (or `f` is NULL).
@@ -167,13 +174,9 @@ pub unsafe extern "C" fn rpcagent_future_on_complete(
         // SAFETY: forwarded caller contract.
         let f = unsafe { handle(f, "f") }?;
         let cb = cb.ok_or_else(|| invalid("cb is NULL"))?;
-        let data = SendPtr(user_data);
-        f.future.on_complete(move || {
-            let data = data;
-            // SAFETY: the caller registered `cb` with `user_data` for exactly
-            // this one call.
-            unsafe { cb(data.0) };
-        });
+        // Kept as two words, not boxed: registering allocates nothing.
+        f.future
+            .on_complete_plain(run_c_callback, [cb as *const () as usize, user_data as usize]);
         Ok(RPCAGENT_OK)
     })
 }
