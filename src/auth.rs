@@ -214,7 +214,7 @@ mod tests {
         header.payload_len = payload.len() as u64;
         Frame {
             header,
-            name: vec![],
+            name: Default::default(),
             payload,
         }
     }
@@ -262,7 +262,7 @@ mod tests {
                 let (header, text) = refused_frame(e);
                 let refused = Frame {
                     header,
-                    name: vec![],
+                    name: Default::default(),
                     payload: text,
                 };
                 client.step(client_key, 0, &refused, "server").map(drop)
@@ -308,7 +308,7 @@ mod tests {
         let (header, text) = refused_frame(&RpcError::Init("world is full".into()));
         let refused = Frame {
             header,
-            name: vec![],
+            name: Default::default(),
             payload: text,
         };
         let err = client.step(b"k", 0, &refused, "rank 0").err().unwrap();
@@ -332,7 +332,7 @@ mod tests {
         let (header, text) = refused_frame(&RpcError::Auth("no".into()));
         let f = Frame {
             header,
-            name: vec![],
+            name: Default::default(),
             payload: text,
         };
         assert_eq!(refusal(&f), RpcError::Auth("no".into()));

@@ -29,6 +29,67 @@
 
 use crate::error::{RpcError, Status};
 
+/// A function name as it travels: bytes (a received one is checked for
+/// UTF-8 where it is used), a short one held inline, so that carrying a
+/// name from the frame to the handler, or with a call in flight,
+/// allocates nothing for most names.
+#[derive(Clone, Default)]
+pub(crate) struct Name(NameBytes);
+
+#[derive(Clone)]
+enum NameBytes {
+    Inline { len: u8, bytes: [u8; Name::INLINE] },
+    Heap(Box<[u8]>),
+}
+
+impl Default for NameBytes {
+    fn default() -> NameBytes {
+        NameBytes::Inline {
+            len: 0,
+            bytes: [0; Name::INLINE],
+        }
+    }
+}
+
+impl Name {
+    const INLINE: usize = 30;
+
+    pub(crate) fn new(name: &[u8]) -> Name {
+        if name.len() > Self::INLINE {
+            return Name(NameBytes::Heap(name.into()));
+        }
+        let mut bytes = [0u8; Self::INLINE];
+        bytes[..name.len()].copy_from_slice(name);
+        Name(NameBytes::Inline {
+            len: name.len() as u8,
+            bytes,
+        })
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            NameBytes::Inline { len, bytes } => &bytes[..*len as usize],
+            NameBytes::Heap(bytes) => bytes,
+        }
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(self))
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self))
+    }
+}
+
 pub const MAGIC: [u8; 4] = *b"RPCA";
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 40;

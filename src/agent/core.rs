@@ -25,7 +25,7 @@ use crate::transport::{
 use rustc_hash::FxHashMap;
 
 use super::handler::{Body, Handler, Reply, ReplyRoute, Request};
-use super::pending::{CallName, Pending, PendingCall};
+use super::pending::{Pending, PendingCall};
 use super::service::{Cancellation, InService};
 use super::stats::{Ended, FunctionStats, FunctionStatsSnapshot, Stats, StatsSnapshot};
 
@@ -320,7 +320,7 @@ impl Core {
         let deadline = timeout.map(|t| started + t);
         let call = PendingCall {
             dst,
-            function: CallName::new(function),
+            function: crate::wire::Name::new(function.as_bytes()),
             internal,
             started,
             deadline,
@@ -456,9 +456,9 @@ impl Core {
             let message = format!("rank {} has no function named '{}'", self.rank, request.name());
             return self.route(&request).send(Err((Status::NotFound, message)));
         };
-        // The handler has the name: this copy is freed here, on the thread
-        // that allocated it (freed on a worker, it costs the allocator's
-        // slow path on both threads).
+        // The handler has the name: a long one's copy is freed here, on the
+        // thread that allocated it (freed on a worker, it costs the
+        // allocator's slow path on both threads).
         drop(std::mem::take(&mut request.function));
         handler.stats.arrived(request.args.len());
         let inline = handler.handler.options.inline;

@@ -12,45 +12,14 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::future::Slot;
+use crate::wire::Name;
 use rustc_hash::FxHashMap;
-
-/// A function name kept with its call for error messages: a short one is
-/// held inline, so most calls allocate nothing for it.
-pub(crate) enum CallName {
-    Inline { len: u8, bytes: [u8; CallName::INLINE] },
-    Heap(Box<str>),
-}
-
-impl CallName {
-    const INLINE: usize = 30;
-
-    pub(crate) fn new(name: &str) -> CallName {
-        if name.len() > Self::INLINE {
-            return CallName::Heap(name.into());
-        }
-        let mut bytes = [0u8; Self::INLINE];
-        bytes[..name.len()].copy_from_slice(name.as_bytes());
-        CallName::Inline {
-            len: name.len() as u8,
-            bytes,
-        }
-    }
-}
-
-impl std::fmt::Display for CallName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            // Copied whole from a `str`, so the bytes are UTF-8.
-            CallName::Inline { len, bytes } => f.write_str(&String::from_utf8_lossy(&bytes[..*len as usize])),
-            CallName::Heap(name) => f.write_str(name),
-        }
-    }
-}
 
 /// A call this rank made that has not completed.
 pub(crate) struct PendingCall {
     pub dst: usize,
-    pub function: CallName,
+    /// For error messages.
+    pub function: Name,
     pub internal: bool,
     pub started: Instant,
     pub deadline: Option<Instant>,
@@ -275,7 +244,7 @@ mod tests {
     fn call(deadline: Instant) -> PendingCall {
         PendingCall {
             dst: 0,
-            function: CallName::new("f"),
+            function: crate::wire::Name::new(b"f"),
             internal: false,
             started: Instant::now(),
             deadline: Some(deadline),

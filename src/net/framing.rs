@@ -6,12 +6,12 @@
 use std::io::{self, IoSlice, Read, Write};
 
 use crate::error::{Result, RpcError};
-use crate::wire::{self, HEADER_LEN, Header};
+use crate::wire::{self, HEADER_LEN, Header, Name};
 
 /// A whole frame.
 pub(crate) struct Frame {
     pub header: Header,
-    pub name: Vec<u8>,
+    pub name: Name,
     pub payload: Vec<u8>,
 }
 
@@ -24,7 +24,7 @@ const HANDSHAKE_SCRATCH: usize = 4096;
 /// A payload being read straight into its own buffer.
 struct Large {
     header: Header,
-    name: Vec<u8>,
+    name: Name,
     payload: Vec<u8>,
     filled: usize,
 }
@@ -212,7 +212,7 @@ impl FrameReader {
             let body = &have[HEADER_LEN..total as usize];
             let frame = Frame {
                 header,
-                name: body[..name_len].to_vec(),
+                name: Name::new(&body[..name_len]),
                 payload: body[name_len..].to_vec(),
             };
             self.start += total as usize;
@@ -221,7 +221,7 @@ impl FrameReader {
         if total > self.buf.len() as u64 && have.len() >= HEADER_LEN + name_len {
             // Too big for the scratch buffer: give the payload its own
             // buffer now and read the rest straight into it.
-            let name = have[HEADER_LEN..HEADER_LEN + name_len].to_vec();
+            let name = Name::new(&have[HEADER_LEN..HEADER_LEN + name_len]);
             let got = &have[HEADER_LEN + name_len..];
             let mut payload = super::buffers::take(header.payload_len as usize);
             payload[..got.len()].copy_from_slice(got);
@@ -251,6 +251,7 @@ pub(crate) fn read_frame_blocking(src: &mut impl Read, max_payload: u64) -> Resu
     let header = wire::decode_header(&h, max_payload)?;
     let mut name = vec![0u8; header.name_len as usize];
     src.read_exact(&mut name).map_err(blocking_error)?;
+    let name = Name::new(&name);
     let mut payload = vec![0u8; header.payload_len as usize];
     src.read_exact(&mut payload).map_err(blocking_error)?;
     Ok(Frame { header, name, payload })
@@ -368,7 +369,7 @@ mod tests {
             assert_eq!(got.len(), sizes.len(), "step {step}");
             for (i, f) in got.iter().enumerate() {
                 assert_eq!(f.header.request_id, i as u64);
-                assert_eq!(f.name, b"fn");
+                assert_eq!(&f.name[..], b"fn");
                 let want: Vec<u8> = (0..sizes[i]).map(|j| (j * 7 + i) as u8).collect();
                 assert_eq!(f.payload, want, "frame {i} step {step}");
             }

@@ -40,7 +40,7 @@ fn in_request(src: usize, request: &OutRequest<'_>, inline_here: bool, reply_to:
     InRequest {
         src,
         id: request.id,
-        function: request.function.as_bytes().to_vec(),
+        function: crate::wire::Name::new(request.function.as_bytes()),
         internal: request.internal,
         deadline: request.deadline,
         args: request.args.concat(),

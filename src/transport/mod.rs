@@ -37,7 +37,7 @@ pub(crate) struct InRequest {
     pub id: u64,
     /// The name (UTF-8, which the transport checked), kept as bytes: it is
     /// looked up as they are.
-    pub function: Vec<u8>,
+    pub function: crate::wire::Name,
     pub internal: bool,
     /// The caller's deadline on this rank's clock.
     pub deadline: Option<Instant>,
