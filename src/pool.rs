@@ -5,8 +5,10 @@
 //! run by as few threads as keep up with it (each wake-up costs a futex
 //! call and a context switch). Each worker records what it is running, so a
 //! stalled pool can be reported by name. The pool knows nothing of what
-//! its jobs do: its owner may give it one hook to run when a worker runs
-//! out of work (the agent writes the replies its workers held back).
+//! its jobs do: its owner chooses the job type (the agent queues a request
+//! as it is, with no box of its own), and may give it one hook to run when
+//! a worker runs out of work (the agent writes the replies its workers held
+//! back).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -18,9 +20,21 @@ use parking_lot::{Condvar, Mutex};
 
 pub(crate) type Work = Box<dyn FnOnce() + Send>;
 
-struct Job {
+/// What a worker runs. The pool's owner may queue its own job type, so that
+/// its commonest job needs no box of its own.
+pub(crate) trait Job: Send + 'static {
+    fn run(self);
+}
+
+impl Job for Work {
+    fn run(self) {
+        self()
+    }
+}
+
+struct Queued<J> {
     label: Arc<str>,
-    run: Work,
+    run: J,
     /// Counts as a busy worker for the stall report (the I/O loop does not).
     counted: bool,
 }
@@ -28,9 +42,8 @@ struct Job {
 /// A running job: since when, for which function, and whether it counts.
 type Running = Option<(Instant, Arc<str>, bool)>;
 
-#[derive(Default)]
-struct Queue {
-    jobs: VecDeque<Job>,
+struct Queue<J> {
+    jobs: VecDeque<Queued<J>>,
     /// Workers waiting for work.
     sleeping: usize,
     /// A wake-up was sent and not yet taken by a worker.
@@ -41,11 +54,24 @@ struct Queue {
     counted: usize,
 }
 
+impl<J> Default for Queue<J> {
+    fn default() -> Queue<J> {
+        Queue {
+            jobs: VecDeque::new(),
+            sleeping: 0,
+            waking: false,
+            stopped: false,
+            alive: 0,
+            counted: 0,
+        }
+    }
+}
+
 /// How many times an idle worker yields and looks for work before sleeping.
 const SPINS: usize = 20;
 
-struct Shared {
-    queue: Mutex<Queue>,
+struct Shared<J> {
+    queue: Mutex<Queue<J>>,
     /// Whether the queue has jobs, readable without the lock.
     has_work: AtomicBool,
     /// Whether counted jobs wait in the queue (`Queue::counted > 0`),
@@ -60,8 +86,8 @@ struct Shared {
     on_idle: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
-pub(crate) struct Pool {
-    shared: Arc<Shared>,
+pub(crate) struct Pool<J: Job = Work> {
+    shared: Arc<Shared<J>>,
     handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -74,9 +100,9 @@ pub(crate) struct Busy {
     pub labels: Vec<Arc<str>>,
 }
 
-impl Shared {
+impl<J: Job> Shared<J> {
     /// Wakes one sleeper if there is work for it and none is on its way.
-    fn wake_one(&self, q: &mut Queue) {
+    fn wake_one(&self, q: &mut Queue<J>) {
         if !q.jobs.is_empty() && q.sleeping > 0 && !q.waking && self.spinning.load(Ordering::Acquire) == 0 {
             q.waking = true;
             self.work.notify_one();
@@ -99,7 +125,7 @@ impl Shared {
                 // A panicking job (a Rust completion callback, say) must not
                 // take the worker with it: the pool would shrink, and stop()
                 // would wait for it forever.
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job.run)).is_err() {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run.run())).is_err() {
                     crate::log::log_at!(Error, None, "a job of '{}' panicked; the worker goes on", job.label);
                 }
                 self.busy.lock()[index] = None;
@@ -148,8 +174,8 @@ impl Shared {
     }
 }
 
-impl Pool {
-    pub(crate) fn new(threads: usize, name: &str) -> std::io::Result<Pool> {
+impl<J: Job> Pool<J> {
+    pub(crate) fn new(threads: usize, name: &str) -> std::io::Result<Pool<J>> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             has_work: AtomicBool::new(false),
@@ -195,9 +221,9 @@ impl Pool {
     }
 
     /// Queues `run`; gives it back if the pool has stopped.
-    pub(crate) fn submit(&self, label: Arc<str>, run: Work) -> Result<(), Work> {
+    pub(crate) fn submit(&self, label: Arc<str>, run: J) -> Result<(), J> {
         self.push(
-            Job {
+            Queued {
                 label,
                 run,
                 counted: true,
@@ -208,9 +234,9 @@ impl Pool {
 
     /// Runs `run` before anything queued, without counting it as a busy
     /// worker (the I/O loop moving to another thread).
-    pub(crate) fn submit_first(&self, label: Arc<str>, run: Work) -> Result<(), Work> {
+    pub(crate) fn submit_first(&self, label: Arc<str>, run: J) -> Result<(), J> {
         self.push(
-            Job {
+            Queued {
                 label,
                 run,
                 counted: false,
@@ -219,7 +245,7 @@ impl Pool {
         )
     }
 
-    fn push(&self, job: Job, first: bool) -> Result<(), Work> {
+    fn push(&self, job: Queued<J>, first: bool) -> Result<(), J> {
         let mut q = self.shared.queue.lock();
         if q.stopped {
             return Err(job.run);
@@ -242,13 +268,13 @@ impl Pool {
     /// at once (sleeping and not being woken, or looking for work);
     /// otherwise `run` comes back. One decision under the lock, so no other
     /// job can take that worker in between.
-    pub(crate) fn submit_first_if_idle(&self, label: Arc<str>, run: Work) -> Result<(), Work> {
+    pub(crate) fn submit_first_if_idle(&self, label: Arc<str>, run: J) -> Result<(), J> {
         let mut q = self.shared.queue.lock();
         let idle = q.sleeping > q.waking as usize || self.shared.spinning.load(Ordering::Acquire) > 0;
         if q.stopped || !idle || !q.jobs.is_empty() {
             return Err(run);
         }
-        q.jobs.push_front(Job {
+        q.jobs.push_front(Queued {
             label,
             run,
             counted: false,
@@ -317,7 +343,7 @@ mod tests {
 
     #[test]
     fn runs_every_job_and_stops() {
-        let pool = Pool::new(3, "test").unwrap();
+        let pool: Pool = Pool::new(3, "test").unwrap();
         let done = Arc::new(AtomicUsize::new(0));
         for _ in 0..1000 {
             let d = done.clone();
@@ -337,7 +363,7 @@ mod tests {
 
     #[test]
     fn blocked_workers_do_not_stop_the_others() {
-        let pool = Pool::new(2, "test").unwrap();
+        let pool: Pool = Pool::new(2, "test").unwrap();
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let g = gate.clone();
         pool.submit(

@@ -16,7 +16,7 @@ use crate::config::{Config, check_name};
 use crate::error::{Result, RpcError, Status};
 use crate::future::{Progress, RpcFuture, Slot, Spawner};
 use crate::log::log_at;
-use crate::pool::Pool;
+use crate::pool::{Job, Pool, Work};
 
 use super::shutdown::{self, Gather, Release};
 use crate::transport::{
@@ -79,7 +79,7 @@ pub(crate) struct Core {
     state: AtomicU8,
     /// Requests that arrived before `start`; `None` once started.
     early: Mutex<Option<Vec<InRequest>>>,
-    pool: Pool,
+    pool: Pool<AgentJob>,
     /// Request bytes waiting in the pool's queue for a worker. At
     /// `config.send_window_bytes` the backlog is full and the transport
     /// stops reading requests (TCP then pushes back on the senders); below
@@ -140,11 +140,11 @@ impl Core {
                 let label: Arc<str> = "(completion callback)".into();
                 // Run as callbacks are anywhere: panics caught, no blocking.
                 Arc::new(move |cb| {
-                    let job: crate::pool::Work = Box::new(move || crate::future::run_callback(cb));
+                    let job: Work = Box::new(move || crate::future::run_callback(cb));
                     match me.upgrade() {
                         Some(core) => {
-                            if let Err(job) = core.pool.submit(label.clone(), job) {
-                                job();
+                            if let Err(job) = core.pool.submit(label.clone(), AgentJob::Work(job)) {
+                                job.run();
                             }
                         }
                         None => job(),
@@ -466,7 +466,6 @@ impl Core {
             return crate::threads::must_not_block(|| self.run_handler(handler, request, listed, false));
         }
         let label = handler.name.clone();
-        let me = self.me.clone();
         // Listed until answered (or dropped, on any path), so that the
         // caller's cancel finds it.
         let mut cancel = listed.unwrap_or_else(|| self.cancellation(&request));
@@ -475,32 +474,26 @@ impl Core {
         // stopped pool belongs to a closing agent: its count no longer matters).
         let bytes = request.args.len() as u64;
         self.backlog_bytes.fetch_add(bytes, Ordering::AcqRel);
-        let job = Box::new(move || {
-            if let Some(core) = me.upgrade() {
-                core.left_backlog(bytes);
-                // Dropped unrun if the caller is not waiting any more.
-                if cancel.caller_cancelled() || core.gave_up(&request, &handler.name) {
-                    handler.stats.ended(Ended::Cancelled);
-                } else {
-                    // An inline handler on a worker (a rank's call to
-                    // itself) still must not block, as on the I/O thread.
-                    if inline {
-                        crate::threads::must_not_block(|| core.run_handler(handler, request, Some(cancel), true));
-                    } else {
-                        core.run_handler(handler, request, Some(cancel), true);
-                    }
-                }
-            }
-        });
-        let queued = match pass {
-            Some(pass) => pass.keep(label, job),
-            None => [Some((label, job as crate::pool::Work)), None],
+        let serve = Serve {
+            core: self.me.clone(),
+            handler,
+            request,
+            cancel,
+            bytes,
         };
-        for (label, job) in queued.into_iter().flatten() {
-            // A pool that has stopped belongs to a closing agent, whose
-            // connections are closing too: the request is dropped with them.
-            let _ = self.pool.submit(label, job);
+        // A pool that has stopped belongs to a closing agent, whose
+        // connections are closing too: the request is dropped with them.
+        if let Some(pass) = pass {
+            if pass.is_empty() {
+                // The pass's first pool request: its thread may serve it
+                // itself (boxed: one per pass).
+                return pass.keep(label, Box::new(move || serve.run()));
+            }
+            if let Some((kept_label, kept)) = pass.take_kept() {
+                let _ = self.pool.submit(kept_label, AgentJob::Work(kept));
+            }
         }
+        let _ = self.pool.submit(label, AgentJob::Serve(serve));
     }
 
     /// A queued request's job started: its bytes leave the backlog, and
@@ -829,20 +822,86 @@ impl Core {
 }
 
 impl Executor for Core {
-    fn run_io(&self, job: crate::pool::Work) -> bool {
-        self.pool.submit_first(self.io_label.clone(), job).is_ok()
+    fn run_io(&self, job: Work) -> bool {
+        self.pool
+            .submit_first(self.io_label.clone(), AgentJob::Work(job))
+            .is_ok()
     }
 
-    fn move_io(&self, job: crate::pool::Work) -> std::result::Result<(), crate::pool::Work> {
-        self.pool.submit_first_if_idle(self.io_label.clone(), job)
+    fn move_io(&self, job: Work) -> std::result::Result<(), Work> {
+        self.pool
+            .submit_first_if_idle(self.io_label.clone(), AgentJob::Work(job))
+            .map_err(AgentJob::into_work)
     }
 
     fn starved(&self) -> bool {
         self.pool.starved()
     }
 
-    fn submit(&self, label: Arc<str>, job: crate::pool::Work) -> std::result::Result<(), crate::pool::Work> {
-        self.pool.submit(label, job)
+    fn submit(&self, label: Arc<str>, job: Work) -> std::result::Result<(), Work> {
+        self.pool
+            .submit(label, AgentJob::Work(job))
+            .map_err(AgentJob::into_work)
+    }
+}
+
+/// What the agent's pool runs: a request to serve, queued as it is (no box
+/// per request), or any other work (the I/O loop, callbacks).
+enum AgentJob {
+    Serve(Serve),
+    Work(Work),
+}
+
+impl AgentJob {
+    /// The job as boxed work (a job the pool gave back).
+    fn into_work(self) -> Work {
+        match self {
+            AgentJob::Work(work) => work,
+            AgentJob::Serve(serve) => Box::new(move || serve.run()),
+        }
+    }
+}
+
+impl Job for AgentJob {
+    fn run(self) {
+        match self {
+            AgentJob::Serve(serve) => serve.run(),
+            AgentJob::Work(work) => work(),
+        }
+    }
+}
+
+/// A request waiting for a pool thread, listed for cancels.
+struct Serve {
+    core: std::sync::Weak<Core>,
+    handler: Arc<Registered>,
+    request: InRequest,
+    cancel: Cancellation,
+    /// Its share of the pool's backlog, given back as it starts.
+    bytes: u64,
+}
+
+impl Serve {
+    fn run(self) {
+        let Serve {
+            core,
+            handler,
+            request,
+            cancel,
+            bytes,
+        } = self;
+        let Some(core) = core.upgrade() else { return };
+        core.left_backlog(bytes);
+        // Dropped unrun if the caller is not waiting any more.
+        if cancel.caller_cancelled() || core.gave_up(&request, &handler.name) {
+            handler.stats.ended(Ended::Cancelled);
+        } else if handler.handler.options.inline {
+            // An inline handler on a worker (a rank's call to itself)
+            // still must not block, as on the I/O thread.
+            crate::threads::must_not_block(|| core.run_handler(handler, request, Some(cancel), true));
+        } else {
+            core.run_handler(handler, request, Some(cancel), true);
+        }
     }
 }
 

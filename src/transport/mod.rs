@@ -215,22 +215,24 @@ pub(crate) enum ReadPass {
 }
 
 impl ReadPass {
-    /// Keeps `work` if it is the pass's first request for the pool;
-    /// otherwise hands back what is to be queued now: this one, and the one
-    /// kept before, if any (no allocation: a busy pass meets one per
-    /// request).
-    pub(crate) fn keep(
-        &mut self,
-        label: Arc<str>,
-        work: crate::pool::Work,
-    ) -> [Option<(Arc<str>, crate::pool::Work)>; 2] {
+    /// True until the pass meets its first request for the pool.
+    pub(crate) fn is_empty(&self) -> bool {
+        matches!(self, ReadPass::Nothing)
+    }
+
+    /// Keeps `work`, the pass's first request for the pool (called only
+    /// while the pass `is_empty`: a request kept before would be lost).
+    pub(crate) fn keep(&mut self, label: Arc<str>, work: crate::pool::Work) {
+        assert!(self.is_empty(), "a read pass keeps one request");
+        *self = ReadPass::One(label, work);
+    }
+
+    /// The pass met another request for the pool: it keeps none, and hands
+    /// back the one it kept, if any, to be queued first.
+    pub(crate) fn take_kept(&mut self) -> Option<(Arc<str>, crate::pool::Work)> {
         match std::mem::replace(self, ReadPass::Busy) {
-            ReadPass::Nothing => {
-                *self = ReadPass::One(label, work);
-                [None, None]
-            }
-            ReadPass::One(first_label, first) => [Some((first_label, first)), Some((label, work))],
-            ReadPass::Busy => [Some((label, work)), None],
+            ReadPass::One(label, work) => Some((label, work)),
+            _ => None,
         }
     }
 }
