@@ -1138,10 +1138,11 @@ static void section_samehost(void) {
         size_t len = opt_quick ? MiB : 64 * MiB;
         int iters = opt_quick ? 20 : 8;
         uint8_t *copy = big_alloc(len, 0);
-        struct series bw[2] = {0}, raw_bw = {0}, cp = {0};
+        struct series bw[2] = {0}, zc[2] = {0}, raw_bw = {0}, cp = {0};
         for (int w = 0; w < 2; w++) {
             agent = agents[w];
             rpc_bandwidth_round(len, 2);
+            rpc_iov_round(len, 2);
         }
         raw_bandwidth_round(len, 2);
         memcpy_round(copy, args_buf, len, 2);
@@ -1149,14 +1150,18 @@ static void section_samehost(void) {
             for (int w = 0; w < 2; w++) {
                 agent = agents[w];
                 add(&bw[w], rpc_bandwidth_round(len, iters));
+                add(&zc[w], rpc_iov_round(len, iters));
             }
             add(&raw_bw, raw_bandwidth_round(len, iters));
             add(&cp, memcpy_round(copy, args_buf, len, iters));
         }
-        char label[64];
+        char label[96];
         snprintf(label, sizeof label, "%zu MiB round trip, GB/s", len / MiB);
         samehost_row(label, &bw[1], &bw[0], &raw_bw, "raw TCP", GBPS);
         samehost_row(label, &bw[1], &bw[0], &cp, "memcpy of the size, one thread", GBPS);
+        snprintf(label, sizeof label, "%zu MiB round trip, zero-copy forms, GB/s", len / MiB);
+        samehost_row(label, &zc[1], &zc[0], &raw_bw, "raw TCP", GBPS);
+        samehost_row(label, &zc[1], &zc[0], &cp, "memcpy of the size, one thread", GBPS);
         free(copy);
         fflush(stdout);
     }
