@@ -16,11 +16,13 @@
  *   and rank 0 does not crash and still serves itself.
  * - a large payload both ways through rings smaller than it: the bytes
  *   arrive whole, in order, many times over.
+ * - the default ring size: two ranks on a host map rings of 1 MiB.
  * - 64 ranks on this host, all-to-all: every rank calls every rank (itself
  *   included) with 20 calls in flight, every reply checked, every other
  *   rank then reached over shared memory, and no thread added for it (the
  *   process's threads are counted before the first call and after the
- *   last).
+ *   last); with 64 ranks the default rings are 128 KiB, so rank 0 maps
+ *   under 33 MiB of rings.
  * - the same with a descriptor limit of 512: a rank keeps at most an eighth
  *   of its limit's worth of same-host connections (64), so some peers are
  *   reached over shared memory and the rest over TCP, and every call is
@@ -294,12 +296,45 @@ static void all_to_all(void) {
                "shared memory and maps %.1f MiB of rings\n",
                few_descriptors ? ", 512 descriptors" : "", threads, over_shm, ring_mib_mapped());
     if (few_descriptors && !tcp_everywhere()) CHECK(over_shm > 0 && over_shm < (int)n - 1);
+    /* 64 ranks on a host get the smallest default rings (128 KiB): rank 0's
+     * 126 connections (63 each way) map about 32 MiB, 64 ranks about 1 GiB. */
+    if (me == 0 && !few_descriptors) CHECK(ring_mib_mapped() < 33.0);
     CHECK_OK(rpcagent_shutdown(agent, 1, 60000));
+    rpcagent_free(agent);
+}
+
+/* ---- ring sizes by default ---- */
+
+/* Two ranks on one host, default settings: few ranks on a host get large
+ * rings (1 MiB: a large transfer's copies overlap). Rank 0 maps two
+ * connections of two rings each: rank 1's (its barrier call) and its own
+ * call's. */
+static void default_rings(void) {
+    rpcagent_t *agent = join_from_env();
+    CHECK_OK(rpcagent_register(agent, "echo", echo, NULL, NULL, 0));
+    CHECK_OK(rpcagent_start(agent));
+    CHECK_OK(rpcagent_barrier(agent, 30000));
+    if (rpcagent_rank(agent) == 0) {
+        uint8_t msg[64] = {1};
+        rpcagent_buffer_t out;
+        CHECK_OK(rpcagent_call_sync(agent, 1, "echo", msg, sizeof msg, 10000, &out));
+        CHECK(out.len == sizeof msg && memcmp(out.data, msg, sizeof msg) == 0);
+        rpcagent_buffer_free(&out);
+        double mib = ring_mib_mapped();
+        printf("2 ranks, default rings: rank 0 maps %.2f MiB of rings\n", mib);
+        if (tcp_everywhere())
+            CHECK(mib == 0);
+        else
+            CHECK(mib >= 4.0 && mib < 4.1);
+    }
+    CHECK_OK(rpcagent_barrier(agent, 30000));
+    CHECK_OK(rpcagent_shutdown(agent, 1, 30000));
     rpcagent_free(agent);
 }
 
 int main(void) {
     int failed = run_world("large both ways", 2, large_both_ways, "RANK", "WORLD_SIZE", 120);
+    failed |= run_world("default rings", 2, default_rings, "RANK", "WORLD_SIZE", 60);
     failed |= run_world("killed mid-transfer", 2, killed_mid_transfer, "RANK", "WORLD_SIZE", 120);
     setenv("RPCAGENT_TEST_FAIL_SHM", "create", 1);
     failed |= run_world("memfd refused", 2, falls_back, "RANK", "WORLD_SIZE", 60);

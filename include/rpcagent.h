@@ -696,9 +696,10 @@ rpcagent_status_t rpcagent_config_set_spin_us(struct rpcagent_config_t *cfg, uin
 /**
  * The size of each shared-memory ring between two ranks on one host: a
  * power of two from 4096 to 2^30 bytes (else
- * `RPCAGENT_ERR_INVALID_ARGUMENT`), default 131072; also
- * `RPCAGENT_SHM_RING_BYTES`. Each direction a pair calls in maps two
- * rings (requests and replies).
+ * `RPCAGENT_ERR_INVALID_ARGUMENT`); also `RPCAGENT_SHM_RING_BYTES`. By
+ * default it depends on how many ranks share the host: 1 MiB with up to
+ * 9, halving as they grow, 131072 from 64 on. Each direction a pair calls
+ * in maps two rings (requests and replies).
  *
  * # Safety
  * `cfg` is NULL or a live config handle.

@@ -239,9 +239,10 @@ pub unsafe extern "C" fn rpcagent_config_set_spin_us(cfg: *mut rpcagent_config_t
 
 /// The size of each shared-memory ring between two ranks on one host: a
 /// power of two from 4096 to 2^30 bytes (else
-/// `RPCAGENT_ERR_INVALID_ARGUMENT`), default 131072; also
-/// `RPCAGENT_SHM_RING_BYTES`. Each direction a pair calls in maps two
-/// rings (requests and replies).
+/// `RPCAGENT_ERR_INVALID_ARGUMENT`); also `RPCAGENT_SHM_RING_BYTES`. By
+/// default it depends on how many ranks share the host: 1 MiB with up to
+/// 9, halving as they grow, 131072 from 64 on. Each direction a pair calls
+/// in maps two rings (requests and replies).
 ///
 /// # Safety
 /// `cfg` is NULL or a live config handle.
@@ -255,7 +256,7 @@ pub unsafe extern "C" fn rpcagent_config_set_shm_ring_bytes(
         update(cfg, |c| {
             let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
             crate::config::check_ring_bytes(bytes).map_err(|why| invalid(format!("the ring size {why}")))?;
-            c.shm_ring_bytes = bytes;
+            c.shm_ring_bytes = Some(bytes);
             Ok(())
         })
     }

@@ -246,6 +246,18 @@ struct Opening {
     waiting: std::collections::VecDeque<usize>,
 }
 
+/// How many ranks (this one included) are likely on this host: those that
+/// published the same address as this rank and a same-host endpoint. Only
+/// sizes the rings: reaching a peer over shared memory is decided by
+/// reaching its endpoint, never by its address.
+fn ranks_on_my_host(peers: &[Peer], me: usize) -> usize {
+    let mine = peers[me].addr.ip();
+    peers
+        .iter()
+        .filter(|p| p.same_host_name.is_some() && p.addr.ip() == mine)
+        .count()
+}
+
 pub(crate) struct TcpTransport {
     shared: Arc<Shared>,
 }
@@ -275,6 +287,9 @@ impl TcpTransport {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let ring_bytes = config
+            .shm_ring_bytes
+            .unwrap_or_else(|| crate::config::default_ring_bytes(ranks_on_my_host(&peers, dispatch.rank())));
         let epoll = Arc::new(Epoll::new()?);
         let (waker_tx, waker) = UnixStream::pair()?;
         waker.set_nonblocking(true)?;
@@ -296,7 +311,7 @@ impl TcpTransport {
             max_payload: dispatch.max_message_bytes(),
             send_window: config.send_window_bytes,
             spin: config.spin,
-            ring_bytes: config.shm_ring_bytes,
+            ring_bytes,
             dispatch: weak,
             epoll,
             listener: world.listener,
