@@ -269,7 +269,7 @@ impl Core {
                 .collect()
         };
         for (request, cancel) in early {
-            if !cancel.caller_cancelled() && !self.gave_up(&request, &request.name()) {
+            if !cancel.caller_cancelled(&*request.reply_to) && !self.gave_up(&request, &request.name()) {
                 self.dispatch(request, None, Some(cancel));
             }
         }
@@ -512,7 +512,9 @@ impl Core {
     fn run_handler(&self, handler: Arc<Registered>, request: InRequest, listed: Option<Cancellation>, pooled: bool) {
         let cancel = listed.unwrap_or_else(|| self.cancellation(&request));
         // What the handler's `Request` looks at (the route moves into the reply).
-        let view = cancel.view_in(&self.in_service);
+        let view = cancel
+            .view_in(&self.in_service)
+            .seen_through(&*request.reply_to, request.id);
         let route = self.route_as(&request, cancel, Some(handler.stats.clone()));
         if self.state.load(Ordering::Acquire) == CLOSED {
             return route.send(Err((Status::Shutdown, format!("rank {} is shut down", self.rank))));
@@ -893,7 +895,7 @@ impl Serve {
         let Some(core) = core.upgrade() else { return };
         core.left_backlog(bytes);
         // Dropped unrun if the caller is not waiting any more.
-        if cancel.caller_cancelled() || core.gave_up(&request, &handler.name) {
+        if cancel.caller_cancelled(&*request.reply_to) || core.gave_up(&request, &handler.name) {
             handler.stats.ended(Ended::Cancelled);
         } else if handler.handler.options.inline {
             // An inline handler on a worker (a rank's call to itself)

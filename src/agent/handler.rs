@@ -85,6 +85,12 @@ pub(crate) struct ReplyRoute {
 }
 
 impl ReplyRoute {
+    /// Whether the caller cancelled the call (also where it marked it
+    /// ahead of the frame), or its deadline passed here.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancel.view().seen_through(&*self.sink, self.id).is_cancelled()
+    }
+
     /// Sends the response; a reply above the maximum becomes a TOO_LARGE
     /// error for the caller.
     pub(crate) fn send(self, outcome: Outcome) {
@@ -204,7 +210,7 @@ impl Reply {
     /// here (see [`Request::is_cancelled`]); false once deferred (ask the
     /// [`Deferred`]).
     pub fn is_cancelled(&self) -> bool {
-        self.route.as_ref().is_some_and(|r| r.cancel.is_cancelled())
+        self.route.as_ref().is_some_and(ReplyRoute::is_cancelled)
     }
 
     /// True once the reply was deferred (it can no longer be set here).
@@ -258,7 +264,7 @@ impl Deferred {
     /// True once the caller cancelled the call, or its deadline passed
     /// here: completing it is still allowed (the answer is dropped).
     pub fn is_cancelled(&self) -> bool {
-        self.route.as_ref().is_some_and(|r| r.cancel.is_cancelled())
+        self.route.as_ref().is_some_and(ReplyRoute::is_cancelled)
     }
 
     /// Answers the call with `data`.

@@ -1,7 +1,10 @@
 //! The requests this rank serves on its pool (and deferred replies), found
 //! by caller and call id, so that a caller's cancel reaches them: one still
 //! queued is dropped before it runs; a running handler (or its deferred
-//! reply) sees it and its answer is dropped.
+//! reply) sees it and its answer is dropped. Over shared memory a cancel
+//! is also marked where the request came in, ahead of its frame: a queued
+//! job about to start, or a polling handler, finds the mark and cancels
+//! its own entry (the frame then finds nothing to do).
 //!
 //! An inline handler's request is listed only if the handler defers: until
 //! it returns, the thread that read its request reads nothing else (the
@@ -12,6 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
+
+use crate::transport::ReplySink;
 
 /// The listed requests: a slab of entries, each owned by one request's
 /// [`Cancellation`] through its slot and generation, so that listing and
@@ -114,6 +119,29 @@ impl InService {
         e.generation == at.generation && e.state == State::Cancelled
     }
 
+    /// Whether the call listed at `at` is cancelled: by its frame, or by a
+    /// mark `marks` shows (then it is cancelled on the list from now on).
+    fn cancelled_at(&self, at: Place, marks: Option<(&dyn ReplySink, u64)>) -> bool {
+        self.is_cancelled(at) || marks.is_some_and(|(sink, id)| sink.cancel_marked(id) && self.cancel_at(at))
+    }
+
+    /// The caller's cancel was seen ahead of its frame (a mark in shared
+    /// memory): the listed call at `at` is cancelled from now on, as the
+    /// frame would have made it (the frame then finds nothing listed).
+    /// False if `at` no longer holds that call.
+    fn cancel_at(&self, at: Place) -> bool {
+        let mut t = self.table.lock();
+        let e = &mut t.entries[at.slot as usize];
+        if e.generation != at.generation || e.state == State::Free {
+            return false;
+        }
+        if e.state == State::Listed {
+            e.state = State::Cancelled;
+            self.cancelled.fetch_add(1, Ordering::Release);
+        }
+        true
+    }
+
     /// Frees the slot; true if the call was cancelled.
     fn finish(&self, at: Place) -> bool {
         let mut t = self.table.lock();
@@ -153,14 +181,11 @@ impl Cancellation {
         }
     }
 
-    /// True once the caller cancelled the call (deadlines aside).
-    pub(crate) fn caller_cancelled(&self) -> bool {
-        self.place.is_some_and(|at| self.service.is_cancelled(at))
-    }
-
-    /// True once the caller cancelled the call or its deadline passed.
-    pub(crate) fn is_cancelled(&self) -> bool {
-        self.view().is_cancelled()
+    /// True once the caller cancelled the call (deadlines aside): by its
+    /// frame, or by a mark on `came_on`, the connection the request came on.
+    pub(crate) fn caller_cancelled(&self, came_on: &dyn ReplySink) -> bool {
+        self.place
+            .is_some_and(|at| self.service.cancelled_at(at, Some((came_on, self.id))))
     }
 
     /// The same question, borrowed.
@@ -176,6 +201,7 @@ impl Cancellation {
             service,
             place: self.place,
             deadline: self.deadline,
+            marks: None,
         }
     }
 
@@ -199,11 +225,24 @@ pub(crate) struct CancelView<'a> {
     service: &'a InService,
     place: Option<Place>,
     deadline: Option<Instant>,
+    /// Where the caller may mark its cancel ahead of the frame (the
+    /// connection the request came on), and the call's id.
+    marks: Option<(&'a dyn ReplySink, u64)>,
 }
 
-impl CancelView<'_> {
+impl<'a> CancelView<'a> {
+    /// The same look, also at the cancel marks of the connection `sink`
+    /// that carried call `id` (shared memory: see `ReplySink::cancel_marked`).
+    pub(crate) fn seen_through(self, sink: &'a dyn ReplySink, id: u64) -> CancelView<'a> {
+        CancelView {
+            marks: Some((sink, id)),
+            ..self
+        }
+    }
+
     pub(crate) fn is_cancelled(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d) || self.place.is_some_and(|at| self.service.is_cancelled(at))
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+            || self.place.is_some_and(|at| self.service.cancelled_at(at, self.marks))
     }
 }
 
@@ -224,7 +263,7 @@ mod tests {
         service.cancel(3, 1);
         service.cancel(4, 2); // another caller's id 2: not this one
         service.cancel(3, 99); // unknown: ignored
-        assert!(a.is_cancelled() && a.caller_cancelled() && !b.is_cancelled());
+        assert!(a.view().is_cancelled() && a.caller_cancelled(&Marked(0)) && !b.view().is_cancelled());
         assert!(a.finish());
         assert!(!a.finish(), "finished once");
         assert!(!b.finish());
@@ -232,7 +271,7 @@ mod tests {
         let c = listed(&service, 5);
         assert_eq!(service.table.lock().entries.len(), 2, "a free slot is reused");
         service.cancel(3, 1); // finished: no longer found
-        assert!(!c.is_cancelled());
+        assert!(!c.view().is_cancelled());
     }
 
     #[test]
@@ -247,6 +286,7 @@ mod tests {
             service: &service,
             place: old,
             deadline: None,
+            marks: None,
         };
         assert!(!stale.is_cancelled());
     }
@@ -261,10 +301,38 @@ mod tests {
         assert_eq!(service.table.lock().free.len(), 1);
     }
 
+    /// A connection on which the caller marked one call cancelled.
+    struct Marked(u64);
+
+    impl ReplySink for Marked {
+        fn send_reply(&self, _: u64, _: crate::transport::Outcome, _: bool) {}
+
+        fn cancel_marked(&self, id: u64) -> bool {
+            id == self.0
+        }
+    }
+
+    #[test]
+    fn a_cancel_marked_ahead_of_its_frame_cancels_the_listed_call_once() {
+        let service = Arc::new(InService::default());
+        let (mut a, mut b) = (listed(&service, 1), listed(&service, 2));
+        let sink = Marked(1);
+        assert!(!b.view().seen_through(&sink, 2).is_cancelled());
+        assert!(a.view().seen_through(&sink, 1).is_cancelled());
+        assert!(a.caller_cancelled(&Marked(0)), "marked on the list, as the frame would");
+        service.cancel(3, 1); // the frame, later: nothing more to do
+        assert_eq!(service.cancelled.load(Ordering::Relaxed), 1);
+        assert!(a.finish(), "its answer is not sent");
+        assert!(!b.finish());
+        // A mark for an unlisted call (answered, or inline) changes nothing.
+        let unlisted = service.cancellation(3, 1, None);
+        assert!(!unlisted.view().seen_through(&sink, 1).is_cancelled());
+    }
+
     #[test]
     fn a_passed_deadline_cancels_an_unlisted_call() {
         let service = Arc::new(InService::default());
         let c = service.cancellation(0, 1, Some(Instant::now()));
-        assert!(c.is_cancelled() && !c.caller_cancelled());
+        assert!(c.view().is_cancelled() && !c.caller_cancelled(&Marked(0)));
     }
 }

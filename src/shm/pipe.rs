@@ -29,9 +29,9 @@ use parking_lot::Mutex;
 use crate::net::sys::EventFd;
 
 use super::memfd::{SharedMemory, recv_with_fds, send_with_fds};
-use super::ring::{Consumer, Corrupt, Producer, Region};
+use super::ring::{CancelMarks, Consumer, Corrupt, Producer, Region};
 
-const SETUP_MAGIC: &[u8; 8] = b"RPCSHM02";
+const SETUP_MAGIC: &[u8; 8] = b"RPCSHM03";
 
 pub(crate) struct ShmPipe {
     sock: UnixStream,
@@ -46,6 +46,10 @@ pub(crate) struct ShmPipe {
     /// Rung by this side itself (an event loop taking over finds bytes or
     /// room there already); never leaves this process.
     wake: EventFd,
+    /// Where this side marks the calls it cancelled (the ring it writes),
+    /// and where the peer marks its own (the ring this side reads).
+    cancels_out: CancelMarks,
+    cancels_in: CancelMarks,
     /// Last, so it is unmapped after the rings that point into it.
     _memory: SharedMemory,
 }
@@ -257,15 +261,18 @@ impl ShmPipe {
     fn over(sock: UnixStream, memory: SharedMemory, region: usize, side: usize, bells: Bells) -> io::Result<ShmPipe> {
         let ring = |i: usize| {
             // SAFETY: ring `i` is the `i`th of two `region`-byte halves of
-            // the mapping (page-aligned, so 8-aligned), which the pipe owns
-            // for as long as the rings live.
+            // the mapping (the mapping is page-aligned and `region` a
+            // multiple of 8, so both are 8-aligned), which the pipe owns for
+            // as long as the rings and their marks live.
             unsafe { Region::new(memory.as_ptr().add(i * region), region) }.map_err(corrupt)
         };
         let (tx, rx) = (ring(side)?, ring(1 - side)?);
         sock.set_nonblocking(true)?;
         Ok(ShmPipe {
             sock,
+            cancels_out: tx.cancel_marks(),
             tx: Mutex::new(Producer::new(tx)),
+            cancels_in: rx.cancel_marks(),
             rx: Mutex::new(Consumer::new(rx)),
             _memory: memory,
             bells,
@@ -282,6 +289,18 @@ impl ShmPipe {
             ring_bell(&self.bells.data);
         }
         Ok(n)
+    }
+
+    /// Marks call `id` (one this side sent) cancelled where the peer's
+    /// handlers look without reading the ring; the cancel's frame follows.
+    /// Takes no lock (a writer may hold the ring for a long copy).
+    pub(crate) fn mark_cancelled(&self, id: u64) {
+        self.cancels_out.mark(id);
+    }
+
+    /// Whether the peer marked call `id` (one it sent here) cancelled.
+    pub(crate) fn cancel_marked(&self, id: u64) -> bool {
+        self.cancels_in.contains(id)
     }
 
     /// An event loop waits for room to write: the peer is asked to ring the

@@ -12,6 +12,7 @@
 //! | 128 | `tail`: bytes ever read (u64) | consumer |
 //! | 256 | `reader_sleeps` (u32): the consumer will sleep until told | consumer sets, producer clears |
 //! | 320 | `writer_waits` (u32): the producer waits for room | producer sets, consumer clears |
+//! | 384 | `cancels` (16 x u64): ids of calls the producer cancelled, newest over oldest (0: none) | producer |
 //!
 //! Each counter sits on its own pair of cache lines, so the two sides never
 //! write the same line.
@@ -30,14 +31,17 @@
 //! store and the load keeps either from missing the other. A busy pipeline
 //! therefore makes no system call per message.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 
 /// Bytes before the data area.
-pub(crate) const HEADER: usize = 384;
+pub(crate) const HEADER: usize = 512;
 const HEAD: usize = 0;
 const TAIL: usize = 128;
 const READER_SLEEPS: usize = 256;
 const WRITER_WAITS: usize = 320;
+const CANCELS: usize = 384;
+/// How many cancelled ids the header holds (the newest ones).
+const CANCEL_SLOTS: usize = 16;
 
 /// The peer wrote a value into the ring's header that cannot be right.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +72,7 @@ impl Region {
 
     /// # Safety
     /// `base` points to `len` bytes, 8-byte aligned, that stay mapped
-    /// while the region (and any side made from it) lives.
+    /// while the region (and any side or marks made from it) lives.
     pub(crate) unsafe fn new(base: *mut u8, len: usize) -> Result<Region, Corrupt> {
         let capacity = len.saturating_sub(HEADER);
         if !capacity.is_power_of_two() || !(base as usize).is_multiple_of(8) {
@@ -128,6 +132,55 @@ impl Region {
             let data = self.base.add(HEADER);
             std::ptr::copy_nonoverlapping(data.add(start), dst.as_mut_ptr(), first);
             std::ptr::copy_nonoverlapping(data, dst.as_mut_ptr().add(first), dst.len() - first);
+        }
+    }
+}
+
+/// The ids of calls the producer cancelled (the header's `cancels`),
+/// written and read without either side's lock: the producer marks a
+/// cancel there at once (whoever holds the ring to write), and a thread
+/// serving a request that came through the ring sees it before the
+/// cancel's frame is read (that needs the reader, which may be asleep). A
+/// mark is a hint the frame confirms: a peer can only mark its own calls,
+/// as its frames can only cancel them, so marks are not checked.
+pub(crate) struct CancelMarks {
+    base: *const u8,
+    /// The producer's count of marks made (the next slot, modulo the slots).
+    made: AtomicUsize,
+}
+
+// SAFETY: as for `Region`: the words are touched as atomics only, and the
+// mapping outlives the marks (the pipe owns both).
+unsafe impl Send for CancelMarks {}
+unsafe impl Sync for CancelMarks {}
+
+impl CancelMarks {
+    fn slot(&self, i: usize) -> &AtomicU64 {
+        // SAFETY: slot `i % CANCEL_SLOTS` is an 8-byte aligned word of the
+        // header, inside the region (`Region::new` checked it holds the
+        // header); atomics may be shared with another process.
+        unsafe { &*(self.base.add(CANCELS + 8 * (i % CANCEL_SLOTS)) as *const AtomicU64) }
+    }
+
+    /// The producer's side: marks call `id` cancelled, over the oldest mark.
+    pub(crate) fn mark(&self, id: u64) {
+        self.slot(self.made.fetch_add(1, Ordering::Relaxed))
+            .store(id, Ordering::Release);
+    }
+
+    /// The consumer's side: whether call `id` (never 0) is among the newest
+    /// cancelled ids.
+    pub(crate) fn contains(&self, id: u64) -> bool {
+        id != 0 && (0..CANCEL_SLOTS).any(|i| self.slot(i).load(Ordering::Acquire) == id)
+    }
+}
+
+impl Region {
+    /// The cancel marks in this region's header.
+    pub(crate) fn cancel_marks(&self) -> CancelMarks {
+        CancelMarks {
+            base: self.base,
+            made: AtomicUsize::new(0),
         }
     }
 }
@@ -344,6 +397,22 @@ mod tests {
             got.extend_from_slice(&buf[..m]);
         }
         assert_eq!(got, sent);
+    }
+
+    #[test]
+    fn cancel_marks_hold_the_newest_ids() {
+        let mut heap = Heap::new(64);
+        let region = heap.region();
+        let (marker, marks) = (region.cancel_marks(), region.cancel_marks());
+        assert!(!marks.contains(0), "an empty slot is no id");
+        assert!(!marks.contains(7));
+        marker.mark(7);
+        assert!(marks.contains(7));
+        for id in 100..100 + CANCEL_SLOTS as u64 {
+            marker.mark(id);
+        }
+        assert!(!marks.contains(7), "the oldest mark is overwritten");
+        assert!(marks.contains(100) && marks.contains(99 + CANCEL_SLOTS as u64));
     }
 
     #[test]

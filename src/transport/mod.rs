@@ -104,6 +104,14 @@ pub(crate) trait ReplySink: Send + Sync {
     /// when [`Transport::flush_batches`] runs, or within about a
     /// millisecond).
     fn send_reply(&self, id: u64, outcome: Outcome, more_follow: bool);
+
+    /// Whether the caller marked request `id` cancelled where this side
+    /// sees it without reading (shared memory), ahead of the cancel's
+    /// frame: a polling handler learns of it at its next poll even while
+    /// the reader sleeps.
+    fn cancel_marked(&self, _id: u64) -> bool {
+        false
+    }
 }
 
 /// Carries requests out of one agent. An agent may hold several (the

@@ -19,6 +19,10 @@ use super::stream::How;
 use super::{PeerState, Shared, VIA_NONE, VIA_TCP};
 
 impl crate::transport::ReplySink for Conn {
+    fn cancel_marked(&self, id: u64) -> bool {
+        self.stream.cancel_marked(id)
+    }
+
     /// A reply with more to follow is corked: the next replies join it in
     /// one write (flushed when the worker runs out of work).
     fn send_reply(&self, id: u64, outcome: crate::transport::Outcome, more_follow: bool) {
@@ -192,6 +196,9 @@ impl Shared {
             }
             PeerState::Idle | PeerState::Lost(_) => return,
         };
+        // Seen at once by a handler polling over shared memory (the frame
+        // needs the destination's reader, which may be asleep).
+        conn.stream.mark_cancelled(id);
         let mut header = Header::new(Kind::Cancel);
         header.request_id = id;
         if let Err(e) = conn.send(header, &[], &[], conn::Mode::NoWait, None) {

@@ -226,6 +226,25 @@ impl Stream {
         matches!(self, Stream::Shm(_))
     }
 
+    /// Over shared memory, marks call `id` (sent here) cancelled where the
+    /// peer's handlers see it before the cancel's frame is read.
+    pub(crate) fn mark_cancelled(&self, id: u64) {
+        if let Stream::Shm(s) = self
+            && let Some(pipe) = s.pipe.get()
+        {
+            pipe.mark_cancelled(id);
+        }
+    }
+
+    /// Whether the peer marked call `id` (received here) cancelled; always
+    /// false over TCP.
+    pub(crate) fn cancel_marked(&self, id: u64) -> bool {
+        match self {
+            Stream::Shm(s) => s.pipe.get().is_some_and(|p| p.cancel_marked(id)),
+            Stream::Tcp(_) => false,
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn tcp(&self) -> Option<&TcpStream> {
         match self {
