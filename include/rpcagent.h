@@ -698,7 +698,7 @@ rpcagent_status_t rpcagent_config_set_spin_us(struct rpcagent_config_t *cfg, uin
  * power of two from 4096 to 2^30 bytes (else
  * `RPCAGENT_ERR_INVALID_ARGUMENT`); also `RPCAGENT_SHM_RING_BYTES`. By
  * default it depends on how many ranks share the host: 1 MiB with up to
- * 9, halving as they grow, 131072 from 64 on. Each direction a pair calls
+ * 9, halving as they grow, 131072 from 34 on. Each direction a pair calls
  * in maps two rings (requests and replies).
  *
  * # Safety
@@ -902,7 +902,8 @@ rpcagent_status_t rpcagent_reply_error(struct rpcagent_reply_t *reply, const cha
  * it, from the handler's own thread, and returns early. After a cancel its
  * answer is dropped; after a passed deadline it is still sent (the caller
  * has given up by then). Cheap: an atomic load while no call is
- * cancelled, else a lock. An inline handler sees its deadline but not a
+ * cancelled, else a lock; over shared memory also a look at the 16 cancel
+ * marks the caller writes (no lock). An inline handler sees its deadline but not a
  * cancel (it runs to the end before the cancel is read), unless it defers.
  *
  * # Safety

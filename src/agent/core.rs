@@ -487,7 +487,7 @@ impl Core {
             if pass.is_empty() {
                 // The pass's first pool request: its thread may serve it
                 // itself (boxed: one per pass).
-                return pass.keep(label, Box::new(move || serve.run()));
+                return pass.keep(label, AgentJob::Serve(serve).into_work());
             }
             if let Some((kept_label, kept)) = pass.take_kept() {
                 let _ = self.pool.submit(kept_label, AgentJob::Work(kept));
@@ -512,9 +512,7 @@ impl Core {
     fn run_handler(&self, handler: Arc<Registered>, request: InRequest, listed: Option<Cancellation>, pooled: bool) {
         let cancel = listed.unwrap_or_else(|| self.cancellation(&request));
         // What the handler's `Request` looks at (the route moves into the reply).
-        let view = cancel
-            .view_in(&self.in_service)
-            .seen_through(&*request.reply_to, request.id);
+        let view = cancel.view_in(&self.in_service, Some(&*request.reply_to));
         let route = self.route_as(&request, cancel, Some(handler.stats.clone()));
         if self.state.load(Ordering::Acquire) == CLOSED {
             return route.send(Err((Status::Shutdown, format!("rank {} is shut down", self.rank))));

@@ -88,7 +88,7 @@ impl ReplyRoute {
     /// Whether the caller cancelled the call (also where it marked it
     /// ahead of the frame), or its deadline passed here.
     pub(crate) fn is_cancelled(&self) -> bool {
-        self.cancel.view().seen_through(&*self.sink, self.id).is_cancelled()
+        self.cancel.view(Some(&*self.sink)).is_cancelled()
     }
 
     /// Sends the response; a reply above the maximum becomes a TOO_LARGE

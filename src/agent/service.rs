@@ -188,20 +188,22 @@ impl Cancellation {
             .is_some_and(|at| self.service.cancelled_at(at, Some((came_on, self.id))))
     }
 
-    /// The same question, borrowed.
-    pub(crate) fn view(&self) -> CancelView<'_> {
-        self.view_in(&self.service)
+    /// A borrowed look: at the list, the deadline, and (`came_on`: the
+    /// connection the request came on) the caller's cancel marks.
+    pub(crate) fn view<'a>(&'a self, came_on: Option<&'a dyn ReplySink>) -> CancelView<'a> {
+        self.view_in(&self.service, came_on)
     }
 
-    /// A look through `service` (this one's list, borrowed from elsewhere:
-    /// the handler's `Request` looks while the reply holds this).
-    pub(crate) fn view_in<'a>(&self, service: &'a InService) -> CancelView<'a> {
+    /// Like [`Cancellation::view`] through `service` (this one's list,
+    /// borrowed from elsewhere: the handler's `Request` looks while the
+    /// reply holds this).
+    pub(crate) fn view_in<'a>(&self, service: &'a InService, came_on: Option<&'a dyn ReplySink>) -> CancelView<'a> {
         debug_assert!(std::ptr::eq(service, &*self.service));
         CancelView {
             service,
             place: self.place,
             deadline: self.deadline,
-            marks: None,
+            marks: came_on.map(|sink| (sink, self.id)),
         }
     }
 
@@ -230,16 +232,7 @@ pub(crate) struct CancelView<'a> {
     marks: Option<(&'a dyn ReplySink, u64)>,
 }
 
-impl<'a> CancelView<'a> {
-    /// The same look, also at the cancel marks of the connection `sink`
-    /// that carried call `id` (shared memory: see `ReplySink::cancel_marked`).
-    pub(crate) fn seen_through(self, sink: &'a dyn ReplySink, id: u64) -> CancelView<'a> {
-        CancelView {
-            marks: Some((sink, id)),
-            ..self
-        }
-    }
-
+impl CancelView<'_> {
     pub(crate) fn is_cancelled(&self) -> bool {
         self.deadline.is_some_and(|d| Instant::now() >= d)
             || self.place.is_some_and(|at| self.service.cancelled_at(at, self.marks))
@@ -263,7 +256,7 @@ mod tests {
         service.cancel(3, 1);
         service.cancel(4, 2); // another caller's id 2: not this one
         service.cancel(3, 99); // unknown: ignored
-        assert!(a.view().is_cancelled() && a.caller_cancelled(&Marked(0)) && !b.view().is_cancelled());
+        assert!(a.view(None).is_cancelled() && a.caller_cancelled(&Marked(0)) && !b.view(None).is_cancelled());
         assert!(a.finish());
         assert!(!a.finish(), "finished once");
         assert!(!b.finish());
@@ -271,14 +264,14 @@ mod tests {
         let c = listed(&service, 5);
         assert_eq!(service.table.lock().entries.len(), 2, "a free slot is reused");
         service.cancel(3, 1); // finished: no longer found
-        assert!(!c.view().is_cancelled());
+        assert!(!c.view(None).is_cancelled());
     }
 
     #[test]
     fn a_view_of_a_finished_request_never_sees_the_next_one_in_its_slot() {
         let service = Arc::new(InService::default());
         let mut first = listed(&service, 1);
-        let old = first.view().place;
+        let old = first.view(None).place;
         first.finish();
         let _second = listed(&service, 2);
         service.cancel(3, 2);
@@ -317,8 +310,8 @@ mod tests {
         let service = Arc::new(InService::default());
         let (mut a, mut b) = (listed(&service, 1), listed(&service, 2));
         let sink = Marked(1);
-        assert!(!b.view().seen_through(&sink, 2).is_cancelled());
-        assert!(a.view().seen_through(&sink, 1).is_cancelled());
+        assert!(!b.view(Some(&sink)).is_cancelled());
+        assert!(a.view(Some(&sink)).is_cancelled());
         assert!(a.caller_cancelled(&Marked(0)), "marked on the list, as the frame would");
         service.cancel(3, 1); // the frame, later: nothing more to do
         assert_eq!(service.cancelled.load(Ordering::Relaxed), 1);
@@ -326,13 +319,13 @@ mod tests {
         assert!(!b.finish());
         // A mark for an unlisted call (answered, or inline) changes nothing.
         let unlisted = service.cancellation(3, 1, None);
-        assert!(!unlisted.view().seen_through(&sink, 1).is_cancelled());
+        assert!(!unlisted.view(Some(&sink)).is_cancelled());
     }
 
     #[test]
     fn a_passed_deadline_cancels_an_unlisted_call() {
         let service = Arc::new(InService::default());
         let c = service.cancellation(0, 1, Some(Instant::now()));
-        assert!(c.view().is_cancelled() && !c.caller_cancelled(&Marked(0)));
+        assert!(c.view(None).is_cancelled() && !c.caller_cancelled(&Marked(0)));
     }
 }

@@ -28,7 +28,7 @@ pub const MIN_SEND_WINDOW_BYTES: u64 = 1 << 20;
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 /// The longest spin accepted.
 pub const MAX_SPIN: Duration = Duration::from_secs(1);
-/// The smallest size the shared-memory rings get by default (with 64 or
+/// The smallest size the shared-memory rings get by default (with 34 or
 /// more ranks on a host); see [`default_ring_bytes`].
 pub const DEFAULT_SHM_RING_BYTES: usize = 128 << 10;
 /// The largest size the rings get by default (with up to 9 ranks on a host).
@@ -358,7 +358,7 @@ impl Config {
     /// The size of each of the two rings a pair of ranks on one host talks
     /// through: a power of two from 4 KiB to 1 GiB. By default it depends
     /// on how many ranks share the host: 1 MiB with up to 9, halving as
-    /// they grow, 128 KiB from 64 on (see [`default_ring_bytes`]). A pair
+    /// they grow, 128 KiB from 34 on (see [`default_ring_bytes`]). A pair
     /// maps two rings per direction it calls in (four when both call the
     /// other).
     pub fn shm_ring_bytes(mut self, bytes: usize) -> Self {
@@ -413,21 +413,22 @@ impl Config {
     }
 }
 
-/// A ring size is a power of two within the bounds.
 /// The ring size a rank offers when none is set, given how many ranks
 /// (itself included) share its host. Large rings let a large transfer's
-/// two copies overlap (a 64 MiB round trip through 1 MiB rings reached
-/// 0.96x of a memcpy here, through 128 KiB rings 0.56x); the total stays
-/// bounded: 8 MiB over the other ranks per ring, a power of two from 128
-/// KiB to 1 MiB, so all-to-all among 64 ranks maps about 1 GiB in all, and
-/// among 8 about 112 MiB.
+/// two copies overlap (a 64 MiB round trip with the zero-copy forms, in
+/// one run here: 0.96x of a memcpy through 1 MiB rings, 0.56x through 128
+/// KiB rings); the total stays bounded: 8 MiB over the other ranks per
+/// ring, a power of two from 128 KiB (from 34 ranks on) to 1 MiB (up to
+/// 9), so all-to-all among 64 ranks maps about 1 GiB in all, and among 8
+/// about 112 MiB.
 pub(crate) fn default_ring_bytes(ranks_on_host: usize) -> usize {
-    let share = RING_BUDGET_BYTES / ranks_on_host.saturating_sub(1).max(1);
+    let share = (RING_BUDGET_BYTES / ranks_on_host.saturating_sub(1).max(1)).max(1);
     // The largest power of two not above the share, within the bounds.
     let pow2 = 1usize << (usize::BITS - 1 - share.leading_zeros());
     pow2.clamp(DEFAULT_SHM_RING_BYTES, DEFAULT_SHM_RING_BYTES_MAX)
 }
 
+/// A ring size is a power of two within the bounds.
 pub(crate) fn check_ring_bytes(bytes: usize) -> std::result::Result<(), String> {
     if (MIN_SHM_RING_BYTES..=MAX_SHM_RING_BYTES).contains(&bytes) && bytes.is_power_of_two() {
         Ok(())
@@ -475,6 +476,8 @@ mod tests {
             (34, 128),
             (64, 128),
             (1000, 128),
+            (0, 1024),
+            (usize::MAX, 128),
         ] {
             assert_eq!(default_ring_bytes(ranks), kib << 10, "{ranks} ranks");
         }

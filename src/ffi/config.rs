@@ -241,7 +241,7 @@ pub unsafe extern "C" fn rpcagent_config_set_spin_us(cfg: *mut rpcagent_config_t
 /// power of two from 4096 to 2^30 bytes (else
 /// `RPCAGENT_ERR_INVALID_ARGUMENT`); also `RPCAGENT_SHM_RING_BYTES`. By
 /// default it depends on how many ranks share the host: 1 MiB with up to
-/// 9, halving as they grow, 131072 from 64 on. Each direction a pair calls
+/// 9, halving as they grow, 131072 from 34 on. Each direction a pair calls
 /// in maps two rings (requests and replies).
 ///
 /// # Safety

@@ -227,7 +227,8 @@ pub unsafe extern "C" fn rpcagent_reply_error(
 /// it, from the handler's own thread, and returns early. After a cancel its
 /// answer is dropped; after a passed deadline it is still sent (the caller
 /// has given up by then). Cheap: an atomic load while no call is
-/// cancelled, else a lock. An inline handler sees its deadline but not a
+/// cancelled, else a lock; over shared memory also a look at the 16 cancel
+/// marks the caller writes (no lock). An inline handler sees its deadline but not a
 /// cancel (it runs to the end before the cancel is read), unless it defers.
 ///
 /// # Safety
