@@ -35,23 +35,36 @@ impl Callback {
     }
 }
 
-/// The callbacks of one call: almost always one, kept inline so that
-/// subscribing allocates nothing.
-#[derive(Default)]
-struct Callbacks {
-    first: Option<Callback>,
-    more: Vec<Callback>,
+/// Items of which a call almost always has one (its callbacks, the
+/// `wait_any` sets watching it): the first is kept inline, so that adding
+/// it allocates nothing.
+struct Few<T> {
+    first: Option<T>,
+    more: Vec<T>,
 }
 
-impl Callbacks {
-    fn push(&mut self, cb: Callback) {
+impl<T> Default for Few<T> {
+    fn default() -> Few<T> {
+        Few {
+            first: None,
+            more: Vec::new(),
+        }
+    }
+}
+
+impl<T> Few<T> {
+    fn push(&mut self, item: T) {
         match self.first {
-            None => self.first = Some(cb),
-            Some(_) => self.more.push(cb),
+            None => self.first = Some(item),
+            Some(_) => self.more.push(item),
         }
     }
 
-    fn into_iter(self) -> impl Iterator<Item = Callback> {
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.first.iter_mut().chain(self.more.iter_mut())
+    }
+
+    fn into_iter(self) -> impl Iterator<Item = T> {
         self.first.into_iter().chain(self.more)
     }
 }
@@ -82,7 +95,7 @@ struct Driver {
 
 enum State {
     Pending {
-        callbacks: Callbacks,
+        callbacks: Few<Callback>,
         /// The completion queue this call posts its tag to.
         queue: Option<(Arc<QueueInner>, u64)>,
         /// The `wait_any` sets waiting on this call, with its index in each.
@@ -104,34 +117,23 @@ pub(crate) fn run_callback(cb: Callback) {
     }
 }
 
-/// The `wait_any` sets waiting on one call, with its index in each: almost
-/// always one set, kept inline so that watching a call allocates nothing.
+/// The `wait_any` sets waiting on one call, with its index in each.
 #[derive(Default)]
-struct Watchers {
-    first: Option<(Arc<WaitSet>, usize)>,
-    more: Vec<(Arc<WaitSet>, usize)>,
-}
+struct Watchers(Few<(Arc<WaitSet>, usize)>);
 
 impl Watchers {
     /// `set` is told `index` on completion (a set already watching gets
     /// the new index: the call moved in its array).
     fn set(&mut self, set: &Arc<WaitSet>, index: usize) {
-        let entry = match &mut self.first {
-            None => {
-                self.first = Some((set.clone(), index));
-                return;
-            }
-            Some(first) if Arc::ptr_eq(&first.0, set) => Some(first),
-            Some(_) => self.more.iter_mut().find(|(w, _)| Arc::ptr_eq(w, set)),
-        };
-        match entry {
-            Some(entry) => entry.1 = index,
-            None => self.more.push((set.clone(), index)),
+        if let Some(entry) = self.0.iter_mut().find(|(w, _)| Arc::ptr_eq(w, set)) {
+            entry.1 = index;
+            return;
         }
+        self.0.push((set.clone(), index));
     }
 
     fn into_iter(self) -> impl Iterator<Item = (Arc<WaitSet>, usize)> {
-        self.first.into_iter().chain(self.more)
+        self.0.into_iter()
     }
 }
 
@@ -154,7 +156,7 @@ impl Slot {
     pub(crate) fn new() -> Arc<Slot> {
         Arc::new(Slot {
             state: Mutex::new(State::Pending {
-                callbacks: Callbacks::default(),
+                callbacks: Few::default(),
                 queue: None,
                 watchers: Watchers::default(),
             }),

@@ -53,17 +53,18 @@ impl Queued {
 
     /// The bytes its frame will take in the outbox.
     fn len(&self) -> u64 {
-        frame_len(&self.function, &self.args)
+        frame_len(self.function.len(), self.args.len())
     }
 
     /// The bytes `request`'s frame will take, before any copy is made.
     pub(super) fn len_of(request: &OutRequest<'_>) -> u64 {
-        (crate::wire::HEADER_LEN + request.function.len() + crate::transport::total_len(request.args)) as u64
+        frame_len(request.function.len(), crate::transport::total_len(request.args))
     }
 }
 
-fn frame_len(function: &str, args: &[u8]) -> u64 {
-    (crate::wire::HEADER_LEN + function.len() + args.len()) as u64
+/// The bytes of a request frame with a name and arguments of these lengths.
+fn frame_len(name_len: usize, args_len: usize) -> u64 {
+    (crate::wire::HEADER_LEN + name_len + args_len) as u64
 }
 
 /// At most this many connections of one rank are in their handshake at
