@@ -709,10 +709,14 @@ struct slot {
     uint64_t seq;
 };
 
+/* The function the in-flight rows call: the pool handler, unless a row
+ * says otherwise. */
+static const char *inflight_fn = "echo_set";
+
 static void issue(struct slot *s, const char *what) {
     s->seq = g_seq++;
     mark(args_buf, INFLIGHT_LEN, s->seq);
-    check_status(rpcagent_call_async(agent, 1, "echo_set", args_buf, INFLIGHT_LEN, RPCAGENT_TIMEOUT_DEFAULT, &s->f),
+    check_status(rpcagent_call_async(agent, 1, inflight_fn, args_buf, INFLIGHT_LEN, RPCAGENT_TIMEOUT_DEFAULT, &s->f),
                  what);
 }
 
@@ -1114,10 +1118,14 @@ static void section_samehost(void) {
     free(lat);
     static const struct {
         int mode;
-        const char *label;
-    } deep_rows[] = {{3, "128 x 32 B in flight, queue_wait, calls/s"}, {0, "128 x 32 B in flight, wait_any, calls/s"}};
+        const char *fn, *label;
+    } deep_rows[] = {{3, "echo_set", "128 x 32 B in flight, queue_wait, pool handler, calls/s"},
+                     {0, "echo_set", "128 x 32 B in flight, wait_any, pool handler, calls/s"},
+                     {3, "echo_inline", "128 x 32 B in flight, queue_wait, inline handler, calls/s"},
+                     {0, "echo_inline", "128 x 32 B in flight, wait_any, inline handler, calls/s"}};
     int total = opt_quick ? 4000 : 200000;
-    for (size_t row = 0; row < 2; row++) {
+    for (size_t row = 0; row < sizeof deep_rows / sizeof deep_rows[0]; row++) {
+        inflight_fn = deep_rows[row].fn;
         struct series rate[2] = {0}, raw_rate = {0};
         for (int w = 0; w < 2; w++) {
             agent = agents[w];
@@ -1134,6 +1142,7 @@ static void section_samehost(void) {
         samehost_row(deep_rows[row].label, &rate[1], &rate[0], &raw_rate, "raw TCP, batched writes", RATE);
         fflush(stdout);
     }
+    inflight_fn = "echo_set";
     if (big_cap >= (opt_quick ? MiB : 64 * MiB)) {
         size_t len = opt_quick ? MiB : 64 * MiB;
         int iters = opt_quick ? 20 : 8;
