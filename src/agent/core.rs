@@ -27,7 +27,7 @@ use rustc_hash::FxHashMap;
 use super::handler::{Body, Handler, Reply, ReplyRoute, Request};
 use super::pending::{Pending, PendingCall};
 use super::service::{Cancellation, InService};
-use super::stats::{Ended, FunctionStats, FunctionStatsSnapshot, Stats, StatsSnapshot};
+use super::stats::{Ended, FunctionStats, FunctionStatsSnapshot, Padded, Stats, StatsSnapshot};
 
 const RUNNING: u8 = 0;
 const DRAINING: u8 = 1;
@@ -75,7 +75,9 @@ pub(crate) struct Core {
     /// a busy worker as running), made once at registration.
     registry: RwLock<FxHashMap<Box<[u8]>, Arc<Registered>>>,
     pending: Arc<Pending>,
-    next_id: AtomicU64,
+    /// Taken by every call: alone on its lines, away from the fields the
+    /// threads reading replies look at.
+    next_id: Padded<AtomicU64>,
     state: AtomicU8,
     /// Requests that arrived before `start`; `None` once started.
     early: Mutex<Option<Vec<InRequest>>>,
@@ -119,7 +121,7 @@ impl Core {
             me: me.clone(),
             registry: RwLock::new(FxHashMap::default()),
             pending: Arc::new(Pending::new(config.world_size)),
-            next_id: AtomicU64::new(1),
+            next_id: Padded(AtomicU64::new(1)),
             state: AtomicU8::new(RUNNING),
             early: Mutex::new(Some(Vec::new())),
             pool,
@@ -309,8 +311,8 @@ impl Core {
         let args_len = crate::transport::total_len(args);
         if let Err(e) = self.check_call(dst, function, args_len, internal) {
             if !internal {
-                self.stats.calls_started.fetch_add(1, Ordering::Relaxed);
-                self.stats.calls_failed.fetch_add(1, Ordering::Relaxed);
+                self.pending.refused();
+                self.stats.completing.calls_failed.fetch_add(1, Ordering::Relaxed);
             }
             return Err(e);
         }
@@ -326,18 +328,14 @@ impl Core {
             deadline,
             slot: slot.clone(),
         };
-        if self.pending.insert(id, call).is_err() {
+        // Counts the call as started (and its bytes, if added).
+        let Ok(in_flight) = self.pending.insert(id, call, args_len) else {
             // The agent closed between the check above and now.
             if !internal {
-                self.stats.calls_started.fetch_add(1, Ordering::Relaxed);
-                self.stats.calls_failed.fetch_add(1, Ordering::Relaxed);
+                self.stats.completing.calls_failed.fetch_add(1, Ordering::Relaxed);
             }
             return Err(RpcError::Shutdown(format!("rank {} is shut down", self.rank)));
-        }
-        if !internal {
-            self.stats.calls_started.fetch_add(1, Ordering::Relaxed);
-            self.stats.bytes_sent.fetch_add(args_len as u64, Ordering::Relaxed);
-        }
+        };
         let request = OutRequest {
             id,
             function,
@@ -346,6 +344,7 @@ impl Core {
             deadline,
             args,
             will_wait,
+            in_flight,
         };
         if let Err(e) = self.transport_to(dst).send_request(dst, &request) {
             self.finish(id, Err(e));
@@ -387,12 +386,13 @@ impl Core {
             let counter = match &outcome {
                 Ok(data) => {
                     self.stats
+                        .completing
                         .bytes_received
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    &self.stats.calls_ok
+                    &self.stats.completing.calls_ok
                 }
-                Err(RpcError::Timeout(_)) => &self.stats.calls_timed_out,
-                Err(_) => &self.stats.calls_failed,
+                Err(RpcError::Timeout(_)) => &self.stats.completing.calls_timed_out,
+                Err(_) => &self.stats.completing.calls_failed,
             };
             counter.fetch_add(1, Ordering::Relaxed);
         }
@@ -420,7 +420,7 @@ impl Core {
     }
 
     pub(crate) fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot(self.calls_in_flight() as u64)
+        self.stats.snapshot(self.pending.counts())
     }
 
     // ---- serving ----
@@ -941,6 +941,7 @@ impl Dispatch for Core {
             return self.serve_internal(request);
         }
         self.stats
+            .serving
             .bytes_received
             .fetch_add(request.args.len() as u64, Ordering::Relaxed);
         {

@@ -124,9 +124,12 @@ impl ReplyRoute {
             });
         }
         if let Some(stats) = &self.stats {
-            stats.requests_served.fetch_add(1, Ordering::Relaxed);
+            stats.serving.requests_served.fetch_add(1, Ordering::Relaxed);
             if let Ok(data) = &outcome {
-                stats.bytes_sent.fetch_add(data.bytes().len() as u64, Ordering::Relaxed);
+                stats
+                    .serving
+                    .bytes_sent
+                    .fetch_add(data.bytes().len() as u64, Ordering::Relaxed);
             }
         }
         self.sink.send_reply(self.id, outcome, more_follow);

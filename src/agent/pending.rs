@@ -38,6 +38,11 @@ struct Table {
     /// they outnumber the calls in flight.
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     user_calls: usize,
+    /// User calls started (refused ones too) and their argument bytes,
+    /// counted here, under the lock every call takes anyway, rather than
+    /// with locked instructions of their own.
+    started: u64,
+    args_sent: u64,
     stopped: bool,
     /// No call may be added any more.
     closed: bool,
@@ -71,14 +76,24 @@ impl Pending {
         self.per_dst.get(dst).map_or(0, |n| n.load(Ordering::Acquire))
     }
 
-    /// Adds a call; gives it back once the table is closed (the agent shut
-    /// down), so no call can slip in after the last ones were failed.
-    pub(crate) fn insert(&self, id: u64, call: PendingCall) -> Result<(), PendingCall> {
+    /// Adds a call and says how many are in flight to its destination now;
+    /// gives it back once the table is closed (the agent shut down), so no
+    /// call can slip in after the last ones were failed.
+    /// A user call (not the agent's own) counts as started either way, with
+    /// its `args_len` bytes if it is added.
+    pub(crate) fn insert(&self, id: u64, call: PendingCall, args_len: usize) -> Result<usize, PendingCall> {
         let mut t = self.table.lock();
+        t.started += !call.internal as u64;
         if t.closed {
             return Err(call);
         }
-        self.per_dst[call.dst].fetch_add(1, Ordering::AcqRel);
+        if !call.internal {
+            t.args_sent += args_len as u64;
+        }
+        // Changed only under the table's lock: a plain store (no locked
+        // instruction) is enough, and readers without the lock see whole values.
+        let in_flight = self.per_dst[call.dst].load(Ordering::Relaxed) + 1;
+        self.per_dst[call.dst].store(in_flight, Ordering::Release);
         if let Some(d) = call.deadline {
             t.deadlines.push(Reverse((d, id)));
             // Wake the deadline thread only if it would sleep past this one.
@@ -89,7 +104,7 @@ impl Pending {
         }
         t.user_calls += !call.internal as usize;
         t.calls.insert(id, call);
-        Ok(())
+        Ok(in_flight)
     }
 
     /// Closes the table and takes every call still in it.
@@ -123,7 +138,9 @@ impl Pending {
             deadlines.retain(|Reverse((_, id))| calls.contains_key(id));
         }
         t.user_calls -= !call.internal as usize;
-        self.per_dst[call.dst].fetch_sub(1, Ordering::AcqRel);
+        // Under the table's lock (see `insert`).
+        let left = self.per_dst[call.dst].load(Ordering::Relaxed) - 1;
+        self.per_dst[call.dst].store(left, Ordering::Release);
     }
 
     /// Removes every call matching `pred`.
@@ -147,6 +164,17 @@ impl Pending {
     /// Calls in flight that the user made (not the agent's own).
     pub(crate) fn user_calls(&self) -> usize {
         self.table.lock().user_calls
+    }
+
+    /// A user call refused before it was added counts as started.
+    pub(crate) fn refused(&self) {
+        self.table.lock().started += 1;
+    }
+
+    /// User calls in flight, user calls started, and their argument bytes.
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
+        let t = self.table.lock();
+        (t.user_calls as u64, t.started, t.args_sent)
     }
 
     /// Waits until no user call is in flight; false if `deadline` passed first.
@@ -257,7 +285,7 @@ mod tests {
         let pending = Pending::new(1);
         let far = Instant::now() + Duration::from_secs(3600);
         for id in 0..10_000 {
-            assert!(pending.insert(id, call(far)).is_ok());
+            assert!(pending.insert(id, call(far), 0).is_ok());
             assert!(pending.remove(id).is_some());
         }
         assert!(pending.table.lock().deadlines.len() <= STALE_DEADLINES + 1);
@@ -280,10 +308,10 @@ mod tests {
             .unwrap();
         let soon = call(Instant::now() + Duration::from_millis(300));
         let marker = soon.started;
-        assert!(pending.insert(u64::MAX, soon).is_ok());
+        assert!(pending.insert(u64::MAX, soon, 0).is_ok());
         let far = Instant::now() + Duration::from_secs(3600);
         for id in 0..10_000 {
-            assert!(pending.insert(id, call(far)).is_ok());
+            assert!(pending.insert(id, call(far), 0).is_ok());
             assert!(pending.remove(id).is_some());
         }
         let expired = rx.recv_timeout(Duration::from_secs(10)).expect("the call expired");

@@ -2,15 +2,49 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The agent's counters, grouped by the thread that writes them, each
+/// group on its own cache lines: the thread completing a call and one
+/// answering a request must not take each other's line on every call. A
+/// calling thread writes none: calls started and their argument bytes are
+/// counted by the table of calls in flight, under the lock it takes anyway
+/// (`Pending::counts`). Measured with 128 calls in flight: the line all
+/// counters shared was a tenth of the calling thread's time.
 #[derive(Default)]
 pub(crate) struct Stats {
-    pub calls_started: AtomicU64,
+    pub completing: Padded<Completing>,
+    pub serving: Padded<Serving>,
+}
+
+/// Written by the thread completing a call.
+#[derive(Default)]
+pub(crate) struct Completing {
     pub calls_ok: AtomicU64,
     pub calls_failed: AtomicU64,
     pub calls_timed_out: AtomicU64,
-    pub requests_served: AtomicU64,
-    pub bytes_sent: AtomicU64,
+    /// Replies received.
     pub bytes_received: AtomicU64,
+}
+
+/// Written by a thread reading or answering a request.
+#[derive(Default)]
+pub(crate) struct Serving {
+    pub requests_served: AtomicU64,
+    /// Arguments received.
+    pub bytes_received: AtomicU64,
+    /// Replies sent.
+    pub bytes_sent: AtomicU64,
+}
+
+/// `T` alone on its cache lines (two: the adjacent-line prefetcher pairs them).
+#[derive(Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 /// A snapshot of an agent's counters.
@@ -34,16 +68,19 @@ pub struct StatsSnapshot {
 }
 
 impl Stats {
-    pub(crate) fn snapshot(&self, calls_in_flight: u64) -> StatsSnapshot {
+    /// `calls`: the table's counts (in flight, started, argument bytes).
+    pub(crate) fn snapshot(&self, calls: (u64, u64, u64)) -> StatsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (completing, serving) = (&self.completing, &self.serving);
+        let (calls_in_flight, calls_started, args_sent) = calls;
         StatsSnapshot {
-            calls_started: get(&self.calls_started),
-            calls_ok: get(&self.calls_ok),
-            calls_failed: get(&self.calls_failed),
-            calls_timed_out: get(&self.calls_timed_out),
-            requests_served: get(&self.requests_served),
-            bytes_sent: get(&self.bytes_sent),
-            bytes_received: get(&self.bytes_received),
+            calls_started,
+            calls_ok: get(&completing.calls_ok),
+            calls_failed: get(&completing.calls_failed),
+            calls_timed_out: get(&completing.calls_timed_out),
+            requests_served: get(&serving.requests_served),
+            bytes_sent: args_sent + get(&serving.bytes_sent),
+            bytes_received: get(&completing.bytes_received) + get(&serving.bytes_received),
             calls_in_flight,
         }
     }

@@ -24,6 +24,8 @@ pub(crate) struct OutRequest<'a> {
     pub args: &'a [&'a [u8]],
     /// The caller waits for the reply right away (and so may read it itself).
     pub will_wait: bool,
+    /// Calls in flight to the destination, this one included, as it started.
+    pub in_flight: usize,
 }
 
 /// Bytes in `parts` (a request's arguments, a frame's pieces), together.

@@ -361,6 +361,7 @@ impl Shared {
             return ReadPass::Nothing;
         }
         let starved = || self.executor.upgrade().is_none_or(|ex| ex.starved());
+        let dispatch = self.dispatch();
         let (outcome, kept) = loop {
             if self.stopping.load(Ordering::Acquire) || starved() {
                 break (Ok(()), ReadPass::Nothing);
@@ -375,7 +376,7 @@ impl Shared {
             });
             let result = reader.read_from(&mut stream, &mut |frame, reader| {
                 cork_for_batch(conn, &mut corked, reader);
-                self.on_frame(conn, frame, reader, Some(&mut kept))
+                self.on_frame(conn, frame, reader, Some(&mut kept), dispatch.as_deref())
             });
             let ended = end_pass(conn, corked, result);
             if let Err(why) = ended {
@@ -458,15 +459,14 @@ impl Shared {
             .incoming(if spin_here { How::Spinning } else { How::NoWait });
         let mut corked = None;
         let mut requests = false;
+        let dispatch = self.dispatch();
         let mut on_frame = |frame: Frame, reader: &mut FrameReader| {
             requests |= frame.header.kind == Kind::Request;
             cork_for_batch(conn, &mut corked, reader);
-            self.on_frame(conn, frame, reader, Some(&mut *pass))
+            self.on_frame(conn, frame, reader, Some(&mut *pass), dispatch.as_deref())
         };
         // Requests stop being read while the pool's backlog is full.
-        let serving = (!conn.outbound && conn.peer().is_some())
-            .then(|| self.dispatch())
-            .flatten();
+        let serving = dispatch.as_ref().filter(|_| !conn.outbound && conn.peer().is_some());
         // Whether the pass stopped for a full backlog: then the connection
         // is paused (`pause_reading` looks again and resumes it if the
         // backlog has drained since), never left with bytes unread and
@@ -499,12 +499,16 @@ impl Shared {
 
     /// Handles one frame read from `conn`; `pass` as in
     /// [`crate::transport::Dispatch::on_request`].
+    /// `dispatch`: the agent, found once per read pass (finding it per
+    /// frame would move its reference count's cache line between the
+    /// reading thread and the calling ones on every frame).
     pub(super) fn on_frame(
         &self,
         conn: &Arc<Conn>,
         mut frame: Frame,
         reader: &mut FrameReader,
         pass: Option<&mut ReadPass>,
+        dispatch: Option<&dyn crate::transport::Dispatch>,
     ) -> Result<()> {
         let Some(peer) = conn.peer() else {
             return match conn.opened_to {
@@ -512,9 +516,7 @@ impl Shared {
                 None => self.greet(conn, frame, reader),
             };
         };
-        let dispatch = self
-            .dispatch()
-            .ok_or_else(|| RpcError::Shutdown("the agent is gone".into()))?;
+        let dispatch = dispatch.ok_or_else(|| RpcError::Shutdown("the agent is gone".into()))?;
         let h = frame.header;
         match (h.kind, conn.outbound) {
             (Kind::Request, false) => {

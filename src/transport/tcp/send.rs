@@ -157,7 +157,7 @@ impl Shared {
         let cork = !request.will_wait
             && len <= conn::MAX_CORKED_FRAME
             && !crate::threads::is_io_thread()
-            && self.dispatch().is_some_and(|d| d.calls_in_flight_to(dst) >= 2);
+            && request.in_flight >= 2;
         let sent = if cork {
             conn.send_corked_parts(header, request.function.as_bytes(), request.args, Some(window))
                 .map(|starts| self.corked(&conn, starts))
@@ -313,7 +313,7 @@ impl Shared {
             let before = incoming.bytes();
             match reader.read_until(
                 &mut incoming,
-                &mut |frame, reader| self.on_frame(&conn, frame, reader, None),
+                &mut |frame, reader| self.on_frame(&conn, frame, reader, None, dispatch.as_deref()),
                 done,
             ) {
                 Ok(ReadEnd::WouldBlock) => {}
