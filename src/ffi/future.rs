@@ -141,11 +141,7 @@ pub unsafe extern "C" fn rpcagent_future_wait_any(
         // contract; they outlive this call.
         let future = |i: usize| unsafe { pointers[i].as_ref() }.map(|f| &f.future);
         let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
-        match crate::future::wait_any_slots(
-            n,
-            future,
-            timeout.and_then(|t| std::time::Instant::now().checked_add(t)),
-        ) {
+        match crate::future::wait_any_slots(n, future, timeout) {
             Ok(Some(i)) => {
                 // SAFETY: checked non-NULL above.
                 unsafe { put(out_index, i, "out_index") }?;
