@@ -873,7 +873,7 @@ mod tests {
     /// resent part of the large one).
     #[test]
     fn a_partly_sent_batch_is_finished_whole_and_in_order() {
-        let (conn, mut server, _epoll) = opened_connection();
+        let (conn, server, _epoll) = opened_connection();
         let big = vec![0xABu8; 16 << 20];
         let small = b"tiny-payload".to_vec();
         let mut expected = wire::encode_frame(Header::new(Kind::Request), b"big", &big);
@@ -886,19 +886,24 @@ mod tests {
         // WAIT_FOR_SOCKET and hands the rest off.
         conn.flush_cork().unwrap();
         assert!(conn.out.lock().handed_off, "the socket took 16 MiB at once");
+        finish_handed_off(&conn, server, &expected);
+    }
+
+    /// Finishes a handed-off queue as the I/O thread does each time the
+    /// socket drains, while `server` reads: it must get `expected`.
+    fn finish_handed_off(conn: &Conn, mut server: TcpStream, expected: &[u8]) {
         let total = expected.len();
         let reader = std::thread::spawn(move || {
             let mut got = vec![0u8; total];
             server.read_exact(&mut got).unwrap();
             got
         });
-        // What the I/O thread does each time the socket drains.
         while !conn.flushed() {
             conn.flush().unwrap();
             std::thread::sleep(Duration::from_millis(1));
         }
         let got = reader.join().unwrap();
-        let first_difference = got.iter().zip(&expected).position(|(a, b)| a != b);
+        let first_difference = got.iter().zip(expected).position(|(a, b)| a != b);
         assert_eq!(first_difference, None, "of {total} bytes");
     }
 
@@ -907,7 +912,7 @@ mod tests {
     /// once and in order.
     #[test]
     fn small_frames_sharing_buffers_leave_in_order() {
-        let (conn, mut server, _epoll) = opened_connection();
+        let (conn, server, _epoll) = opened_connection();
         let mut expected = Vec::new();
         // Enough to fill the socket (nobody reads yet), so that the queue
         // is handed off with a buffer partly sent and frames keep joining.
@@ -920,19 +925,7 @@ mod tests {
         }
         conn.flush_cork().unwrap();
         assert!(conn.out.lock().handed_off, "the socket took every frame at once");
-        let total = expected.len();
-        let reader = std::thread::spawn(move || {
-            let mut got = vec![0u8; total];
-            server.read_exact(&mut got).unwrap();
-            got
-        });
-        while !conn.flushed() {
-            conn.flush().unwrap();
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let got = reader.join().unwrap();
-        let first_difference = got.iter().zip(&expected).position(|(a, b)| a != b);
-        assert_eq!(first_difference, None, "of {total} bytes");
+        finish_handed_off(&conn, server, &expected);
     }
 
     /// The I/O thread takes an event but another thread holds the reader
