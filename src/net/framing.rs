@@ -45,6 +45,9 @@ pub(crate) struct FrameReader {
     large: Option<Large>,
     /// Largest payload accepted.
     max_payload: u64,
+    /// Reads that brought bytes: frames parsed between two changes arrived
+    /// together.
+    reads: u64,
 }
 
 fn truncated() -> RpcError {
@@ -64,6 +67,7 @@ impl FrameReader {
             end: 0,
             large: None,
             max_payload,
+            reads: 0,
         }
     }
 
@@ -119,6 +123,12 @@ impl FrameReader {
         self.pass(src, on_frame, stop, true)
     }
 
+    /// How many reads brought bytes so far (frames parsed while it stays
+    /// the same came in one read).
+    pub(crate) fn reads(&self) -> u64 {
+        self.reads
+    }
+
     /// One read pass. With `short_read_ends`, a read that returns less than
     /// it asked for means the socket is drained: the pass ends there instead
     /// of spending a system call to hear "would block" (bytes that arrive
@@ -136,6 +146,7 @@ impl FrameReader {
                 match src.read(&mut large.payload[large.filled..]) {
                     Ok(0) => return Err(truncated()),
                     Ok(n) => {
+                        self.reads += 1;
                         large.filled += n;
                         if large.filled == large.payload.len() {
                             let large = self.large.take().expect("checked above");
@@ -179,6 +190,7 @@ impl FrameReader {
                 Ok(0) if self.start == self.end => return Ok(ReadEnd::Eof),
                 Ok(0) => return Err(truncated()),
                 Ok(n) => {
+                    self.reads += 1;
                     self.end += n;
                     if n < want && short_read_ends {
                         while let Some(frame) = self.parse_one()? {

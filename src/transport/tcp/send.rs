@@ -14,6 +14,7 @@ use crate::wire::{FLAG_INTERNAL, Header, Kind};
 
 use super::conn::{self, Conn};
 use super::conn::{Window, WindowFull};
+use super::event_loop::PassLookups;
 use super::open::{Queued, WaitingCalls};
 use super::stream::How;
 use super::{PeerState, Shared, VIA_NONE, VIA_TCP};
@@ -306,6 +307,7 @@ impl Shared {
         // runs), is cheaper than sleeping and being woken, above all when the
         // wake-up would cross CPUs.
         let mut spin_until = None;
+        let found = PassLookups::new(dispatch.as_deref());
         let outcome = loop {
             if done() || self.stopping.load(Ordering::Acquire) {
                 break Ok(());
@@ -313,7 +315,7 @@ impl Shared {
             let before = incoming.bytes();
             match reader.read_until(
                 &mut incoming,
-                &mut |frame, reader| self.on_frame(&conn, frame, reader, None, dispatch.as_deref()),
+                &mut |frame, reader| self.on_frame(&conn, frame, reader, None, &found),
                 done,
             ) {
                 Ok(ReadEnd::WouldBlock) => {}
