@@ -150,6 +150,8 @@ static void body(void) {
         CHECK(stats.calls_failed == 4);
         CHECK(stats.calls_in_flight == 0);
         CHECK(stats.calls_ok > 0 && stats.bytes_sent > 0 && stats.bytes_received > 0);
+        /* Every call started ends as exactly one of these. */
+        CHECK(stats.calls_started == stats.calls_ok + stats.calls_failed + stats.calls_timed_out);
     }
     CHECK_OK(rpcagent_barrier(agent, 30000));
     rpcagent_stats_t stats;

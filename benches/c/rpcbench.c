@@ -877,7 +877,7 @@ static void run_queue(int n_inflight, int total) {
 }
 
 /* The rpcagent variants of the in-flight rows. Each keeps `n_inflight`
- * calls of INFLIGHT_LEN bytes to "echo_set" outstanding until `total`
+ * calls of INFLIGHT_LEN bytes to `inflight_fn` outstanding until `total`
  * completed, checking each reply. */
 struct inflight_mode {
     const char *name;

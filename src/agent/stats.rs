@@ -4,10 +4,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The agent's counters, grouped by the thread that writes them, each
 /// group on its own cache lines: the thread completing a call and one
-/// answering a request must not take each other's line on every call. A
-/// calling thread writes none: calls started and their argument bytes are
-/// counted by the table of calls in flight, under the lock it takes anyway
-/// (`Pending::counts`). Measured with 128 calls in flight: the line all
+/// answering a request must not take each other's line on every call.
+/// Starting a call writes none: calls started and their argument bytes are
+/// counted by the table of calls in flight, under the lock the call takes
+/// anyway (`Pending::counts`). Measured with 128 calls in flight: the line all
 /// counters shared was a tenth of the calling thread's time.
 #[derive(Default)]
 pub(crate) struct Stats {

@@ -613,15 +613,11 @@ fn run_contained(work: impl FnOnce()) {
     }
 }
 
-/// Requests read in one pass are answered in one write: once a frame on an
-/// accepted connection has more bytes behind it, the pass takes the writer
-/// role (`corked`: whether it got it), and replies made meanwhile (inline
-/// handlers' during the pass, workers' too) queue until the pass ends. A
-/// lone request's reply goes straight out, with no queue to pass through.
 /// What a read pass looks up once for all the frames it reads.
 pub(super) struct PassLookups<'a> {
-    /// The agent (found per frame, its reference count's cache line would
-    /// move between the reading thread and the calling ones every frame).
+    /// The agent, found once per pass: found per frame, its reference
+    /// count's cache line would move between the reading thread and the
+    /// calling ones on every frame.
     dispatch: Option<&'a dyn crate::transport::Dispatch>,
     /// When the requests of the reader's latest read arrived (its count of
     /// reads, and the time), read at the first of them: the requests of
@@ -651,6 +647,11 @@ impl<'a> PassLookups<'a> {
     }
 }
 
+/// Requests read in one pass are answered in one write: once a frame on an
+/// accepted connection has more bytes behind it, the pass takes the writer
+/// role (`corked`: whether it got it), and replies made meanwhile (inline
+/// handlers' during the pass, workers' too) queue until the pass ends. A
+/// lone request's reply goes straight out, with no queue to pass through.
 fn cork_for_batch(conn: &Conn, corked: &mut Option<bool>, reader: &FrameReader) {
     if corked.is_none() && !conn.outbound && reader.has_buffered() {
         *corked = Some(conn.cork());

@@ -94,6 +94,9 @@ impl Shared {
         }
         let len = Queued::len_of(request);
         let mut waiting: Option<Queued> = None;
+        // Whether this call waited for room (its calls in flight may have
+        // finished meanwhile).
+        let mut waited = false;
         let conn = loop {
             let mut st = self.peers[dst].state.lock();
             // No room while the connection opens: wait (before any copy is
@@ -104,6 +107,7 @@ impl Shared {
                 if !window.may_block {
                     return Err(self.window_full(dst, request, WindowFull::Busy));
                 }
+                waited = true;
                 if !window.wait(&self.peers[dst].room, &mut st) && full(&st) {
                     return Err(self.window_full(dst, request, WindowFull::TimedOut));
                 }
@@ -158,7 +162,11 @@ impl Shared {
         let cork = !request.will_wait
             && len <= conn::MAX_CORKED_FRAME
             && !crate::threads::is_io_thread()
-            && request.in_flight >= 2;
+            && if waited {
+                self.dispatch().is_some_and(|d| d.calls_in_flight_to(dst) >= 2)
+            } else {
+                request.in_flight >= 2
+            };
         let sent = if cork {
             conn.send_corked_parts(header, request.function.as_bytes(), request.args, Some(window))
                 .map(|starts| self.corked(&conn, starts))
