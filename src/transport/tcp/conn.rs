@@ -27,7 +27,7 @@ use crate::wire::{self, Header, Kind};
 use crate::net::framing::FrameReader;
 use crate::net::sys::Epoll;
 
-use super::stream::{Stream, Watch};
+use super::stream::{Changed, Stream, Watch};
 
 const NO_PEER: usize = usize::MAX;
 /// How long a thread that may wait blocks on a full socket before it hands
@@ -313,13 +313,13 @@ impl Conn {
     pub(crate) fn watch_handshake(&self) -> io::Result<()> {
         let mut i = self.interest.lock();
         i.write = self.outbound && !self.stream.is_shm();
-        self.apply(&mut i)
+        self.apply(&mut i, Changed::All)
     }
 
     /// A pipe's rings are up: its bells join the epoll set.
     pub(crate) fn watch_rings(&self) -> io::Result<()> {
         let mut i = self.interest.lock();
-        self.apply(&mut i)
+        self.apply(&mut i, Changed::All)
     }
 
     /// The `connect` of an opened connection finished: stop watching for
@@ -337,13 +337,14 @@ impl Conn {
         self.peer.store(rank, Ordering::Release);
     }
 
-    fn apply(&self, i: &mut Interest) -> io::Result<()> {
+    /// Has epoll watch the connection as `i` says (`changed`: what changed).
+    fn apply(&self, i: &mut Interest, changed: Changed) -> io::Result<()> {
         let watch = Watch {
             read: i.read,
             write: i.write,
         };
         self.stream
-            .watch(&self.epoll, self.token, watch, i.registered, &mut i.bells)?;
+            .watch(&self.epoll, self.token, watch, changed, i.registered, &mut i.bells)?;
         i.registered = true;
         Ok(())
     }
@@ -355,7 +356,7 @@ impl Conn {
             return Ok(());
         }
         i.write = write;
-        let applied = self.apply(&mut i);
+        let applied = self.apply(&mut i, Changed::Writes);
         if applied.is_err() {
             i.write = !write;
         }
@@ -398,7 +399,7 @@ impl Conn {
         }
         let was = i.read;
         i.read = true;
-        let applied = self.apply(i);
+        let applied = self.apply(i, if again { Changed::All } else { Changed::Reads });
         if applied.is_err() {
             i.read = was;
         }
@@ -435,7 +436,7 @@ impl Conn {
             return Ok(());
         }
         i.read = false;
-        let applied = self.apply(&mut i);
+        let applied = self.apply(&mut i, Changed::Reads);
         if applied.is_err() {
             i.read = true;
         } else {
@@ -455,14 +456,19 @@ impl Conn {
             // A connection this rank opened, that only callers reading their
             // own replies use, leaves the epoll set: epoll then hears of none
             // of its packets (measured: ~0.2 us per round trip). It joins
-            // again when the I/O thread has to read or write it.
-            if self.outbound && i.registered && !i.write {
+            // again when the I/O thread has to read or write it. A pipe
+            // stays (its data bell unwatched since the lead began, and rung
+            // only when asked): leaving and joining cost eight system calls
+            // each time a caller's batch of calls all came back.
+            if self.outbound && i.registered && !i.write && !self.stream.is_shm() {
                 self.stream.unwatch(&self.epoll, &mut i.bells)?;
                 i.registered = false;
             }
             return Ok(());
         }
-        self.watch_reads(&mut i, false)
+        // The loop heard an event meanwhile (`wanted`): every descriptor is
+        // set anew, so that it is reported again.
+        self.watch_reads(&mut i, wanted)
     }
 
     /// Sends one frame (see the module docs for who writes when). A frame

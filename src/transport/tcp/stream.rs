@@ -221,6 +221,18 @@ pub(crate) struct Watch {
     pub write: bool,
 }
 
+/// Which of a connection's interests changed (a pipe sets only the
+/// descriptors that carry it; a TCP socket carries all).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Changed {
+    /// Every descriptor, set anew (an event met meanwhile is reported again).
+    All,
+    /// Whether the I/O thread reads.
+    Reads,
+    /// Whether it waits to write.
+    Writes,
+}
+
 impl Stream {
     pub(crate) fn is_shm(&self) -> bool {
         matches!(self, Stream::Shm(_))
@@ -262,6 +274,7 @@ impl Stream {
         epoll: &Epoll,
         token: u64,
         watch: Watch,
+        changed: Changed,
         added: bool,
         bells_added: &mut bool,
     ) -> io::Result<()> {
@@ -277,12 +290,15 @@ impl Stream {
             }
             Stream::Shm(s) => {
                 // The socket reads only the setup messages and the end. Set
-                // again on every change, so that an end reported while
-                // another thread read is reported again (edge-triggered).
-                if added {
-                    epoll.modify(&s.sock, Part::Socket.tag(token), EDGE | READABLE)?;
-                } else {
+                // again on `Changed::All`, so that an end reported while
+                // another thread read is reported again (edge-triggered);
+                // a change of reading or writing alone sets only its bell
+                // (a caller that leads and hands back costs two system
+                // calls, not six).
+                if !added {
                     epoll.add(&s.sock, Part::Socket.tag(token), EDGE | READABLE)?;
+                } else if changed == Changed::All {
+                    epoll.modify(&s.sock, Part::Socket.tag(token), EDGE | READABLE)?;
                 }
                 let Some(pipe) = s.pipe.get() else {
                     return Ok(());
@@ -290,18 +306,22 @@ impl Stream {
                 let bell = |on: bool| EDGE | if on { libc::EPOLLIN as u32 } else { 0 };
                 let (data, room) = (pipe.data_bell_fd(), pipe.room_bell_fd());
                 if *bells_added {
-                    epoll.modify(&data, Part::Main.tag(token), bell(watch.read))?;
-                    epoll.modify(&room, Part::Room.tag(token), bell(watch.write))?;
+                    if changed != Changed::Writes {
+                        epoll.modify(&data, Part::Main.tag(token), bell(watch.read))?;
+                    }
+                    if changed != Changed::Reads {
+                        epoll.modify(&room, Part::Room.tag(token), bell(watch.write))?;
+                    }
                 } else {
                     epoll.add(&data, Part::Main.tag(token), bell(watch.read))?;
                     epoll.add(&room, Part::Room.tag(token), bell(watch.write))?;
                     epoll.add(&pipe.wake_fd(), Part::Wake.tag(token), bell(true))?;
                     *bells_added = true;
                 }
-                if watch.read {
+                if watch.read && changed != Changed::Writes {
                     pipe.arm_reads()?;
                 }
-                if watch.write {
+                if watch.write && changed != Changed::Reads {
                     pipe.arm_writes()?;
                 }
                 Ok(())
