@@ -267,6 +267,8 @@ impl Stream {
 
     /// Adds the connection to the epoll set (`added`: it is in it already,
     /// then its interest is changed) so that it is watched as `watch` says.
+    /// `changed`: what differs from the last call (a pipe sets only the
+    /// descriptors that carry it: the others already match `watch`).
     /// `bells_added` tracks whether a pipe's bells are in the set (they
     /// join once the rings are up).
     pub(crate) fn watch(
@@ -293,8 +295,8 @@ impl Stream {
                 // again on `Changed::All`, so that an end reported while
                 // another thread read is reported again (edge-triggered);
                 // a change of reading or writing alone sets only its bell
-                // (a caller that leads and hands back costs two system
-                // calls, not six).
+                // (a caller that leads and hands back costs two epoll_ctl,
+                // not six).
                 if !added {
                     epoll.add(&s.sock, Part::Socket.tag(token), EDGE | READABLE)?;
                 } else if changed == Changed::All {
