@@ -846,6 +846,7 @@ pub(crate) fn mode_here() -> Mode {
 
 #[cfg(test)]
 mod tests {
+    use super::super::stream::Part;
     use super::*;
     use crate::net::framing::slices_from;
     use crate::net::sys::MAX_IOV;
@@ -913,6 +914,102 @@ mod tests {
         let got = reader.join().unwrap();
         let first_difference = got.iter().zip(expected).position(|(a, b)| a != b);
         assert_eq!(first_difference, None, "of {total} bytes");
+    }
+
+    /// A same-host connection this rank opened (token 7, its rings up and
+    /// its handshake done, in its epoll set as after the handshake), the
+    /// peer's side of it, and the epoll set.
+    fn opened_pipe() -> (Conn, super::super::stream::ShmStream, Arc<Epoll>) {
+        use super::super::stream::{ShmBudget, ShmStream};
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let budget = ShmBudget::for_this_process();
+        let spin = Duration::ZERO;
+        let opener = ShmStream::offer(a, 4096, spin, budget.take().unwrap()).unwrap();
+        let acceptor = ShmStream::accepted(b, spin, budget.take().unwrap()).unwrap();
+        let started = Instant::now();
+        while acceptor.step_setup().unwrap() != super::super::stream::Setup::Done
+            || opener.step_setup().unwrap() != super::super::stream::Setup::Done
+        {
+            assert!(started.elapsed() < Duration::from_secs(5), "the rings never came up");
+        }
+        let epoll = Arc::new(Epoll::new().unwrap());
+        let conn = Conn::new(
+            Stream::Shm(Box::new(opener)),
+            7,
+            Some(1),
+            1 << 30,
+            epoll.clone(),
+            std::sync::Weak::new(),
+        );
+        conn.set_peer(1);
+        *conn.greeting.lock() = Greeting::Done;
+        conn.watch_handshake().unwrap();
+        let _ = parts_reported(&epoll, 0);
+        (conn, acceptor, epoll)
+    }
+
+    /// `opened_pipe`, its reading taken over by a caller.
+    fn led_pipe() -> (Conn, super::super::stream::ShmStream, Arc<Epoll>) {
+        let (conn, peer, epoll) = opened_pipe();
+        conn.begin_lead().unwrap();
+        (conn, peer, epoll)
+    }
+
+    /// The connection's parts that epoll reports within `ms`.
+    fn parts_reported(epoll: &Epoll, ms: i32) -> Vec<Part> {
+        let mut events = Vec::new();
+        epoll.wait(&mut events, ms).unwrap();
+        events.iter().map(|e| Part::split(*e).1).collect()
+    }
+
+    /// A caller that read its replies and left no call in flight hands the
+    /// pipe back without taking it out of the epoll set: the peer's end is
+    /// still reported at once.
+    #[test]
+    fn an_idle_pipe_still_reports_its_peer_going() {
+        let (conn, peer, epoll) = led_pipe();
+        conn.end_lead(false).unwrap();
+        assert!(parts_reported(&epoll, 50).is_empty(), "nothing happened yet");
+        drop(peer);
+        assert!(
+            parts_reported(&epoll, 5000).contains(&Part::Socket),
+            "the peer's end was not reported"
+        );
+    }
+
+    /// The peer's end, reported while a caller led (the loop could not
+    /// take it: `rearm`), is reported again once the caller hands back.
+    #[test]
+    fn a_pipe_end_met_while_a_caller_led_is_reported_again() {
+        let (conn, peer, epoll) = led_pipe();
+        drop(peer);
+        assert!(parts_reported(&epoll, 5000).contains(&Part::Socket));
+        // What the loop does with an event on a connection another thread reads.
+        conn.rearm().unwrap();
+        assert!(
+            !parts_reported(&epoll, 50).contains(&Part::Socket),
+            "reported twice while led"
+        );
+        conn.end_lead(true).unwrap();
+        assert!(
+            parts_reported(&epoll, 5000).contains(&Part::Socket),
+            "the end was not reported again"
+        );
+    }
+
+    /// Bytes that came while nobody read an idle pipe (nobody asked the
+    /// peer to ring) are reported once the loop is asked to read it.
+    #[test]
+    fn bytes_left_in_an_idle_pipe_are_found_when_reading_resumes() {
+        let (conn, peer, epoll) = led_pipe();
+        conn.end_lead(false).unwrap();
+        assert_eq!(peer.pipe().unwrap().write(&[b"late reply"], 0).unwrap(), 10);
+        assert!(parts_reported(&epoll, 50).is_empty(), "the peer rang unasked");
+        conn.ensure_read().unwrap();
+        assert!(
+            parts_reported(&epoll, 5000).contains(&Part::Wake),
+            "the bytes waiting were not reported"
+        );
     }
 
     /// Small frames share queued buffers, a partly sent one included (it
