@@ -510,14 +510,15 @@ impl Shared {
         pass: Option<&mut ReadPass>,
         found: &PassLookups<'_>,
     ) -> Result<()> {
-        let dispatch = found.dispatch;
         let Some(peer) = conn.peer() else {
             return match conn.opened_to {
                 Some(dst) => self.greet_server(conn, dst, frame, reader),
                 None => self.greet(conn, frame, reader),
             };
         };
-        let dispatch = dispatch.ok_or_else(|| RpcError::Shutdown("the agent is gone".into()))?;
+        let dispatch = found
+            .dispatch
+            .ok_or_else(|| RpcError::Shutdown("the agent is gone".into()))?;
         let h = frame.header;
         match (h.kind, conn.outbound) {
             (Kind::Request, false) => {
