@@ -39,8 +39,18 @@ struct Queued<J> {
     counted: bool,
 }
 
-/// A running job: since when, for which function, and whether it counts.
-type Running = Option<(Instant, Arc<str>, bool)>;
+/// What one worker runs, as the stall report sees it: the number of jobs it
+/// has started (the same number in two reports means the same job), and
+/// the running one's function and whether it counts (`None` between jobs).
+/// Each worker has its own, on its own cache lines: starting a job takes no
+/// lock another worker takes, reads no clock and clones nothing (the
+/// report, every half second, finds out how long a job has run).
+#[derive(Default)]
+#[repr(align(128))]
+struct WorkerSlot(Mutex<(u64, Option<RunningJob>)>);
+
+/// A running job's function, and whether it counts as a busy worker.
+type RunningJob = (Arc<str>, bool);
 
 struct Queue<J> {
     jobs: VecDeque<Queued<J>>,
@@ -81,7 +91,10 @@ struct Shared<J> {
     spinning: AtomicUsize,
     work: Condvar,
     exited: Condvar,
-    busy: Mutex<Vec<Running>>,
+    workers: Box<[WorkerSlot]>,
+    /// For each worker, the job the last report saw running and when it
+    /// first saw it.
+    seen: Mutex<Vec<Option<(u64, Instant)>>>,
     /// Run by a worker that found the queue empty, before it waits.
     on_idle: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
@@ -95,7 +108,9 @@ pub(crate) struct Pool<J: Job = Work> {
 pub(crate) struct Busy {
     pub workers: usize,
     pub busy: usize,
-    /// When the most recently started of the running jobs started.
+    /// When the most recently started of the running jobs was first seen
+    /// running (by this report or an earlier one: within one report's
+    /// period of its start).
     pub all_busy_since: Option<Instant>,
     pub labels: Vec<Arc<str>>,
 }
@@ -121,14 +136,22 @@ impl<J: Job> Shared<J> {
                 }
                 self.wake_one(&mut q);
                 drop(q);
-                self.busy.lock()[index] = Some((Instant::now(), job.label.clone(), job.counted));
+                let Queued { label, run, counted } = job;
+                {
+                    let mut slot = self.workers[index].0.lock();
+                    slot.0 += 1;
+                    slot.1 = Some((label, counted));
+                }
                 // A panicking job (a Rust completion callback, say) must not
                 // take the worker with it: the pool would shrink, and stop()
                 // would wait for it forever.
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run.run())).is_err() {
-                    crate::log::log_at!(Error, None, "a job of '{}' panicked; the worker goes on", job.label);
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.run()));
+                let finished = self.workers[index].0.lock().1.take();
+                if ran.is_err()
+                    && let Some((label, _)) = finished
+                {
+                    crate::log::log_at!(Error, None, "a job of '{label}' panicked; the worker goes on");
                 }
-                self.busy.lock()[index] = None;
                 q = self.queue.lock();
                 continue;
             }
@@ -183,7 +206,8 @@ impl<J: Job> Pool<J> {
             spinning: AtomicUsize::new(0),
             work: Condvar::new(),
             exited: Condvar::new(),
-            busy: Mutex::new(vec![None; threads]),
+            workers: (0..threads).map(|_| WorkerSlot::default()).collect(),
+            seen: Mutex::new(vec![None; threads]),
             on_idle: std::sync::OnceLock::new(),
         });
         let pool = Pool {
@@ -295,14 +319,37 @@ impl<J: Job> Pool<J> {
     }
 
     pub(crate) fn busy(&self) -> Busy {
-        let busy = self.shared.busy.lock();
-        let uncounted = busy.iter().flatten().filter(|(_, _, counted)| !counted).count();
-        let running: Vec<_> = busy.iter().flatten().filter(|(_, _, counted)| *counted).collect();
+        let now = Instant::now();
+        let mut seen = self.shared.seen.lock();
+        let (mut workers, mut labels, mut since) = (0, Vec::new(), None);
+        for (slot, seen) in self.shared.workers.iter().zip(seen.iter_mut()) {
+            let (started, running) = {
+                let slot = slot.0.lock();
+                (slot.0, slot.1.clone())
+            };
+            match running {
+                // Not a worker for the report (the I/O loop).
+                Some((_, false)) => *seen = None,
+                Some((label, true)) => {
+                    workers += 1;
+                    let first = match *seen {
+                        Some((job, at)) if job == started => at,
+                        _ => seen.insert((started, now)).1,
+                    };
+                    since = since.max(Some(first));
+                    labels.push(label);
+                }
+                None => {
+                    workers += 1;
+                    *seen = None;
+                }
+            }
+        }
         Busy {
-            workers: busy.len() - uncounted,
-            busy: running.len(),
-            all_busy_since: running.iter().map(|(t, _, _)| *t).max(),
-            labels: running.iter().map(|(_, l, _)| l.clone()).collect(),
+            workers,
+            busy: labels.len(),
+            all_busy_since: since,
+            labels,
         }
     }
 
@@ -390,6 +437,13 @@ mod tests {
         let busy = pool.busy();
         assert_eq!(busy.busy, 1);
         assert_eq!(&*busy.labels[0], "blocker");
+        // The stall report sees how long the blocker has run: since the
+        // first report that saw it, the same in later reports.
+        let seen = busy.all_busy_since.expect("a job runs");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let again = pool.busy();
+        assert_eq!(again.all_busy_since, Some(seen));
+        assert!(seen.elapsed() >= std::time::Duration::from_millis(20));
         *gate.0.lock() = true;
         gate.1.notify_all();
         assert!(pool.stop(None));

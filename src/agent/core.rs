@@ -646,7 +646,8 @@ impl Core {
     }
 
     /// Logs once when every worker has been busy for longer than
-    /// [`POOL_STALL_WARNING`], naming what they run.
+    /// [`POOL_STALL_WARNING`] (as this tick sees it: within a tick of it),
+    /// naming what they run.
     fn check_pool_stall(&self) {
         let busy = self.pool.busy();
         let stalled =
