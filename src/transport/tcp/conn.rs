@@ -39,9 +39,10 @@ const MAX_CORKED: usize = 64;
 /// the outbox, and one this large fills a write by itself.
 pub(crate) const MAX_CORKED_FRAME: u64 = 64 << 10;
 /// Small frames are queued together in buffers of this size (a batch of
-/// 128 replies of 32 B, 72 bytes each with the header, fills three), and buffers up to this size are kept
-/// for the next ones, up to `MAX_SPARE_BYTES` of them: small frames then
-/// cost no allocation, and an idle connection holds at most 128 KiB.
+/// 128 replies of 32 B, 72 bytes each with the header, fills three), and
+/// buffers up to this size are kept for the next ones, up to
+/// `MAX_SPARE_BYTES` of them: small frames then cost no allocation, and an
+/// idle connection holds at most 128 KiB.
 const KEEP_FRAME_BUFFER: usize = 4096;
 const MAX_SPARE_BYTES: usize = 128 << 10;
 
@@ -846,7 +847,7 @@ pub(crate) fn mode_here() -> Mode {
 
 #[cfg(test)]
 mod tests {
-    use super::super::stream::Part;
+    use super::super::stream::{Part, Setup, ShmBudget, ShmStream};
     use super::*;
     use crate::net::framing::slices_from;
     use crate::net::sys::MAX_IOV;
@@ -919,17 +920,14 @@ mod tests {
     /// A same-host connection this rank opened (token 7, its rings up and
     /// its handshake done, in its epoll set as after the handshake), the
     /// peer's side of it, and the epoll set.
-    fn opened_pipe() -> (Conn, super::super::stream::ShmStream, Arc<Epoll>) {
-        use super::super::stream::{ShmBudget, ShmStream};
+    fn opened_pipe() -> (Conn, ShmStream, Arc<Epoll>) {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let budget = ShmBudget::for_this_process();
         let spin = Duration::ZERO;
         let opener = ShmStream::offer(a, 4096, spin, budget.take().unwrap()).unwrap();
         let acceptor = ShmStream::accepted(b, spin, budget.take().unwrap()).unwrap();
         let started = Instant::now();
-        while acceptor.step_setup().unwrap() != super::super::stream::Setup::Done
-            || opener.step_setup().unwrap() != super::super::stream::Setup::Done
-        {
+        while acceptor.step_setup().unwrap() != Setup::Done || opener.step_setup().unwrap() != Setup::Done {
             assert!(started.elapsed() < Duration::from_secs(5), "the rings never came up");
         }
         let epoll = Arc::new(Epoll::new().unwrap());
@@ -949,7 +947,7 @@ mod tests {
     }
 
     /// `opened_pipe`, its reading taken over by a caller.
-    fn led_pipe() -> (Conn, super::super::stream::ShmStream, Arc<Epoll>) {
+    fn led_pipe() -> (Conn, ShmStream, Arc<Epoll>) {
         let (conn, peer, epoll) = opened_pipe();
         conn.begin_lead().unwrap();
         (conn, peer, epoll)
