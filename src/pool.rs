@@ -256,6 +256,18 @@ impl<J: Job> Pool<J> {
         )
     }
 
+    /// Queues `run` before anything queued (work that was read before it).
+    pub(crate) fn submit_ahead(&self, label: Arc<str>, run: J) -> Result<(), J> {
+        self.push(
+            Queued {
+                label,
+                run,
+                counted: true,
+            },
+            true,
+        )
+    }
+
     /// Runs `run` before anything queued, without counting it as a busy
     /// worker (the I/O loop moving to another thread).
     pub(crate) fn submit_first(&self, label: Arc<str>, run: J) -> Result<(), J> {

@@ -30,6 +30,7 @@ fn rank_main() {
         "pool_work_beside_an_inline_stream" => scenarios::pool_work_beside_an_inline_stream,
         "pool_call_waits_for_a_later_inline_call" => scenarios::pool_call_waits_for_a_later_inline_call,
         "flood" => scenarios::flood,
+        "kept_behind_a_blocked_handler" => scenarios::kept_requests_behind_a_blocked_handler,
         other => panic!("unknown scenario {other}"),
     };
     body(&agent);
@@ -92,6 +93,11 @@ fn pool_work_is_served_beside_a_stream_of_inline_calls() {
 #[test]
 fn a_pooled_handler_can_wait_for_a_later_inline_call_on_its_connection() {
     run_world("pool_call_waits_for_a_later_inline_call", 2, LIMIT, &[]);
+}
+
+#[test]
+fn quick_requests_read_behind_a_blocked_handler_are_served() {
+    run_world("kept_behind_a_blocked_handler", 2, LIMIT, &[]);
 }
 
 fn cfg(rank: usize, world: usize, port: u16) -> Config {

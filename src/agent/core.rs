@@ -25,6 +25,7 @@ use crate::transport::{
 use rustc_hash::FxHashMap;
 
 use super::handler::{Body, Handler, Reply, ReplyRoute, Request};
+use super::kept::{Leases, PassBatch};
 use super::pending::{Pending, PendingCall};
 use super::service::{Cancellation, InService};
 use super::stats::{Ended, FunctionStats, FunctionStatsSnapshot, Padded, Stats, StatsSnapshot};
@@ -92,6 +93,8 @@ pub(crate) struct Core {
     pub(crate) stats: Arc<Stats>,
     /// Pool requests by caller and call id, for cancels.
     in_service: Arc<InService>,
+    /// Requests reading threads kept to serve themselves.
+    leases: Leases,
     gatherings: Mutex<Gatherings>,
     barrier_generation: AtomicU64,
     stall_reported: Mutex<bool>,
@@ -129,6 +132,7 @@ impl Core {
             transports: OnceLock::new(),
             stats: Arc::new(Stats::default()),
             in_service: Arc::default(),
+            leases: Leases::default(),
             backlog_bytes: Arc::new(AtomicU64::new(0)),
             gatherings: Mutex::new(Gatherings {
                 barriers: HashMap::new(),
@@ -447,7 +451,8 @@ impl Core {
     }
 
     /// Runs `request`'s handler: inline handlers here and now, others on
-    /// the pool (or kept by the I/O thread's read `pass` to run itself).
+    /// the pool (or kept by the I/O thread's read `pass` to run itself: see
+    /// `kept.rs`).
     /// `listed`: its cancellation, already listed (requests that waited for
     /// `start`); otherwise one is made (and listed for the pool).
     fn dispatch(&self, mut request: InRequest, pass: Option<&mut ReadPass>, listed: Option<Cancellation>) {
@@ -463,9 +468,10 @@ impl Core {
         handler.stats.arrived(request.args.len());
         let inline = handler.handler.options.inline;
         if inline && request.inline_here {
-            return crate::threads::must_not_block(|| self.run_handler(handler, request, listed, false));
+            return crate::threads::must_not_block(|| self.run_handler(handler, request, listed, &|| false));
         }
         let label = handler.name.clone();
+        let recent_ns = handler.stats.recent_ns();
         // Listed until answered (or dropped, on any path), so that the
         // caller's cancel finds it.
         let mut cancel = listed.unwrap_or_else(|| self.cancellation(&request));
@@ -484,16 +490,29 @@ impl Core {
         // A pool that has stopped belongs to a closing agent, whose
         // connections are closing too: the request is dropped with them.
         if let Some(pass) = pass {
-            if pass.is_empty() {
-                // The pass's first pool request: its thread may serve it
-                // itself (boxed: one per pass).
-                return pass.keep(label, AgentJob::Serve(serve).into_work());
-            }
-            if let Some((kept_label, kept)) = pass.take_kept() {
-                let _ = self.pool.submit(kept_label, AgentJob::Work(kept));
-            }
+            return pass
+                .kept(|| PassBatch::new(self.me.clone()))
+                .keep(label, serve, recent_ns);
         }
+        self.queue_serve(label, serve);
+    }
+
+    /// Queues a request on the pool (dropped if the pool has stopped: its
+    /// agent is closing, and its connections with it).
+    pub(super) fn queue_serve(&self, label: Arc<str>, serve: Serve) {
         let _ = self.pool.submit(label, AgentJob::Serve(serve));
+    }
+
+    /// Queues requests ahead of every queued job, in their order (they
+    /// were read before those).
+    pub(super) fn queue_ahead(&self, serves: Vec<(Arc<str>, Serve)>) {
+        for (label, serve) in serves.into_iter().rev() {
+            let _ = self.pool.submit_ahead(label, AgentJob::Serve(serve));
+        }
+    }
+
+    pub(super) fn leases(&self) -> &Leases {
+        &self.leases
     }
 
     /// A queued request's job started: its bytes leave the backlog, and
@@ -507,9 +526,15 @@ impl Core {
     }
 
     /// `listed`: its cancellation, if made already (see `dispatch`);
-    /// `pooled`: runs as a pool job (whose reply may wait for the replies of
-    /// the jobs queued behind it).
-    fn run_handler(&self, handler: Arc<Registered>, request: InRequest, listed: Option<Cancellation>, pooled: bool) {
+    /// `more_follow`: asked once the handler returned, whether requests wait
+    /// to be served behind it (its reply may then wait for theirs).
+    fn run_handler(
+        &self,
+        handler: Arc<Registered>,
+        request: InRequest,
+        listed: Option<Cancellation>,
+        more_follow: &dyn Fn() -> bool,
+    ) {
         let cancel = listed.unwrap_or_else(|| self.cancellation(&request));
         // What the handler's `Request` looks at (the route moves into the reply).
         let view = cancel.view_in(&self.in_service, Some(&*request.reply_to));
@@ -551,7 +576,7 @@ impl Core {
                 .unwrap_or_else(|| "unknown panic".into());
             Err(format!("the handler panicked: {what}"))
         });
-        reply.finish(result, pooled && self.pool.has_queued());
+        reply.finish(result, more_follow());
     }
 
     /// Writes every frame the transports hold back for company.
@@ -839,10 +864,8 @@ impl Executor for Core {
         self.pool.starved()
     }
 
-    fn submit(&self, label: Arc<str>, job: Work) -> std::result::Result<(), Work> {
-        self.pool
-            .submit(label, AgentJob::Work(job))
-            .map_err(AgentJob::into_work)
+    fn reclaim_stalled(&self) -> bool {
+        self.leases.reclaim_stalled(self)
     }
 }
 
@@ -858,7 +881,7 @@ impl AgentJob {
     fn into_work(self) -> Work {
         match self {
             AgentJob::Work(work) => work,
-            AgentJob::Serve(serve) => Box::new(move || serve.run()),
+            AgentJob::Serve(serve) => Box::new(move || serve.run(&|| false)),
         }
     }
 }
@@ -866,14 +889,14 @@ impl AgentJob {
 impl Job for AgentJob {
     fn run(self) {
         match self {
-            AgentJob::Serve(serve) => serve.run(),
+            AgentJob::Serve(serve) => serve.run(&|| false),
             AgentJob::Work(work) => work(),
         }
     }
 }
 
 /// A request waiting for a pool thread, listed for cancels.
-struct Serve {
+pub(super) struct Serve {
     core: std::sync::Weak<Core>,
     handler: Arc<Registered>,
     request: InRequest,
@@ -883,7 +906,10 @@ struct Serve {
 }
 
 impl Serve {
-    fn run(self) {
+    /// `more_kept`: asked once its handler returned, whether its thread
+    /// kept more requests to serve after it. Its reply may then wait for
+    /// theirs, as it may while jobs wait in the pool's queue.
+    pub(super) fn run(self, more_kept: &dyn Fn() -> bool) {
         let Serve {
             core,
             handler,
@@ -892,6 +918,7 @@ impl Serve {
             bytes,
         } = self;
         let Some(core) = core.upgrade() else { return };
+        let more_follow = || more_kept() || core.pool.has_queued();
         core.left_backlog(bytes);
         // Dropped unrun if the caller is not waiting any more.
         if cancel.caller_cancelled(&*request.reply_to) || core.gave_up(&request, &handler.name) {
@@ -899,9 +926,9 @@ impl Serve {
         } else if handler.handler.options.inline {
             // An inline handler on a worker (a rank's call to itself)
             // still must not block, as on the I/O thread.
-            crate::threads::must_not_block(|| core.run_handler(handler, request, Some(cancel), true));
+            crate::threads::must_not_block(|| core.run_handler(handler, request, Some(cancel), &more_follow));
         } else {
-            core.run_handler(handler, request, Some(cancel), true);
+            core.run_handler(handler, request, Some(cancel), &more_follow);
         }
     }
 }

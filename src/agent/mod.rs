@@ -12,6 +12,7 @@ use crate::transport::{Transports, local, tcp};
 
 mod core;
 mod handler;
+mod kept;
 mod pending;
 mod service;
 mod shutdown;

@@ -105,6 +105,11 @@ pub(crate) struct FunctionStats {
     /// fills).
     times: Box<[AtomicU64]>,
     recorded: AtomicU64,
+    /// A moving average of its handler times, in ns (each new time weighs
+    /// 1/8; `NEVER_RAN` before the first): whether a reading thread may
+    /// serve a request itself. Written with no lock by whichever thread a
+    /// handler ran on: a hint.
+    recent_ns: AtomicU64,
 }
 
 impl Default for FunctionStats {
@@ -118,9 +123,13 @@ impl Default for FunctionStats {
             bytes_out: AtomicU64::new(0),
             times: (0..TIME_WINDOW).map(|_| AtomicU64::new(0)).collect(),
             recorded: AtomicU64::new(0),
+            recent_ns: AtomicU64::new(NEVER_RAN),
         }
     }
 }
+
+/// `FunctionStats::recent_ns` before a handler first ran.
+const NEVER_RAN: u64 = u64::MAX;
 
 /// How a request of the function ended.
 pub(crate) enum Ended {
@@ -146,6 +155,12 @@ impl FunctionStats {
             stats: self,
             started_ns: crate::net::sys::monotonic_ns(),
         }
+    }
+
+    /// How long its handler has taken of late (see `recent_ns`); `None`
+    /// before it first ran.
+    pub(crate) fn recent_ns(&self) -> Option<u64> {
+        Some(self.recent_ns.load(Ordering::Relaxed)).filter(|&ns| ns != NEVER_RAN)
     }
 
     pub(crate) fn ended(&self, how: Ended) {
@@ -191,6 +206,11 @@ impl Drop for Running<'_> {
         let ns = crate::net::sys::monotonic_ns().saturating_sub(self.started_ns);
         let i = self.stats.recorded.fetch_add(1, Ordering::Relaxed) as usize % TIME_WINDOW;
         self.stats.times[i].store(ns, Ordering::Relaxed);
+        let recent = match self.stats.recent_ns.load(Ordering::Relaxed) {
+            NEVER_RAN => ns,
+            recent => recent - recent / 8 + ns / 8,
+        };
+        self.stats.recent_ns.store(recent.min(NEVER_RAN - 1), Ordering::Relaxed);
         self.stats.running.fetch_sub(1, Ordering::Relaxed);
     }
 }

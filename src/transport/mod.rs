@@ -212,38 +212,50 @@ impl Transports {
     }
 }
 
-/// What one read pass of an I/O thread keeps to run itself once it has
-/// handed its reading on: the pass's only request that needs a pool thread
-/// (so a request on a quiet agent is served with no wake-up in between).
-/// A pass that meets several such requests leaves them all to the pool.
+/// Pool requests a read pass kept for its own thread to serve, once it has
+/// handed its reading on to an idle thread: no wake-up and no queue between
+/// reading a request and running it. The agent decides what is kept and
+/// how it is served; the transport only says where.
+pub(crate) trait Kept: Send + 'static {
+    /// Serves the kept requests on this thread, in order, after queueing
+    /// those it keeps for the pool. The executor may take back the rest if
+    /// one of them stalls (`Executor::reclaim_stalled`).
+    /// `lent` is called once they are out to be watched so: an I/O loop
+    /// asleep with nothing else to wake it must wake to watch them.
+    fn serve_here(self: Box<Self>, lent: &dyn Fn());
+    /// Queues them all on the pool, in order: no idle thread was there to
+    /// take the reading on.
+    fn queue_all(self: Box<Self>);
+    /// For the agent to add to what it kept.
+    fn as_any(&mut self) -> &mut dyn std::any::Any;
+}
+
+/// What one read pass of an I/O thread leaves behind: the requests for
+/// the pool it kept (for its own thread, or to queue at the pass's end).
 #[derive(Default)]
-pub(crate) enum ReadPass {
-    #[default]
-    Nothing,
-    One(Arc<str>, crate::pool::Work),
-    Busy,
+pub(crate) struct ReadPass {
+    kept: Option<Box<dyn Kept>>,
 }
 
 impl ReadPass {
-    /// True until the pass meets its first request for the pool.
+    /// True until the pass meets a request for the pool.
     pub(crate) fn is_empty(&self) -> bool {
-        matches!(self, ReadPass::Nothing)
+        self.kept.is_none()
     }
 
-    /// Keeps `work`, the pass's first request for the pool (called only
-    /// while the pass `is_empty`: a request kept before would be lost).
-    pub(crate) fn keep(&mut self, label: Arc<str>, work: crate::pool::Work) {
-        assert!(self.is_empty(), "a read pass keeps one request");
-        *self = ReadPass::One(label, work);
+    /// What the pass kept, made by `make` on its first request (the agent
+    /// always keeps its own type, so the cast always succeeds).
+    pub(crate) fn kept<K: Kept>(&mut self, make: impl FnOnce() -> K) -> &mut K {
+        self.kept
+            .get_or_insert_with(|| Box::new(make()))
+            .as_any()
+            .downcast_mut::<K>()
+            .expect("a read pass keeps one agent's requests")
     }
 
-    /// The pass met another request for the pool: it keeps none, and hands
-    /// back the one it kept, if any, to be queued first.
-    pub(crate) fn take_kept(&mut self) -> Option<(Arc<str>, crate::pool::Work)> {
-        match std::mem::replace(self, ReadPass::Busy) {
-            ReadPass::One(label, work) => Some((label, work)),
-            _ => None,
-        }
+    /// Takes what the pass kept; the pass is empty again.
+    pub(crate) fn take_kept(&mut self) -> Option<Box<dyn Kept>> {
+        self.kept.take()
     }
 }
 
@@ -259,14 +271,21 @@ pub(crate) trait Executor: Send + Sync {
     /// Work is queued that no idle thread is there to take: a thread the
     /// transport borrowed should give itself back.
     fn starved(&self) -> bool;
-    /// Queues work on the pool; gives it back if the pool has stopped.
-    fn submit(&self, label: Arc<str>, job: crate::pool::Work) -> Result<(), crate::pool::Work>;
+    /// Requests a thread kept to serve itself ([`Kept::serve_here`]) that
+    /// have waited behind one handler for [`LEASE_STALL`] go to the pool.
+    /// True while any such requests are out: the I/O loop, which calls
+    /// this on every turn, then sleeps no longer than a millisecond.
+    fn reclaim_stalled(&self) -> bool;
 }
+
+/// How long requests a thread kept may wait behind one of its handlers
+/// before the I/O loop hands them to the pool.
+pub(crate) const LEASE_STALL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// What a transport delivers into its agent.
 pub(crate) trait Dispatch: Send + Sync {
-    /// A request arrived. `pass`: the I/O thread's read pass, which may
-    /// keep a request for the pool to run itself (`None`: queue it).
+    /// A request arrived. `pass`: the I/O thread's read pass, which keeps
+    /// requests for the pool, to serve some itself (`None`: queue them).
     fn on_request(&self, request: InRequest, pass: Option<&mut ReadPass>);
     fn on_response(&self, from: usize, id: u64, outcome: Response);
     /// Rank `src` cancelled its call `id` (one this rank does not know is

@@ -471,6 +471,70 @@ pub fn pool_call_waits_for_a_later_inline_call(agent: &RpcAgent) {
     leave(agent);
 }
 
+/// Pool requests read in one pass behind a handler that blocks: the
+/// reading thread may keep quick ones to serve itself after the first, so
+/// they must not wait for it. Rank 1's `hold` is quick (200 calls teach the
+/// agent so) until asked to wait for `open`; 62 quick calls sent right
+/// behind that one must all be answered while it waits. An inline call
+/// goes first, so that the rest are written as one batch (a lone call goes
+/// out at once) and read in one pass.
+pub fn kept_requests_behind_a_blocked_handler(agent: &RpcAgent) {
+    // (door open)
+    let state = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
+    let s = state.clone();
+    agent
+        .register("hold", move |args: &[u8]| {
+            if args != b"wait" {
+                return Ok(vec![]);
+            }
+            let mut open = s.0.lock();
+            let until = Instant::now() + Duration::from_secs(20);
+            while !*open && !s.1.wait_until(&mut open, until).timed_out() {}
+            let opened = *open;
+            *open = false;
+            Ok(vec![opened as u8])
+        })
+        .unwrap();
+    let s = state.clone();
+    agent
+        .register_with("open", HandlerOptions { inline: true }, move |_, _| {
+            *s.0.lock() = true;
+            s.1.notify_all();
+            Ok(())
+        })
+        .unwrap();
+    agent.register("quick", |args: &[u8]| Ok(args.to_vec())).unwrap();
+    agent
+        .register_with("ping", HandlerOptions { inline: true }, |_, _| Ok(()))
+        .unwrap();
+    agent.start().unwrap();
+    agent.barrier(LONG).unwrap();
+    if agent.rank() == 0 {
+        let short = Some(Duration::from_secs(5));
+        for round in 0..20 {
+            for _ in 0..200 {
+                agent.rpc_sync(1, "hold", b"").unwrap();
+            }
+            let ping = agent.rpc_async(1, "ping", b"");
+            let waiting = agent.rpc_async(1, "hold", b"wait");
+            let quick: Vec<RpcFuture> = (0..62u32)
+                .map(|i| agent.rpc_async_timeout(1, "quick", &i.to_le_bytes(), short))
+                .collect();
+            for (i, f) in quick.into_iter().enumerate() {
+                let got = f
+                    .wait()
+                    .unwrap_or_else(|e| panic!("round {round}: a quick call behind a blocked one: {e}"));
+                assert_eq!(got, (i as u32).to_le_bytes(), "round {round}");
+            }
+            ping.wait().unwrap();
+            agent.rpc_sync_timeout(1, "open", b"", short).unwrap();
+            assert_eq!(waiting.wait().unwrap(), [1], "round {round}");
+        }
+    }
+    agent.barrier(LONG).unwrap();
+    leave(agent);
+}
+
 /// A fast caller and a slow server (2 workers, 5 ms per call): rank 0 issues
 /// 400 calls of 1 MiB as fast as it can, with a 4 MiB send window (set by
 /// the test). Both sides' memory must stay near the window: the caller's

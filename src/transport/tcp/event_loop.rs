@@ -2,10 +2,11 @@
 //! connection, run as a job on one pool thread at a time. It reads frames
 //! and hands them to the agent, writes what a full socket made a sender hand
 //! over, flushes corked batches, and times out handshakes. When a read pass
-//! leaves one request for the pool and a thread is idle, the loop moves to
-//! that thread and serves the request where it is; when a connection's
-//! requests were all served inline, the thread stays with that connection
-//! as its responder, waiting in a blocking `recv`.
+//! kept requests for the pool and a thread is idle, the loop moves to that
+//! thread and serves them where it is (the agent decides which it keeps,
+//! `agent/kept.rs`; the loop hands the pool those stalled behind a handler);
+//! when a connection's requests were all served inline, the thread stays
+//! with that connection as its responder, waiting in a blocking `recv`.
 
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -51,9 +52,9 @@ impl Shared {
     pub(super) fn io_loop_job(self: Arc<Self>) -> crate::pool::Work {
         Box::new(move || {
             // A panic in the loop (a log sink's, say) must not leave the
-            // agent with nobody reading its connections. The request its
-            // pass kept is moved out of the loop first.
-            let mut pass = ReadPass::Nothing;
+            // agent with nobody reading its connections. The requests its
+            // pass kept are moved out of the loop first.
+            let mut pass = ReadPass::default();
             if catch_unwind(AssertUnwindSafe(|| self.clone().io_loop(&mut pass))).is_err() {
                 self.restart_after_panic(pass);
             }
@@ -75,12 +76,10 @@ impl Shared {
     /// The I/O loop panicked: it starts again on the pool, and every
     /// connection is looked at anew (the edge-triggered events it was
     /// handling would not be reported again by themselves).
-    fn restart_after_panic(self: &Arc<Self>, pass: ReadPass) {
-        // A request the interrupted pass kept for this thread goes to the pool.
-        if let ReadPass::One(label, job) = pass
-            && let Some(ex) = self.executor.upgrade()
-        {
-            let _ = ex.submit(label, job);
+    fn restart_after_panic(self: &Arc<Self>, mut pass: ReadPass) {
+        // Requests the interrupted pass kept for this thread go to the pool.
+        if let Some(kept) = pass.take_kept() {
+            kept.queue_all();
         }
         // The log sink may be what panicked.
         let me = self.me;
@@ -105,8 +104,8 @@ impl Shared {
     }
 
     /// The I/O loop: runs on one library thread at a time. When a read pass
-    /// leaves a request for the pool and another thread is idle, the loop
-    /// moves to that thread and this one serves the request itself.
+    /// kept requests for the pool and another thread is idle, the loop
+    /// moves to that thread and this one serves them itself.
     /// `pass`: what the current pass keeps (the caller's, so that a panic
     /// does not lose it).
     pub(super) fn io_loop(self: Arc<Self>, pass: &mut ReadPass) {
@@ -122,6 +121,9 @@ impl Shared {
         };
         while !self.stopping.load(Ordering::Acquire) {
             let handshakes = self.handshaking.load(Ordering::Acquire) > 0;
+            // Requests kept by a thread stalled behind one of its handlers go
+            // to the pool, looked for on every turn.
+            self.reclaim_stalled();
             // Corks met while spinning are written at the end of the pass.
             let mut flush_now = false;
             let spun = if hot.conns.is_empty() {
@@ -142,10 +144,14 @@ impl Shared {
                     // the flag and nudges the loop.
                     self.io_loop_idle.store(true, Ordering::SeqCst);
                     let corks = self.has_corks.load(Ordering::SeqCst);
-                    if corks {
+                    // Likewise requests lent after this look nudge the loop
+                    // (`lease_lent`); while any are out, it looks every
+                    // millisecond.
+                    let leases_out = self.reclaim_stalled();
+                    if corks || leases_out {
                         self.io_loop_idle.store(false, Ordering::SeqCst);
                     }
-                    match (corks, handshakes) {
+                    match (corks || leases_out, handshakes) {
                         (true, _) => 1,
                         (false, true) => HANDSHAKE_SWEEP.as_millis() as i32,
                         (false, false) => -1,
@@ -212,26 +218,26 @@ impl Shared {
             if !nudged_only || flush_now {
                 self.flush_batches();
             }
-            match std::mem::take(pass) {
-                ReadPass::One(label, job) => match self.executor.upgrade() {
+            match pass.take_kept() {
+                Some(kept) => match self.executor.upgrade() {
                     Some(ex) => match self.move_loop(&ex, &mut hot) {
                         Ok(()) => {
                             drop(role);
                             // The loop runs elsewhere now: a panic here must
                             // not reach `io_loop_job`, which would start a
                             // second loop.
-                            run_contained(job);
+                            run_contained(|| kept.serve_here(&|| self.lease_lent()));
                             return;
                         }
-                        // Nobody idle: the loop stays here, the pool queues the job
-                        // (a stopped pool means the agent is closing).
-                        Err(_) => drop(ex.submit(label, job)),
+                        // Nobody idle: the loop stays here, the pool queues the
+                        // requests (a stopped pool means the agent is closing).
+                        Err(_) => kept.queue_all(),
                     },
-                    None => drop(job),
+                    None => drop(kept),
                 },
                 // Requests served inline (nothing for the pool): the next
                 // ones on that connection likely are too.
-                ReadPass::Nothing => {
+                None => {
                     if let Some(conn) = served
                         && self.become_responder(&mut hot)
                     {
@@ -240,7 +246,6 @@ impl Shared {
                         return;
                     }
                 }
-                ReadPass::Busy => {}
             }
         }
         drop(role);
@@ -272,6 +277,20 @@ impl Shared {
                 return Spun::Nothing;
             }
             std::thread::yield_now();
+        }
+    }
+
+    /// Requests kept by a thread stalled behind one of its handlers go to
+    /// the pool; true while any kept requests are out.
+    fn reclaim_stalled(&self) -> bool {
+        self.executor.upgrade().is_some_and(|ex| ex.reclaim_stalled())
+    }
+
+    /// Kept requests went out to be watched: a loop asleep without a
+    /// timeout wakes to watch them (see `io_loop`).
+    fn lease_lent(&self) {
+        if self.io_loop_idle.load(Ordering::SeqCst) {
+            let _ = io::Write::write(&mut &self.waker_tx, &[1]);
         }
     }
 
@@ -337,17 +356,17 @@ impl Shared {
     /// call and one epoll wake-up fewer than the loop (measured: ~0.4 us of a
     /// 15 us round trip on one CPU). It gives the connection back to the loop
     /// when idle for [`RESPONDER_IDLE`], when a request needs the pool (the
-    /// one request of a pass it then serves itself, as the loop would), when
+    /// requests its pass kept it then serves itself, as the loop would), when
     /// the pool has work and no idle thread, or at shutdown.
     pub(super) fn respond(&self, conn: &Arc<Conn>) {
         let responding = Responding::new(self, conn);
-        let kept = self.serve_requests(conn);
+        let mut pass = self.serve_requests(conn);
         drop(responding);
-        if let ReadPass::One(label, job) = kept {
+        if let Some(kept) = pass.take_kept() {
             // Older jobs waiting for a thread go first.
             match self.executor.upgrade() {
-                Some(ex) if ex.starved() => drop(ex.submit(label, job)),
-                _ => job(),
+                Some(ex) if ex.starved() => kept.queue_all(),
+                _ => kept.serve_here(&|| self.lease_lent()),
             }
         }
     }
@@ -355,21 +374,21 @@ impl Shared {
     /// The responder's reading: returns what its last pass kept.
     pub(super) fn serve_requests(&self, conn: &Arc<Conn>) -> ReadPass {
         let Some(mut reader) = conn.reader.try_lock() else {
-            return ReadPass::Nothing;
+            return ReadPass::default();
         };
         if conn.begin_lead().is_err() {
-            return ReadPass::Nothing;
+            return ReadPass::default();
         }
         let starved = || self.executor.upgrade().is_none_or(|ex| ex.starved());
         let dispatch = self.dispatch();
         let (outcome, kept) = loop {
             if self.stopping.load(Ordering::Acquire) || starved() {
-                break (Ok(()), ReadPass::Nothing);
+                break (Ok(()), ReadPass::default());
             }
             // Corked only once requests came, not for the wait: other
             // threads' frames must not queue behind it meanwhile.
             let mut corked = None;
-            let mut kept = ReadPass::Nothing;
+            let mut kept = ReadPass::default();
             let mut stream = conn.stream.incoming(How::Waiting {
                 spin: self.spin,
                 idle: RESPONDER_IDLE,
@@ -383,7 +402,7 @@ impl Shared {
             if let Err(why) = ended {
                 break (Err(why), kept);
             }
-            if stream.timed_out() || !matches!(kept, ReadPass::Nothing) {
+            if stream.timed_out() || !kept.is_empty() {
                 break (Ok(()), kept);
             }
         };
@@ -397,8 +416,8 @@ impl Shared {
         kept
     }
 
-    /// Handles one readiness event; true if it served requests (one that
-    /// needs the pool may be kept in `pass`).
+    /// Handles one readiness event; true if it served requests (those that
+    /// need the pool are kept in `pass`).
     /// `hot`: where a same-host connection read without asking its peer to
     /// ring goes (the loop looks at it again, and has it ring before sleeping).
     pub(super) fn on_event(&self, conn: &Arc<Conn>, ev: Event, part: Part, pass: &mut ReadPass, hot: &mut Hot) -> bool {

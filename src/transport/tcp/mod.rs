@@ -227,7 +227,8 @@ pub(crate) struct Shared {
     /// `corked` may hold some (the I/O loop looks here on every pass
     /// instead of taking the lock).
     has_corks: AtomicBool,
-    /// The I/O loop sleeps with its long timeout (a new cork must tell it).
+    /// The I/O loop sleeps with its long timeout (a new cork, or requests a
+    /// thread kept going out to be watched, must tell it).
     io_loop_idle: AtomicBool,
     /// A thread serves one connection as its responder (one at a time: each
     /// borrows a pool thread).
