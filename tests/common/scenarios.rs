@@ -477,7 +477,8 @@ pub fn pool_call_waits_for_a_later_inline_call(agent: &RpcAgent) {
 /// agent so) until asked to wait for `open`; 62 quick calls sent right
 /// behind that one must all be answered while it waits. An inline call
 /// goes first, so that the rest are written as one batch (a lone call goes
-/// out at once) and read in one pass.
+/// out at once) and read in one pass: by the I/O loop, or (every other
+/// round) by a responder.
 pub fn kept_requests_behind_a_blocked_handler(agent: &RpcAgent) {
     // (door open)
     let state = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
@@ -514,6 +515,14 @@ pub fn kept_requests_behind_a_blocked_handler(agent: &RpcAgent) {
         for round in 0..20 {
             for _ in 0..200 {
                 agent.rpc_sync(1, "hold", b"").unwrap();
+            }
+            if round % 2 == 1 {
+                // A stream of inline calls: a thread becomes the
+                // connection's responder and reads the batch below, while
+                // the I/O loop sleeps with nothing to wake it but the lease.
+                for _ in 0..200 {
+                    agent.rpc_sync(1, "ping", b"").unwrap();
+                }
             }
             let ping = agent.rpc_async(1, "ping", b"");
             let waiting = agent.rpc_async(1, "hold", b"wait");
