@@ -256,16 +256,26 @@ impl<J: Job> Pool<J> {
         )
     }
 
-    /// Queues `run` before anything queued (work that was read before it).
-    pub(crate) fn submit_ahead(&self, label: Arc<str>, run: J) -> Result<(), J> {
-        self.push(
-            Queued {
+    /// Queues `jobs`, in their order, before anything queued (work that
+    /// came before it), under one lock: no worker starts one of them
+    /// before the others are queued. Dropped if the pool has stopped.
+    pub(crate) fn submit_all_ahead(&self, jobs: impl DoubleEndedIterator<Item = (Arc<str>, J)>) -> Result<(), ()> {
+        let mut q = self.shared.queue.lock();
+        if q.stopped {
+            return Err(());
+        }
+        for (label, run) in jobs.rev() {
+            q.counted += 1;
+            q.jobs.push_front(Queued {
                 label,
                 run,
                 counted: true,
-            },
-            true,
-        )
+            });
+        }
+        self.shared.has_jobs.store(q.counted > 0, Ordering::Relaxed);
+        self.shared.has_work.store(!q.jobs.is_empty(), Ordering::Relaxed);
+        self.shared.wake_one(&mut q);
+        Ok(())
     }
 
     /// Runs `run` before anything queued, without counting it as a busy

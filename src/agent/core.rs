@@ -506,9 +506,8 @@ impl Core {
     /// Queues requests ahead of every queued job, in their order (they
     /// were read before those).
     pub(super) fn queue_ahead(&self, serves: Vec<(Arc<str>, Serve)>) {
-        for (label, serve) in serves.into_iter().rev() {
-            let _ = self.pool.submit_ahead(label, AgentJob::Serve(serve));
-        }
+        let jobs = serves.into_iter().map(|(label, serve)| (label, AgentJob::Serve(serve)));
+        let _ = self.pool.submit_all_ahead(jobs);
     }
 
     pub(super) fn leases(&self) -> &Leases {
@@ -828,6 +827,9 @@ impl Core {
             t.close(graceful, flush_until);
         }
         self.pending.stop();
+        // The I/O loop, which took back stalled leases, has stopped: what
+        // threads kept goes to the pool, which finishes its queue.
+        self.leases.reclaim_all(self);
         if let Some(t) = self.deadline_thread.lock().take()
             && t.thread().id() != std::thread::current().id()
         {

@@ -1,6 +1,7 @@
 //! Pool requests a reading thread keeps to serve itself. A read pass that
-//! meets requests for the pool keeps the first, and after it those whose
-//! handlers have been quick of late, up to a budget; the rest are queued.
+//! meets requests for the pool keeps the first; if its handler has been
+//! quick of late, the next ones join it while theirs have been too, up to
+//! a budget; from the first that does not join, the rest are queued.
 //! Once the pass has handed its reading on to an idle thread, its own
 //! thread serves what it kept, in order: no queue, no wake-up and no
 //! second thread between reading a request and running it (measured with
@@ -171,6 +172,20 @@ impl Leases {
         let mut watched = self.watched.lock();
         watched.retain(|w| !Arc::ptr_eq(&w.lease, lease));
         self.out.store(watched.len(), Ordering::SeqCst);
+    }
+
+    /// Queues on the pool what is left of every lease (the agent is
+    /// closing: its I/O loop, which watched them, has stopped).
+    pub(super) fn reclaim_all(&self, core: &Core) {
+        let mut reclaimed = Vec::new();
+        {
+            let mut watched = self.watched.lock();
+            for w in watched.drain(..) {
+                reclaimed.extend(w.lease.serves.lock().drain(..));
+            }
+            self.out.store(0, Ordering::SeqCst);
+        }
+        core.queue_ahead(reclaimed);
     }
 
     /// Queues on the pool, ahead of other jobs, what is left of every

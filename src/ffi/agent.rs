@@ -275,10 +275,10 @@ pub unsafe extern "C" fn rpcagent_free(agent: *mut rpcagent_t) {
 
 /// Registers the C handler `fn` under `name` (1 to 255 bytes of UTF-8).
 /// `flags`: 0 runs it on the worker pool (it may block and make nested
-/// calls; while it has been quick of late, under 10 us, the pool thread
-/// that read its request may run it in turn with the other quick requests
-/// that came with it, and should one of those block, the rest go to other
-/// pool threads within about 2 ms), `RPCAGENT_HANDLER_INLINE` on the I/O
+/// calls; the pool thread that read its request may run it, in turn with
+/// other quick ones (under 10 us of late) that came with it, and should
+/// one of those block, the rest are queued for other pool threads,
+/// typically within 2 ms), `RPCAGENT_HANDLER_INLINE` on the I/O
 /// thread (tiny, non-blocking;
 /// a call it makes into a full send window fails with `RPCAGENT_ERR_BUSY`).
 /// A rank's call to its own inline function runs it on the calling thread,

@@ -272,14 +272,15 @@ pub(crate) trait Executor: Send + Sync {
     /// transport borrowed should give itself back.
     fn starved(&self) -> bool;
     /// Requests a thread kept to serve itself ([`Kept::serve_here`]) that
-    /// have waited behind one handler for [`LEASE_STALL`] go to the pool.
-    /// True while any such requests are out: the I/O loop, which calls
-    /// this on every turn, then sleeps no longer than a millisecond.
+    /// it has not served [`LEASE_STALL`] after the loop first saw them go
+    /// to the pool. True while any kept requests are watched: the I/O
+    /// loop, which calls this on every turn, then sleeps no longer than a
+    /// millisecond.
     fn reclaim_stalled(&self) -> bool;
 }
 
-/// How long requests a thread kept may wait behind one of its handlers
-/// before the I/O loop hands them to the pool.
+/// How long after the I/O loop first saw them requests a thread kept may
+/// still wait for it before the loop hands them to the pool.
 pub(crate) const LEASE_STALL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// What a transport delivers into its agent.

@@ -475,12 +475,13 @@ pub fn pool_call_waits_for_a_later_inline_call(agent: &RpcAgent) {
 /// reading thread may keep quick ones to serve itself after the first, so
 /// they must not wait for it. Rank 1's `hold` is quick (200 calls teach the
 /// agent so) until asked to wait for `open`; 62 quick calls sent right
-/// behind that one must all be answered while it waits. An inline call
+/// behind that one must all be answered while it waits. Another call
 /// goes first, so that the rest are written as one batch (a lone call goes
-/// out at once) and read in one pass: by the I/O loop, or (every other
-/// round) by a responder.
+/// out at once) and read in one pass: a pool call, after which the I/O
+/// loop reads the batch; or, every other round, an inline call after a
+/// stream of them, after which a responder reads it.
 pub fn kept_requests_behind_a_blocked_handler(agent: &RpcAgent) {
-    // (door open)
+    // Whether `open` was called, and its condition variable.
     let state = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
     let s = state.clone();
     agent
@@ -524,7 +525,11 @@ pub fn kept_requests_behind_a_blocked_handler(agent: &RpcAgent) {
                     agent.rpc_sync(1, "ping", b"").unwrap();
                 }
             }
-            let ping = agent.rpc_async(1, "ping", b"");
+            let first = if round % 2 == 1 {
+                agent.rpc_async(1, "ping", b"")
+            } else {
+                agent.rpc_async(1, "quick", b"")
+            };
             let waiting = agent.rpc_async(1, "hold", b"wait");
             let quick: Vec<RpcFuture> = (0..62u32)
                 .map(|i| agent.rpc_async_timeout(1, "quick", &i.to_le_bytes(), short))
@@ -535,7 +540,7 @@ pub fn kept_requests_behind_a_blocked_handler(agent: &RpcAgent) {
                     .unwrap_or_else(|e| panic!("round {round}: a quick call behind a blocked one: {e}"));
                 assert_eq!(got, (i as u32).to_le_bytes(), "round {round}");
             }
-            ping.wait().unwrap();
+            first.wait().unwrap();
             agent.rpc_sync_timeout(1, "open", b"", short).unwrap();
             assert_eq!(waiting.wait().unwrap(), [1], "round {round}");
         }

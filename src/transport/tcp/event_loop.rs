@@ -272,6 +272,10 @@ impl Shared {
             if self.has_corks.load(Ordering::Relaxed) {
                 return Spun::Corks;
             }
+            // A long spin still takes back stalled leases in time.
+            if let Some(ex) = &executor {
+                ex.reclaim_stalled();
+            }
             let starved = || executor.as_ref().is_some_and(|ex| ex.starved());
             if self.stopping.load(Ordering::Acquire) || Instant::now() >= until || starved() {
                 return Spun::Nothing;
