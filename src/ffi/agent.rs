@@ -278,9 +278,9 @@ pub unsafe extern "C" fn rpcagent_free(agent: *mut rpcagent_t) {
 /// calls; the pool thread that read its request may run it, in turn with
 /// other quick ones (under 10 us of late) that came with it, and should
 /// one of those block, the rest are queued for other pool threads,
-/// typically within 2 ms), `RPCAGENT_HANDLER_INLINE` on the I/O
-/// thread (tiny, non-blocking;
-/// a call it makes into a full send window fails with `RPCAGENT_ERR_BUSY`).
+/// typically within half a millisecond), `RPCAGENT_HANDLER_INLINE` on the
+/// I/O thread (tiny, non-blocking; a call it makes into a full send window
+/// fails with `RPCAGENT_ERR_BUSY`).
 /// A rank's call to its own inline function runs it on the calling thread,
 /// as a nested call (do not hold a lock it takes), or on a worker when made
 /// from inside an inline handler or a completion callback. `free_user_data` (nullable) runs once when the function is unregistered or

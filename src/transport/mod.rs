@@ -274,14 +274,14 @@ pub(crate) trait Executor: Send + Sync {
     /// Requests a thread kept to serve itself ([`Kept::serve_here`]) that
     /// it has not served [`LEASE_STALL`] after the loop first saw them go
     /// to the pool. True while any kept requests are watched: the I/O
-    /// loop, which calls this on every turn, then sleeps no longer than a
-    /// millisecond.
+    /// loop, which calls this on every turn, then has a timer wake it
+    /// after [`LEASE_STALL`].
     fn reclaim_stalled(&self) -> bool;
 }
 
 /// How long after the I/O loop first saw them requests a thread kept may
 /// still wait for it before the loop hands them to the pool.
-pub(crate) const LEASE_STALL: std::time::Duration = std::time::Duration::from_millis(1);
+pub(crate) const LEASE_STALL: std::time::Duration = std::time::Duration::from_micros(250);
 
 /// What a transport delivers into its agent.
 pub(crate) trait Dispatch: Send + Sync {

@@ -1,5 +1,5 @@
-//! The I/O loop: one epoll set (edge-triggered) over the listener and every
-//! connection, run as a job on one pool thread at a time. It reads frames
+//! The I/O loop: one epoll set (edge-triggered for connections) over the
+//! listeners, its waker and lease timer, and every connection, run as a job on one pool thread at a time. It reads frames
 //! and hands them to the agent, writes what a full socket made a sender hand
 //! over, flushes corked batches, and times out handshakes. When a read pass
 //! kept requests for the pool and a thread is idle, the loop moves to that
@@ -19,7 +19,7 @@ use crate::log::log_at;
 use crate::net::framing::{Frame, FrameReader, ReadEnd};
 use crate::net::sys::Event;
 use crate::threads::Role;
-use crate::transport::{InRequest, ReadPass};
+use crate::transport::{InRequest, LEASE_STALL, ReadPass};
 use crate::wire::{self, FLAG_INTERNAL, Kind};
 
 use super::Shared;
@@ -45,8 +45,11 @@ pub(super) const WAKER: u64 = 1;
 /// The Unix socket ranks on this host connect to.
 pub(super) const SAME_HOST_LISTENER: u64 = 2;
 
+/// The timer that has the loop look at the leases out.
+pub(super) const LEASE_TIMER: u64 = 3;
+
 /// Connections' tokens count up from here.
-pub(super) const FIRST_CONN_TOKEN: u64 = 3;
+pub(super) const FIRST_CONN_TOKEN: u64 = 4;
 
 impl Shared {
     pub(super) fn io_loop_job(self: Arc<Self>) -> crate::pool::Work {
@@ -145,13 +148,15 @@ impl Shared {
                     self.io_loop_idle.store(true, Ordering::SeqCst);
                     let corks = self.has_corks.load(Ordering::SeqCst);
                     // Likewise requests lent after this look nudge the loop
-                    // (`lease_lent`); while any are out, it looks every
-                    // millisecond.
+                    // (`lease_lent`); while any are out, the lease timer
+                    // wakes it every `LEASE_STALL` to look again (a cork
+                    // meanwhile waits for that turn).
                     let leases_out = self.reclaim_stalled();
+                    let timed = leases_out && self.lease_timer.arm(LEASE_STALL).is_ok();
                     if corks || leases_out {
                         self.io_loop_idle.store(false, Ordering::SeqCst);
                     }
-                    match (corks || leases_out, handshakes) {
+                    match (corks || (leases_out && !timed), handshakes) {
                         (true, _) => 1,
                         (false, true) => HANDSHAKE_SWEEP.as_millis() as i32,
                         (false, false) => -1,
@@ -195,6 +200,8 @@ impl Shared {
                         let mut drain = [0u8; 64];
                         let _ = io::Read::read(&mut &self.waker, &mut drain);
                     }
+                    // The leases are looked at on every turn.
+                    LEASE_TIMER => self.lease_timer.clear(),
                     _ => {
                         let (token, part, ev) = Part::split(*ev);
                         let conn = self.conns.lock().get(&token).cloned();

@@ -45,7 +45,7 @@ mod send;
 mod stream;
 
 use conn::Conn;
-use event_loop::{FIRST_CONN_TOKEN, LISTENER, SAME_HOST_LISTENER, WAKER};
+use event_loop::{FIRST_CONN_TOKEN, LEASE_TIMER, LISTENER, SAME_HOST_LISTENER, WAKER};
 use open::WaitingCalls;
 
 /// Between a rank's TCP address and the random part of its same-host
@@ -201,6 +201,8 @@ pub(crate) struct Shared {
     shm_budget: Arc<stream::ShmBudget>,
     waker: UnixStream,
     waker_tx: UnixStream,
+    /// Wakes the I/O loop to look at the leases out (see `io_loop`).
+    lease_timer: crate::net::sys::TimerFd,
     conns: Mutex<FxHashMap<u64, Arc<Conn>>>,
     /// Connections opening now, and the ranks waiting for their turn to
     /// open one (see `open::MAX_OPENING`). Taken after a peer's `state`, never
@@ -301,6 +303,8 @@ impl TcpTransport {
             epoll.add(l, SAME_HOST_LISTENER, READABLE)?;
         }
         epoll.add(&waker, WAKER, READABLE)?;
+        let lease_timer = crate::net::sys::TimerFd::new()?;
+        epoll.add(&lease_timer, LEASE_TIMER, READABLE)?;
         let weak: Weak<dyn Dispatch> = Arc::downgrade(dispatch) as Weak<dyn Dispatch>;
         let shared = Arc::new_cyclic(|this| Shared {
             this: this.clone(),
@@ -321,6 +325,7 @@ impl TcpTransport {
             shm_budget: stream::ShmBudget::for_this_process(),
             waker,
             waker_tx,
+            lease_timer,
             conns: Mutex::new(FxHashMap::default()),
             opening: Mutex::new(Opening::default()),
             handshaking: AtomicUsize::new(0),
