@@ -1,12 +1,14 @@
 //! The I/O loop: one epoll set (edge-triggered for connections) over the
-//! listeners, its waker and lease timer, and every connection, run as a job on one pool thread at a time. It reads frames
-//! and hands them to the agent, writes what a full socket made a sender hand
-//! over, flushes corked batches, and times out handshakes. When a read pass
-//! kept requests for the pool and a thread is idle, the loop moves to that
+//! listeners, its waker and lease timer, and every connection, run as a
+//! job on one pool thread at a time. It reads frames and hands them to the
+//! agent, writes what a full socket made a sender hand over, flushes
+//! corked batches, and times out handshakes. When a read pass kept
+//! requests for the pool and a thread is idle, the loop moves to that
 //! thread and serves them where it is (the agent decides which it keeps,
-//! `agent/kept.rs`; the loop hands the pool those stalled behind a handler);
-//! when a connection's requests were all served inline, the thread stays
-//! with that connection as its responder, waiting in a blocking `recv`.
+//! `agent/kept.rs`; the loop hands the pool those stalled behind a
+//! handler); when a connection's requests were all served inline, the
+//! thread stays with that connection as its responder, waiting in a
+//! blocking `recv`.
 
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
