@@ -506,6 +506,11 @@ impl Core {
     /// Queues requests ahead of every queued job, in their order (they
     /// were read before those).
     pub(super) fn queue_ahead(&self, serves: Vec<(Arc<str>, Serve)>) {
+        // Most callers have nothing to queue (a lease ended, or none was
+        // stalled): no lock then.
+        if serves.is_empty() {
+            return;
+        }
         let jobs = serves.into_iter().map(|(label, serve)| (label, AgentJob::Serve(serve)));
         let _ = self.pool.submit_all_ahead(jobs);
     }
