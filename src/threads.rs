@@ -20,6 +20,10 @@ pub(crate) enum Role {
     Worker,
     /// Runs the I/O loop of the TCP transport identified by `transport`.
     IoLoop { transport: usize },
+    /// Serves, in place, requests that I/O loop's pass kept: a worker
+    /// meanwhile. `generation` tells its turns of serving apart (see
+    /// `event_loop::serve_in_place`).
+    LoopServing { transport: usize, generation: u64 },
     /// Serves one connection for an I/O loop, waiting only to read it.
     Responder,
     /// The deadline thread: completes calls that timed out.
@@ -89,7 +93,7 @@ pub(crate) fn is_io_thread() -> bool {
 /// or an inline handler.
 pub(crate) fn may_block() -> bool {
     let s = STATE.get();
-    matches!(s.role, Role::User | Role::Worker) && !s.must_not_block
+    matches!(s.role, Role::User | Role::Worker | Role::LoopServing { .. }) && !s.must_not_block
 }
 
 /// Runs `f` as a completion callback or an inline handler: a call it makes
@@ -127,6 +131,13 @@ mod tests {
                 assert!(is_io_thread() && !may_block());
             }
             assert_eq!(role(), Role::Worker);
+            {
+                let _serving = enter(Role::LoopServing {
+                    transport: 1,
+                    generation: 0,
+                });
+                assert!(may_block() && is_library() && !is_io_thread());
+            }
             in_handler(|| in_handler(|| assert!(in_any_handler())));
             assert!(!in_any_handler());
         }

@@ -31,6 +31,7 @@ fn rank_main() {
         "pool_call_waits_for_a_later_inline_call" => scenarios::pool_call_waits_for_a_later_inline_call,
         "flood" => scenarios::flood,
         "kept_behind_a_blocked_handler" => scenarios::kept_requests_behind_a_blocked_handler,
+        "loop_rescued" => scenarios::loop_rescued_from_a_blocked_handler,
         other => panic!("unknown scenario {other}"),
     };
     body(&agent);
@@ -98,6 +99,13 @@ fn a_pooled_handler_can_wait_for_a_later_inline_call_on_its_connection() {
 #[test]
 fn quick_requests_read_behind_a_blocked_handler_are_served() {
     run_world("kept_behind_a_blocked_handler", 2, LIMIT, &[]);
+}
+
+/// The I/O loop's thread, serving a quick handler in place, blocks while
+/// the one other worker is busy too: the loop goes on on a new thread.
+#[test]
+fn the_io_loop_goes_on_when_its_thread_blocks_in_a_handler_and_no_worker_is_idle() {
+    run_world("loop_rescued", 2, LIMIT, &[("RPCAGENT_WORKER_THREADS", "1")]);
 }
 
 fn cfg(rank: usize, world: usize, port: u16) -> Config {

@@ -162,6 +162,7 @@ impl Core {
         });
         let expired = Arc::downgrade(&core);
         let ticked = Arc::downgrade(&core);
+        let watcher = Arc::downgrade(&core);
         let thread = core
             .pending
             .spawn_deadline_thread(
@@ -178,6 +179,7 @@ impl Core {
                         core.probe_for_shutdown();
                     }
                 },
+                move || watcher.upgrade().and_then(|core| core.leases.reclaim_stalled(&core)),
             )
             .map_err(|e| {
                 core.pool.stop(None);
@@ -519,6 +521,21 @@ impl Core {
         &self.leases
     }
 
+    /// The calling thread is about to wait: if it serves requests in place
+    /// for an I/O loop, that loop moves on first (see
+    /// `Transport::leave_in_place`). Other waits inside a handler rely on
+    /// the deadline thread, which moves the loop on within about
+    /// [`LEASE_STALL`](super::kept::LEASE_STALL).
+    fn leave_in_place(&self) {
+        self.transports().iter().for_each(|t| t.leave_in_place());
+    }
+
+    /// Has the deadline thread watch the leases out (a lease was just
+    /// lent: see `Leases::lend`).
+    pub(super) fn watch_leases(&self) {
+        self.pending.watch();
+    }
+
     /// A queued request's job started: its bytes leave the backlog, and
     /// reading resumes when that brings the backlog below half full.
     fn left_backlog(&self, bytes: u64) {
@@ -737,6 +754,9 @@ impl Core {
         if self.state.load(Ordering::Acquire) == CLOSED {
             return Ok(());
         }
+        // A handler shutting its agent down waits below, for calls and
+        // ranks the loop must read, then for the loop itself.
+        self.leave_in_place();
         let mut result = Ok(());
         if graceful {
             self.state.store(DRAINING, Ordering::Release);
@@ -818,6 +838,9 @@ impl Core {
         if self.state.swap(CLOSED, Ordering::AcqRel) == CLOSED {
             return;
         }
+        // Closing from a handler served in place: the transports wait for
+        // their loops below, which must not be this thread.
+        self.leave_in_place();
         for call in self.pending.close() {
             let error = RpcError::Shutdown(format!("rank {} shut down before the call completed", self.rank));
             self.complete(call, Err(error));
@@ -832,14 +855,15 @@ impl Core {
             t.close(graceful, flush_until);
         }
         self.pending.stop();
-        // The I/O loop, which took back stalled leases, has stopped: what
-        // threads kept goes to the pool, which finishes its queue.
-        self.leases.reclaim_all(self);
         if let Some(t) = self.deadline_thread.lock().take()
             && t.thread().id() != std::thread::current().id()
         {
             let _ = t.join();
         }
+        // The deadline thread, which took back stalled leases, has stopped
+        // (and the I/O loops): what threads kept goes to the pool, which
+        // finishes its queue.
+        self.leases.reclaim_all(self);
         self.pool.stop(deadline);
         // Handlers may hold agent handles; dropping them breaks those cycles.
         let handlers = std::mem::take(&mut *self.registry.write());
@@ -861,6 +885,41 @@ impl Executor for Core {
             .is_ok()
     }
 
+    fn rescue_io(&self, job: Work) -> bool {
+        let job = match self
+            .pool
+            .submit_first_if_idle(self.io_label.clone(), AgentJob::Work(job))
+        {
+            Ok(()) => return true,
+            Err(job) => job.into_work(),
+        };
+        // No thread idle: one of its own, which ends when the loop moves
+        // on from it (the pool's own threads are never more than
+        // `worker_threads + 1`; this one lives only while a handler on the
+        // loop's former thread blocks). Taken back if it cannot start.
+        let slot = Arc::new(Mutex::new(Some(job)));
+        let take = slot.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("rpcagent-io{}", self.rank))
+            .spawn(move || {
+                let _role = crate::threads::enter(crate::threads::Role::Worker);
+                if let Some(job) = take.lock().take() {
+                    job();
+                }
+            });
+        match spawned {
+            Ok(_) => true,
+            Err(e) => {
+                log_at!(
+                    Warn,
+                    Some(self.rank),
+                    "cannot start a thread for the I/O loop ({e}); it waits for a worker"
+                );
+                slot.lock().take().is_none_or(|job| self.run_io(job))
+            }
+        }
+    }
+
     fn move_io(&self, job: Work) -> std::result::Result<(), Work> {
         self.pool
             .submit_first_if_idle(self.io_label.clone(), AgentJob::Work(job))
@@ -869,10 +928,6 @@ impl Executor for Core {
 
     fn starved(&self) -> bool {
         self.pool.starved()
-    }
-
-    fn reclaim_stalled(&self) -> bool {
-        self.leases.reclaim_stalled(self)
     }
 }
 
@@ -943,6 +998,9 @@ impl Serve {
 impl Progress for Core {
     fn drive(&self, dst: usize, waiting: Waiting, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
         if self.transports.get().is_some() {
+            // A handler served in place on a loop's thread is about to
+            // wait, maybe for a reply only that loop would read.
+            self.leave_in_place();
             self.transport_to(dst).drive(dst, waiting, done, deadline);
         }
     }

@@ -5,7 +5,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,17 @@ pub(crate) struct PendingCall {
 
 /// Deadline entries of completed calls the heap may hold before it is swept.
 const STALE_DEADLINES: usize = 64;
+
+/// How often the deadline thread runs its `watch` while armed (see
+/// [`Pending::watch`]).
+const WATCH_EVERY: Duration = Duration::from_micros(250);
+
+/// Looks in a row that found nothing to watch (`watch` said `None`: for
+/// the leases, none out and none lent since the last look) before the
+/// deadline thread stops watching (about 5 ms): a busy agent, whose
+/// watched work comes and goes many times a millisecond, does not arm it
+/// again and again (a wake-up each time), and an idle one is not woken.
+const QUIET_LOOKS: u32 = 20;
 
 #[derive(Default)]
 struct Table {
@@ -55,8 +66,10 @@ pub(crate) struct Pending {
     /// Calls in flight to each rank, changed under the table's lock, read
     /// without it (on every call, by the caller deciding how to wait).
     per_dst: Vec<AtomicUsize>,
-    /// Wakes the deadline thread (earlier deadline, or stop).
+    /// Wakes the deadline thread (earlier deadline, watching, or stop).
     wake: Condvar,
+    /// The deadline thread runs its `watch` every [`WATCH_EVERY`].
+    watching: AtomicBool,
     /// Wakes those waiting for the user calls to drain.
     drained: Condvar,
 }
@@ -67,8 +80,28 @@ impl Pending {
             table: Mutex::new(Table::default()),
             per_dst: (0..world_size).map(|_| AtomicUsize::new(0)).collect(),
             wake: Condvar::new(),
+            watching: AtomicBool::new(false),
             drained: Condvar::new(),
         }
+    }
+
+    /// Has the deadline thread run its `watch` every [`WATCH_EVERY`] until
+    /// it finds nothing to watch for [`QUIET_LOOKS`] looks. Costs one load
+    /// while it watches already.
+    ///
+    /// Whatever the caller has just made for `watch` to find must be
+    /// published sequentially consistent before this call: the thread stops
+    /// watching by clearing the flag, then looking once more (both
+    /// sequentially consistent), so one of the two sees the other.
+    pub(crate) fn watch(&self) {
+        if self.watching.load(Ordering::SeqCst) {
+            return;
+        }
+        self.watching.store(true, Ordering::SeqCst);
+        // Under the lock the thread reads the flag before it sleeps: it
+        // either sees the flag or is asleep when told.
+        let _t = self.table.lock();
+        self.wake.notify_one();
     }
 
     /// Calls in flight to `dst`.
@@ -195,22 +228,29 @@ impl Pending {
 
     /// Runs the deadline thread: `expired` gets each call whose deadline
     /// passed (already removed from the table), `tick` runs at least every
-    /// `tick_every`. Returns when [`Pending::stop`] is called.
+    /// `tick_every`, and `watch` at least every [`WATCH_EVERY`] once
+    /// [`Pending::watch`] is called (it says when it would look again, or
+    /// `None` when it has nothing to watch). Returns when [`Pending::stop`]
+    /// is called.
     pub(crate) fn spawn_deadline_thread(
         self: &Arc<Self>,
         name: String,
         tick_every: Duration,
         expired: impl Fn(PendingCall) + Send + 'static,
         tick: impl Fn() + Send + 'static,
+        watch: impl Fn() -> Option<Instant> + Send + 'static,
     ) -> std::io::Result<JoinHandle<()>> {
         let me = self.clone();
         std::thread::Builder::new().name(name).spawn(move || {
             let _role = crate::threads::enter(crate::threads::Role::Timer);
             let mut next_tick = Instant::now() + tick_every;
+            let mut next_watch = Instant::now();
+            let mut quiet_looks = 0;
             let mut due = Vec::new();
             let mut t = me.table.lock();
             while !t.stopped {
                 let now = Instant::now();
+                let watch_due = now >= next_watch && me.watching.load(Ordering::SeqCst);
                 while let Some(&Reverse((when, id))) = t.deadlines.peek() {
                     if when > now {
                         break;
@@ -224,7 +264,7 @@ impl Pending {
                 if t.user_calls == 0 {
                     me.drained.notify_all();
                 }
-                if !due.is_empty() || now >= next_tick {
+                if !due.is_empty() || now >= next_tick || watch_due {
                     drop(t);
                     // A panic (in a log sink, say) must not end this thread:
                     // no call would meet its deadline after it.
@@ -235,13 +275,31 @@ impl Pending {
                         caught(&tick);
                         next_tick = now + tick_every;
                     }
+                    if watch_due {
+                        let mut again = caught_watch(&watch);
+                        quiet_looks = if again.is_some() { 0 } else { quiet_looks + 1 };
+                        if quiet_looks >= QUIET_LOOKS {
+                            quiet_looks = 0;
+                            // Then a last look (see `Pending::watch`).
+                            me.watching.store(false, Ordering::SeqCst);
+                            again = caught_watch(&watch);
+                            if again.is_some() {
+                                me.watching.store(true, Ordering::SeqCst);
+                            }
+                        }
+                        let every = Instant::now() + WATCH_EVERY;
+                        next_watch = again.map_or(every, |at| at.min(every));
+                    }
                     t = me.table.lock();
                     continue;
                 }
-                let until = t
+                let mut until = t
                     .deadlines
                     .peek()
                     .map_or(next_tick, |Reverse((when, _))| (*when).min(next_tick));
+                if me.watching.load(Ordering::SeqCst) {
+                    until = until.min(next_watch);
+                }
                 t.sleeping_until = Some(until);
                 me.wake.wait_until(&mut t, until);
                 t.sleeping_until = None;
@@ -253,6 +311,14 @@ impl Pending {
         self.table.lock().stopped = true;
         self.wake.notify_one();
     }
+}
+
+/// Runs `watch` as [`caught`] does; after a panic it looks again at its
+/// usual pace (what it watches may still be out).
+fn caught_watch(watch: &impl Fn() -> Option<Instant>) -> Option<Instant> {
+    let mut again = Some(Instant::now() + WATCH_EVERY);
+    caught(|| again = watch());
+    again
 }
 
 /// Runs `work` on the deadline thread; a panic is logged (if the log sink
@@ -291,6 +357,53 @@ mod tests {
         assert!(pending.table.lock().deadlines.len() <= STALE_DEADLINES + 1);
     }
 
+    /// `watch` runs only once asked, and until it has found nothing to
+    /// watch for a while; asked again, it runs again.
+    #[test]
+    fn the_deadline_thread_watches_while_asked_and_something_is_watched() {
+        use std::sync::atomic::AtomicBool;
+        let pending = Arc::new(Pending::new(1));
+        let looks = Arc::new(AtomicUsize::new(0));
+        let busy = Arc::new(AtomicBool::new(true));
+        let (l, b) = (looks.clone(), busy.clone());
+        let thread = pending
+            .spawn_deadline_thread(
+                "test-watch".into(),
+                Duration::from_secs(60),
+                |_| {},
+                || {},
+                move || {
+                    l.fetch_add(1, Ordering::SeqCst);
+                    b.load(Ordering::SeqCst)
+                        .then(|| Instant::now() + Duration::from_millis(1))
+                },
+            )
+            .unwrap();
+        let until = |what: &str, done: &dyn Fn() -> bool| {
+            let start = Instant::now();
+            while !done() {
+                assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(looks.load(Ordering::SeqCst), 0, "watched before being asked");
+        pending.watch();
+        until("never watched", &|| looks.load(Ordering::SeqCst) >= 5);
+        busy.store(false, Ordering::SeqCst);
+        until("never stopped watching", &|| !pending.watching.load(Ordering::SeqCst));
+        let stopped_at = looks.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(looks.load(Ordering::SeqCst), stopped_at, "watched after it stopped");
+        busy.store(true, Ordering::SeqCst);
+        pending.watch();
+        until("never watched again", &|| {
+            looks.load(Ordering::SeqCst) >= stopped_at + 5
+        });
+        pending.stop();
+        thread.join().unwrap();
+    }
+
     /// Sweeps of completed calls' entries keep those of calls in flight.
     #[test]
     fn a_call_in_flight_still_expires_after_sweeps() {
@@ -304,6 +417,7 @@ mod tests {
                     let _ = tx.send(c.started);
                 },
                 || {},
+                || None,
             )
             .unwrap();
         let soon = call(Instant::now() + Duration::from_millis(300));

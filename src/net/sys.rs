@@ -408,57 +408,7 @@ pub(crate) fn monotonic_ns() -> u64 {
         .wrapping_add(t.tv_nsec as u64)
 }
 
-/// A one-shot timer on the monotonic clock, as a descriptor an epoll set
-/// can watch: readable once it has gone off, until `clear`.
-pub(crate) struct TimerFd {
-    fd: OwnedFd,
-}
-
-impl TimerFd {
-    pub(crate) fn new() -> io::Result<TimerFd> {
-        // SAFETY: timerfd_create takes no pointers; a non-negative result is
-        // a new descriptor that only this value owns.
-        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC | libc::TFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just opened and is owned by nobody else.
-        Ok(TimerFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
-    }
-
-    /// Goes off once, `after` from now (replacing any earlier setting).
-    pub(crate) fn arm(&self, after: std::time::Duration) -> io::Result<()> {
-        // A zero value would disarm it: at least a nanosecond.
-        let after = after.max(std::time::Duration::from_nanos(1));
-        let when = libc::itimerspec {
-            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
-            it_value: libc::timespec {
-                tv_sec: after.as_secs() as libc::time_t,
-                tv_nsec: after.subsec_nanos() as libc::c_long,
-            },
-        };
-        // SAFETY: passes a live itimerspec to read and no old value to write.
-        if unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &when, std::ptr::null_mut()) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Makes it not readable (until it goes off again).
-    pub(crate) fn clear(&self) {
-        read_counter(&self.fd);
-    }
-}
-
-impl AsRawFd for TimerFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-/// Reads (and so resets) the 8-byte counter of an eventfd or a timerfd.
+/// Reads (and so resets) the 8-byte counter of an eventfd.
 fn read_counter(fd: &OwnedFd) {
     let mut value: u64 = 0;
     // SAFETY: reads 8 bytes into a live u64 from a non-blocking descriptor;

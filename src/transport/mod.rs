@@ -154,6 +154,11 @@ pub(crate) trait Transport: Send + Sync {
     /// Writes every frame held back to share a write with others (a thread
     /// is about to wait, or a worker ran out of work).
     fn flush_batches(&self) {}
+
+    /// The calling thread is about to wait: if it serves requests in place
+    /// for this transport's I/O loop, the loop moves to another thread
+    /// first (the wait may be for what only the loop would read).
+    fn leave_in_place(&self) {}
 }
 
 /// What a caller driving a connection waits for.
@@ -212,23 +217,31 @@ impl Transports {
     }
 }
 
-/// Pool requests a read pass kept for its own thread to serve, once it has
-/// handed its reading on to an idle thread: no wake-up and no queue between
-/// reading a request and running it. The agent decides what is kept and
-/// how it is served; the transport only says where.
+/// Pool requests a read pass kept for its own thread to serve: no wake-up
+/// and no queue between reading a request and running it. Quick ones the
+/// I/O loop serves in place, staying the loop; others once it has handed
+/// its reading on to an idle thread. The agent decides what is kept and how
+/// it is served; the transport only says where.
 pub(crate) trait Kept: Send + 'static {
+    /// Whether the kept requests' handlers have all been quick of late: an
+    /// I/O loop serves them in place rather than first moving to another
+    /// thread.
+    fn quick(&self) -> bool;
     /// Serves the kept requests on this thread, in order, after queueing
-    /// those it keeps for the pool. The executor may take back the rest if
-    /// one of them stalls (`Executor::reclaim_stalled`).
-    /// `lent` is called once they are out to be watched so: an I/O loop
-    /// asleep with nothing else to wake it must wake to watch them.
-    fn serve_here(self: Box<Self>, lent: &dyn Fn());
+    /// those it keeps for the pool. The agent takes back the rest if one
+    /// of them stalls, and then calls `escape` (given by an I/O loop that
+    /// serves them in place), from another thread, to move the loop on.
+    fn serve_here(self: Box<Self>, escape: Option<Escape>);
     /// Queues them all on the pool, in order: no idle thread was there to
     /// take the reading on.
     fn queue_all(self: Box<Self>);
     /// For the agent to add to what it kept.
     fn as_any(&mut self) -> &mut dyn std::any::Any;
 }
+
+/// Moves an I/O loop that serves kept requests in place to another thread
+/// (one of them stalled): see [`Kept::serve_here`].
+pub(crate) type Escape = Box<dyn FnOnce() + Send>;
 
 /// What one read pass of an I/O thread leaves behind: the requests for
 /// the pool it kept (for its own thread, or to queue at the pass's end).
@@ -260,28 +273,23 @@ impl ReadPass {
 }
 
 /// Library threads a transport may borrow. The TCP transport runs its I/O
-/// loop as a job on the agent's pool, and moves the loop to an idle thread
-/// when its own thread keeps a request to serve.
+/// loop as a job on the agent's pool, and moves the loop to another thread
+/// when its own thread serves requests (or a connection) at length.
 pub(crate) trait Executor: Send + Sync {
     /// Runs the I/O loop `job` before any queued work; false if stopped.
     fn run_io(&self, job: crate::pool::Work) -> bool;
+    /// Runs the I/O loop `job` at once: on an idle library thread, else on
+    /// a thread of its own (every worker may be busy, some waiting for what
+    /// only the loop reads); false if stopped. For a loop taken from a
+    /// thread stuck in a handler.
+    fn rescue_io(&self, job: crate::pool::Work) -> bool;
     /// Moves the I/O loop `job` to an idle library thread, if one is idle
     /// now; otherwise gives `job` back.
     fn move_io(&self, job: crate::pool::Work) -> Result<(), crate::pool::Work>;
     /// Work is queued that no idle thread is there to take: a thread the
     /// transport borrowed should give itself back.
     fn starved(&self) -> bool;
-    /// Requests a thread kept to serve itself ([`Kept::serve_here`]) that
-    /// it has not served [`LEASE_STALL`] after the loop first saw them go
-    /// to the pool. True while any kept requests are watched: the I/O
-    /// loop, which calls this on every turn, then has a timer wake it
-    /// after [`LEASE_STALL`].
-    fn reclaim_stalled(&self) -> bool;
 }
-
-/// How long after the I/O loop first saw them requests a thread kept may
-/// still wait for it before the loop hands them to the pool.
-pub(crate) const LEASE_STALL: std::time::Duration = std::time::Duration::from_micros(250);
 
 /// What a transport delivers into its agent.
 pub(crate) trait Dispatch: Send + Sync {

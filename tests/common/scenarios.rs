@@ -559,6 +559,78 @@ pub fn kept_requests_behind_a_blocked_handler(agent: &RpcAgent) {
     leave(agent);
 }
 
+/// Rank 1 has one worker and its I/O loop's thread. A call to `occupy`
+/// holds one of the two until `release`; a call to `hold`, quick so far,
+/// blocks the other while it serves `hold` in place for the loop. The
+/// loop must go on on a thread of its own, or nobody reads `open`, which
+/// ends `hold` (nor `release`).
+pub fn loop_rescued_from_a_blocked_handler(agent: &RpcAgent) {
+    // Per gate: whether it was opened, and its condition variable.
+    type Gate = Arc<(Mutex<bool>, parking_lot::Condvar)>;
+    let wait_for = |gate: &Gate| {
+        let mut open = gate.0.lock();
+        let until = Instant::now() + Duration::from_secs(20);
+        while !*open && !gate.1.wait_until(&mut open, until).timed_out() {}
+        std::mem::replace(&mut *open, false)
+    };
+    let open_gate = |gate: &Gate| {
+        *gate.0.lock() = true;
+        gate.1.notify_all();
+    };
+    let (held, occupied): (Gate, Gate) = Default::default();
+    let g = held.clone();
+    agent
+        .register("hold", move |args: &[u8]| {
+            Ok(if args == b"wait" {
+                vec![wait_for(&g) as u8]
+            } else {
+                vec![]
+            })
+        })
+        .unwrap();
+    let g = occupied.clone();
+    agent
+        .register("occupy", move |_: &[u8]| Ok(vec![wait_for(&g) as u8]))
+        .unwrap();
+    let g = held.clone();
+    agent
+        .register_with("open", HandlerOptions { inline: true }, move |_, _| {
+            open_gate(&g);
+            Ok(())
+        })
+        .unwrap();
+    let g = occupied.clone();
+    agent
+        .register_with("release", HandlerOptions { inline: true }, move |_, _| {
+            open_gate(&g);
+            Ok(())
+        })
+        .unwrap();
+    agent.start().unwrap();
+    agent.barrier(LONG).unwrap();
+    if agent.rank() == 0 {
+        let short = Some(Duration::from_secs(5));
+        for round in 0..5 {
+            for _ in 0..200 {
+                agent.rpc_sync(1, "hold", b"").unwrap();
+            }
+            let occupying = agent.rpc_async(1, "occupy", b"");
+            // Until `occupy` runs, `hold` could take the idle worker.
+            std::thread::sleep(Duration::from_millis(20));
+            let holding = agent.rpc_async(1, "hold", b"wait");
+            std::thread::sleep(Duration::from_millis(20));
+            agent
+                .rpc_sync_timeout(1, "open", b"", short)
+                .unwrap_or_else(|e| panic!("round {round}: nobody read `open`: {e}"));
+            assert_eq!(holding.wait().unwrap(), [1], "round {round}");
+            agent.rpc_sync_timeout(1, "release", b"", short).unwrap();
+            assert_eq!(occupying.wait().unwrap(), [1], "round {round}");
+        }
+    }
+    agent.barrier(LONG).unwrap();
+    leave(agent);
+}
+
 /// A fast caller and a slow server (2 workers, 5 ms per call): rank 0 issues
 /// 400 calls of 1 MiB as fast as it can, with a 4 MiB send window (set by
 /// the test). Both sides' memory must stay near the window: the caller's

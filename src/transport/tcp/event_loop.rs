@@ -1,14 +1,14 @@
 //! The I/O loop: one epoll set (edge-triggered for connections) over the
-//! listeners, its waker and lease timer, and every connection, run as a
-//! job on one pool thread at a time. It reads frames and hands them to the
-//! agent, writes what a full socket made a sender hand over, flushes
-//! corked batches, and times out handshakes. When a read pass kept
-//! requests for the pool and a thread is idle, the loop moves to that
-//! thread and serves them where it is (the agent decides which it keeps,
-//! `agent/kept.rs`; the loop hands the pool those stalled behind a
-//! handler); when a connection's requests were all served inline, the
-//! thread stays with that connection as its responder, waiting in a
-//! blocking `recv`.
+//! listeners, its waker and every connection, run as a job on one pool
+//! thread at a time. It reads frames and hands them to the agent, writes
+//! what a full socket made a sender hand over, flushes corked batches, and
+//! times out handshakes. When a read pass kept requests for the pool (the
+//! agent decides which, `agent/kept.rs`), the loop's thread serves them:
+//! quick ones in place, staying the loop (should one stall, the agent's
+//! deadline thread moves the loop to another thread), others after moving
+//! the loop to an idle thread. When a connection's requests were all
+//! served inline, the thread stays with that connection as its responder,
+//! waiting in a blocking `recv`.
 
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -21,7 +21,7 @@ use crate::log::log_at;
 use crate::net::framing::{Frame, FrameReader, ReadEnd};
 use crate::net::sys::Event;
 use crate::threads::Role;
-use crate::transport::{InRequest, LEASE_STALL, ReadPass};
+use crate::transport::{Escape, InRequest, Kept, ReadPass};
 use crate::wire::{self, FLAG_INTERNAL, Kind};
 
 use super::Shared;
@@ -47,11 +47,8 @@ pub(super) const WAKER: u64 = 1;
 /// The Unix socket ranks on this host connect to.
 pub(super) const SAME_HOST_LISTENER: u64 = 2;
 
-/// The timer that has the loop look at the leases out.
-pub(super) const LEASE_TIMER: u64 = 3;
-
 /// Connections' tokens count up from here.
-pub(super) const FIRST_CONN_TOKEN: u64 = 4;
+pub(super) const FIRST_CONN_TOKEN: u64 = 3;
 
 impl Shared {
     pub(super) fn io_loop_job(self: Arc<Self>) -> crate::pool::Work {
@@ -66,10 +63,15 @@ impl Shared {
         })
     }
 
-    /// This transport's identity in [`Role::IoLoop`].
+    /// This transport's identity in [`Role::IoLoop`] and
+    /// [`Role::LoopServing`].
+    fn transport_id(&self) -> usize {
+        self as *const Shared as usize
+    }
+
     fn loop_role(&self) -> Role {
         Role::IoLoop {
-            transport: self as *const Shared as usize,
+            transport: self.transport_id(),
         }
     }
 
@@ -109,8 +111,8 @@ impl Shared {
     }
 
     /// The I/O loop: runs on one library thread at a time. When a read pass
-    /// kept requests for the pool and another thread is idle, the loop
-    /// moves to that thread and this one serves them itself.
+    /// kept requests for the pool, this thread serves them: in place if
+    /// they are quick, else once the loop moved to an idle thread.
     /// `pass`: what the current pass keeps (the caller's, so that a panic
     /// does not lose it).
     pub(super) fn io_loop(self: Arc<Self>, pass: &mut ReadPass) {
@@ -126,9 +128,6 @@ impl Shared {
         };
         while !self.stopping.load(Ordering::Acquire) {
             let handshakes = self.handshaking.load(Ordering::Acquire) > 0;
-            // Requests kept by a thread stalled behind one of its handlers go
-            // to the pool, looked for on every turn.
-            self.reclaim_stalled();
             // Corks met while spinning are written at the end of the pass.
             let mut flush_now = false;
             let spun = if hot.conns.is_empty() {
@@ -149,16 +148,10 @@ impl Shared {
                     // the flag and nudges the loop.
                     self.io_loop_idle.store(true, Ordering::SeqCst);
                     let corks = self.has_corks.load(Ordering::SeqCst);
-                    // Likewise requests lent after this look nudge the loop
-                    // (`lease_lent`); while any are out, the lease timer
-                    // wakes it every `LEASE_STALL` to look again (a cork
-                    // meanwhile waits for that turn).
-                    let leases_out = self.reclaim_stalled();
-                    let timed = leases_out && self.lease_timer.arm(LEASE_STALL).is_ok();
-                    if corks || leases_out {
+                    if corks {
                         self.io_loop_idle.store(false, Ordering::SeqCst);
                     }
-                    match (corks || (leases_out && !timed), handshakes) {
+                    match (corks, handshakes) {
                         (true, _) => 1,
                         (false, true) => HANDSHAKE_SWEEP.as_millis() as i32,
                         (false, false) => -1,
@@ -202,8 +195,6 @@ impl Shared {
                         let mut drain = [0u8; 64];
                         let _ = io::Read::read(&mut &self.waker, &mut drain);
                     }
-                    // The leases are looked at on every turn.
-                    LEASE_TIMER => self.lease_timer.clear(),
                     _ => {
                         let (token, part, ev) = Part::split(*ev);
                         let conn = self.conns.lock().get(&token).cloned();
@@ -228,6 +219,15 @@ impl Shared {
                 self.flush_batches();
             }
             match pass.take_kept() {
+                Some(kept) if kept.quick() => {
+                    if !self.serve_in_place(kept, &mut hot) {
+                        // A handler stalled: the loop went on elsewhere.
+                        return;
+                    }
+                    // Replies held back for company (the pool had work
+                    // queued) leave now, not with the loop's next turn.
+                    self.flush_batches();
+                }
                 Some(kept) => match self.executor.upgrade() {
                     Some(ex) => match self.move_loop(&ex, &mut hot) {
                         Ok(()) => {
@@ -235,7 +235,7 @@ impl Shared {
                             // The loop runs elsewhere now: a panic here must
                             // not reach `io_loop_job`, which would start a
                             // second loop.
-                            run_contained(|| kept.serve_here(&|| self.lease_lent()));
+                            run_contained(|| kept.serve_here(None));
                             return;
                         }
                         // Nobody idle: the loop stays here, the pool queues the
@@ -281,10 +281,6 @@ impl Shared {
             if self.has_corks.load(Ordering::Relaxed) {
                 return Spun::Corks;
             }
-            // A long spin still takes back stalled leases in time.
-            if let Some(ex) = &executor {
-                ex.reclaim_stalled();
-            }
             let starved = || executor.as_ref().is_some_and(|ex| ex.starved());
             if self.stopping.load(Ordering::Acquire) || Instant::now() >= until || starved() {
                 return Spun::Nothing;
@@ -293,17 +289,86 @@ impl Shared {
         }
     }
 
-    /// Requests kept by a thread stalled behind one of its handlers go to
-    /// the pool; true while any kept requests are out.
-    fn reclaim_stalled(&self) -> bool {
-        self.executor.upgrade().is_some_and(|ex| ex.reclaim_stalled())
+    /// Serves the quick requests a pass kept on this thread, which stays
+    /// the I/O loop's: no other thread woken, and none competing for the
+    /// CPU, per pass. Should one of them stall, the agent's deadline thread
+    /// moves the loop on ([`Shared::escape_in_place`]). False if it did:
+    /// this thread is then no longer the loop's.
+    ///
+    /// `in_place` is `generation << 1 | serving`. Each turn of serving
+    /// takes a new generation and sets `serving` (only the loop's thread
+    /// does, here); the turn ends by clearing it, here or in an escape,
+    /// whichever comes first, with that generation. So an escape meant for
+    /// a turn that has ended never ends a later one, and a thread left
+    /// behind never takes a later turn for its own.
+    fn serve_in_place(self: &Arc<Self>, kept: Box<dyn Kept>, hot: &mut Hot) -> bool {
+        let generation = (self.in_place.load(Ordering::Acquire) >> 1).wrapping_add(1);
+        // Where a loop moved on finds them (taken back below otherwise).
+        let parked_hot = !hot.conns.is_empty();
+        if parked_hot {
+            self.hot_handed_on.lock().append(&mut hot.conns);
+        }
+        self.in_place.store(generation << 1 | 1, Ordering::Release);
+        let me = self.clone();
+        let escape: Escape = Box::new(move || me.escape_in_place(generation));
+        {
+            // A worker meanwhile: its handlers may block, and its waits
+            // move the loop on first (`leave_in_place`).
+            let _serving = crate::threads::enter(Role::LoopServing {
+                transport: self.transport_id(),
+                generation,
+            });
+            run_contained(|| kept.serve_here(Some(escape)));
+        }
+        let still_loop = self.end_turn(generation);
+        if still_loop && parked_hot {
+            hot.conns = std::mem::take(&mut *self.hot_handed_on.lock());
+        }
+        still_loop
     }
 
-    /// Kept requests went out to be watched: a loop asleep without a
-    /// timeout wakes to watch them (see `io_loop`).
-    fn lease_lent(&self) {
-        if self.io_loop_idle.load(Ordering::SeqCst) {
-            let _ = io::Write::write(&mut &self.waker_tx, &[1]);
+    /// Ends turn `generation` of serving in place; false if it had ended.
+    fn end_turn(&self, generation: u64) -> bool {
+        let serving = generation << 1 | 1;
+        let ended = generation << 1;
+        self.in_place
+            .compare_exchange(serving, ended, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Moves the I/O loop on from its thread serving in place (turn
+    /// `generation`): the loop starts again at once on another thread.
+    /// Nothing if that turn has ended.
+    pub(super) fn escape_in_place(self: &Arc<Self>, generation: u64) {
+        if !self.end_turn(generation) {
+            return;
+        }
+        // The loop first: nothing below may keep it from starting.
+        let job = self.clone().io_loop_job();
+        if !self.executor.upgrade().is_some_and(|ex| ex.rescue_io(job)) {
+            // The pool has stopped: the agent is closing, and so is the loop.
+            *self.io_loop.lock() = false;
+            self.io_loop_done.notify_all();
+        }
+        let me = self.me;
+        let _ = catch_unwind(|| {
+            log_at!(
+                Debug,
+                Some(me),
+                "requests served on the I/O loop's thread stalled; the loop moved to another thread"
+            )
+        });
+    }
+
+    /// The calling thread is about to wait: if it serves requests in place
+    /// for this transport's loop, the loop moves on first, rather than wait
+    /// for the deadline thread to see the stall (the wait may be for a
+    /// reply only the loop would read).
+    pub(super) fn leave_in_place(self: &Arc<Self>) {
+        if let Role::LoopServing { transport, generation } = crate::threads::role()
+            && transport == self.transport_id()
+        {
+            self.escape_in_place(generation);
         }
     }
 
@@ -379,7 +444,7 @@ impl Shared {
             // Older jobs waiting for a thread go first.
             match self.executor.upgrade() {
                 Some(ex) if ex.starved() => kept.queue_all(),
-                _ => kept.serve_here(&|| self.lease_lent()),
+                _ => kept.serve_here(None),
             }
         }
     }
@@ -642,7 +707,7 @@ impl Hot {
 /// thread; a panic in it is logged and goes no further.
 fn run_contained(work: impl FnOnce()) {
     if catch_unwind(AssertUnwindSafe(work)).is_err() {
-        let _ = catch_unwind(|| log_at!(Error, None, "a job run beside the I/O loop panicked"));
+        let _ = catch_unwind(|| log_at!(Error, None, "serving requests an I/O thread kept panicked"));
     }
 }
 

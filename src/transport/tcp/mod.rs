@@ -45,7 +45,7 @@ mod send;
 mod stream;
 
 use conn::Conn;
-use event_loop::{FIRST_CONN_TOKEN, LEASE_TIMER, LISTENER, SAME_HOST_LISTENER, WAKER};
+use event_loop::{FIRST_CONN_TOKEN, LISTENER, SAME_HOST_LISTENER, WAKER};
 use open::WaitingCalls;
 
 /// Between a rank's TCP address and the random part of its same-host
@@ -201,8 +201,6 @@ pub(crate) struct Shared {
     shm_budget: Arc<stream::ShmBudget>,
     waker: UnixStream,
     waker_tx: UnixStream,
-    /// Wakes the I/O loop to look at the leases out (see `io_loop`).
-    lease_timer: crate::net::sys::TimerFd,
     conns: Mutex<FxHashMap<u64, Arc<Conn>>>,
     /// Connections opening now, and the ranks waiting for their turn to
     /// open one (see `open::MAX_OPENING`). Taken after a peer's `state`, never
@@ -229,8 +227,7 @@ pub(crate) struct Shared {
     /// `corked` may hold some (the I/O loop looks here on every pass
     /// instead of taking the lock).
     has_corks: AtomicBool,
-    /// The I/O loop sleeps with its long timeout (a new cork, or requests a
-    /// thread kept going out to be watched, must tell it).
+    /// The I/O loop sleeps with its long timeout (a new cork must tell it).
     io_loop_idle: AtomicBool,
     /// A thread serves one connection as its responder (one at a time: each
     /// borrows a pool thread).
@@ -238,6 +235,9 @@ pub(crate) struct Shared {
     /// Same-host connections a moving I/O loop hands to the thread taking
     /// it over (see `event_loop::Hot`).
     hot_handed_on: Mutex<Vec<Arc<Conn>>>,
+    /// The I/O loop's thread serving requests in place: `generation << 1 |
+    /// serving` (see `event_loop::serve_in_place`).
+    in_place: AtomicU64,
     /// The I/O loop is running (or queued to run) somewhere.
     io_loop: Mutex<bool>,
     io_loop_done: Condvar,
@@ -303,8 +303,6 @@ impl TcpTransport {
             epoll.add(l, SAME_HOST_LISTENER, READABLE)?;
         }
         epoll.add(&waker, WAKER, READABLE)?;
-        let lease_timer = crate::net::sys::TimerFd::new()?;
-        epoll.add(&lease_timer, LEASE_TIMER, READABLE)?;
         let weak: Weak<dyn Dispatch> = Arc::downgrade(dispatch) as Weak<dyn Dispatch>;
         let shared = Arc::new_cyclic(|this| Shared {
             this: this.clone(),
@@ -325,7 +323,6 @@ impl TcpTransport {
             shm_budget: stream::ShmBudget::for_this_process(),
             waker,
             waker_tx,
-            lease_timer,
             conns: Mutex::new(FxHashMap::default()),
             opening: Mutex::new(Opening::default()),
             handshaking: AtomicUsize::new(0),
@@ -341,6 +338,7 @@ impl TcpTransport {
             io_loop_idle: AtomicBool::new(false),
             responder: AtomicBool::new(false),
             hot_handed_on: Mutex::new(Vec::new()),
+            in_place: AtomicU64::new(0),
             io_loop: Mutex::new(true),
             io_loop_done: Condvar::new(),
         });
@@ -422,6 +420,10 @@ impl Transport for TcpTransport {
 
     fn resume_reading(&self) {
         self.shared.resume_reading();
+    }
+
+    fn leave_in_place(&self) {
+        self.shared.leave_in_place();
     }
 }
 
