@@ -120,6 +120,8 @@ impl Shared {
         let mut events = Vec::with_capacity(128);
         let mut last_sweep = Instant::now();
         let mut polled_at: Option<Instant> = None;
+        // The last pass served requests in place (see `poll_spinning`).
+        let mut served_in_place = false;
         // Same-host connections read in the last pass, without asking their
         // peers to ring: looked at again before the loop sleeps, and asked
         // to ring only then (see `Hot`).
@@ -130,6 +132,7 @@ impl Shared {
             let handshakes = self.handshaking.load(Ordering::Acquire) > 0;
             // Corks met while spinning are written at the end of the pass.
             let mut flush_now = false;
+            let spin_on_epoll = std::mem::take(&mut served_in_place) && hot.conns.is_empty();
             let spun = if hot.conns.is_empty() {
                 Spun::Nothing
             } else {
@@ -167,7 +170,11 @@ impl Shared {
                 Ok(())
             } else {
                 polled_at = Some(Instant::now());
-                self.epoll.wait(&mut events, timeout_ms)
+                if spin_on_epoll && timeout_ms != 0 {
+                    self.poll_spinning(&mut events, timeout_ms)
+                } else {
+                    self.epoll.wait(&mut events, timeout_ms)
+                }
             };
             self.io_loop_idle.store(false, Ordering::SeqCst);
             if let Err(e) = waited {
@@ -227,6 +234,7 @@ impl Shared {
                     // Replies held back for company (the pool had work
                     // queued) leave now, not with the loop's next turn.
                     self.flush_batches();
+                    served_in_place = true;
                 }
                 Some(kept) => match self.executor.upgrade() {
                     Some(ex) => match self.move_loop(&ex, &mut hot) {
@@ -287,6 +295,28 @@ impl Shared {
             }
             std::thread::yield_now();
         }
+    }
+
+    /// Polls without sleeping, yielding the CPU between looks, for up to
+    /// the spin time, then sleeps up to `timeout_ms`. After a pass that
+    /// served requests in place over TCP (same-host connections are looked
+    /// at without a system call, in `spin_for_data`): the next request of
+    /// a busy caller is often a few microseconds away, and being woken
+    /// from a sleep costs more (measured: an 8 B round trip to a pool
+    /// handler over loopback TCP, 33 us sleeping at once, 13 us with this).
+    fn poll_spinning(&self, events: &mut Vec<Event>, timeout_ms: i32) -> io::Result<()> {
+        let until = Instant::now() + self.spin;
+        loop {
+            self.epoll.wait(events, 0)?;
+            if !events.is_empty() || self.stopping.load(Ordering::Acquire) || Instant::now() >= until {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        if events.is_empty() {
+            self.epoll.wait(events, timeout_ms)?;
+        }
+        Ok(())
     }
 
     /// Serves the quick requests a pass kept on this thread, which stays
