@@ -493,7 +493,7 @@ impl Core {
         // connections are closing too: the request is dropped with them.
         if let Some(pass) = pass {
             return pass
-                .kept(|| PassBatch::new(self.me.clone()))
+                .kept(|| PassBatch::new(self.me.clone(), self.leases.take_spare()))
                 .keep(label, serve, recent_ns);
         }
         self.queue_serve(label, serve);
