@@ -89,6 +89,9 @@ pub(crate) struct Core {
     /// half of it, reading resumes.
     backlog_bytes: Arc<AtomicU64>,
     deadline_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Threads started to run an I/O loop when no worker was idle
+    /// (`Executor::rescue_io`); finished ones are dropped as others start.
+    rescuers: Mutex<Vec<JoinHandle<()>>>,
     transports: OnceLock<Transports>,
     pub(crate) stats: Arc<Stats>,
     /// Pool requests by caller and call id, for cancels.
@@ -129,6 +132,7 @@ impl Core {
             early: Mutex::new(Some(Vec::new())),
             pool,
             deadline_thread: Mutex::new(None),
+            rescuers: Mutex::new(Vec::new()),
             transports: OnceLock::new(),
             stats: Arc::new(Stats::default()),
             in_service: Arc::default(),
@@ -523,9 +527,10 @@ impl Core {
 
     /// The calling thread is about to wait: if it serves requests in place
     /// for an I/O loop, that loop moves on first (see
-    /// `Transport::leave_in_place`). Other waits inside a handler rely on
-    /// the deadline thread, which moves the loop on within about
-    /// [`LEASE_STALL`](super::kept::LEASE_STALL).
+    /// `Transport::leave_in_place`; a wait for a reply does the same in the
+    /// transport's `drive`). Other waits inside such a handler rely on the
+    /// deadline thread, which moves the loop on within about
+    /// [`LEASE_STALL`](super::kept::LEASE_STALL) and its timer's slack.
     fn leave_in_place(&self) {
         self.transports().iter().for_each(|t| t.leave_in_place());
     }
@@ -875,6 +880,13 @@ impl Core {
     pub(crate) fn close_and_join(&self) {
         self.close(false, Some(Instant::now()));
         self.pool.stop(None);
+        // A loop's own thread ends as soon as its loop sees the close.
+        let me = std::thread::current().id();
+        for thread in std::mem::take(&mut *self.rescuers.lock()) {
+            if thread.thread().id() != me {
+                let _ = thread.join();
+            }
+        }
     }
 }
 
@@ -885,19 +897,21 @@ impl Executor for Core {
             .is_ok()
     }
 
-    fn rescue_io(&self, job: Work) -> bool {
-        let job = match self
+    fn rescue_io(&self, job: Work, on_thread: Work) -> bool {
+        // Ahead of the requests just taken back from the held thread: the
+        // loop reads what they, and everyone else, wait for.
+        if self
             .pool
-            .submit_first_if_idle(self.io_label.clone(), AgentJob::Work(job))
+            .submit_first_if_idle(self.io_label.clone(), AgentJob::Work(job), true)
+            .is_ok()
         {
-            Ok(()) => return true,
-            Err(job) => job.into_work(),
-        };
-        // No thread idle: one of its own, which ends when the loop moves
-        // on from it (the pool's own threads are never more than
-        // `worker_threads + 1`; this one lives only while a handler on the
-        // loop's former thread blocks). Taken back if it cannot start.
-        let slot = Arc::new(Mutex::new(Some(job)));
+            return true;
+        }
+        // No worker idle: a thread of its own, which runs the loop only
+        // and hands it to the first worker it finds idle (see
+        // `event_loop::io_loop`), so at most one lives at a time; joined by
+        // `close_and_join`. If it cannot start, the loop waits for a worker.
+        let slot = Arc::new(Mutex::new(Some(on_thread)));
         let take = slot.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("rpcagent-io{}", self.rank))
@@ -908,21 +922,31 @@ impl Executor for Core {
                 }
             });
         match spawned {
-            Ok(_) => true,
+            Ok(thread) => {
+                let mut rescuers = self.rescuers.lock();
+                rescuers.retain(|t| !t.is_finished());
+                rescuers.push(thread);
+                true
+            }
             Err(e) => {
-                log_at!(
-                    Warn,
-                    Some(self.rank),
-                    "cannot start a thread for the I/O loop ({e}); it waits for a worker"
-                );
-                slot.lock().take().is_none_or(|job| self.run_io(job))
+                let queued = slot.lock().take().is_none_or(|job| self.run_io(job));
+                let rank = self.rank;
+                let e = e.to_string();
+                let _ = catch_unwind(|| {
+                    log_at!(
+                        Warn,
+                        Some(rank),
+                        "cannot start a thread for the I/O loop ({e}); it waits for a worker"
+                    )
+                });
+                queued
             }
         }
     }
 
     fn move_io(&self, job: Work) -> std::result::Result<(), Work> {
         self.pool
-            .submit_first_if_idle(self.io_label.clone(), AgentJob::Work(job))
+            .submit_first_if_idle(self.io_label.clone(), AgentJob::Work(job), false)
             .map_err(AgentJob::into_work)
     }
 
@@ -998,9 +1022,6 @@ impl Serve {
 impl Progress for Core {
     fn drive(&self, dst: usize, waiting: Waiting, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
         if self.transports.get().is_some() {
-            // A handler served in place on a loop's thread is about to
-            // wait, maybe for a reply only that loop would read.
-            self.leave_in_place();
             self.transport_to(dst).drive(dst, waiting, done, deadline);
         }
     }

@@ -249,7 +249,8 @@ impl Leases {
             std::mem::take(&mut *watched)
         };
         core.queue_ahead(reclaimed);
-        // The I/O loops have stopped: their escapes have nothing to move.
+        // The I/O loops are stopping (told by the transports' close): their
+        // escapes have nothing to move.
         drop(ended);
     }
 

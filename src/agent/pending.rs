@@ -392,6 +392,8 @@ mod tests {
         until("never watched", &|| looks.load(Ordering::SeqCst) >= 5);
         busy.store(false, Ordering::SeqCst);
         until("never stopped watching", &|| !pending.watching.load(Ordering::SeqCst));
+        // Its last look comes just after it stops.
+        std::thread::sleep(Duration::from_millis(50));
         let stopped_at = looks.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(looks.load(Ordering::SeqCst), stopped_at, "watched after it stopped");

@@ -278,11 +278,11 @@ impl ReadPass {
 pub(crate) trait Executor: Send + Sync {
     /// Runs the I/O loop `job` before any queued work; false if stopped.
     fn run_io(&self, job: crate::pool::Work) -> bool;
-    /// Runs the I/O loop `job` at once: on an idle library thread, else on
-    /// a thread of its own (every worker may be busy, some waiting for what
-    /// only the loop reads); false if stopped. For a loop taken from a
-    /// thread stuck in a handler.
-    fn rescue_io(&self, job: crate::pool::Work) -> bool;
+    /// Runs the I/O loop at once: `job` on an idle worker (ahead of queued
+    /// work), else `on_thread` on a thread started for it (every worker may
+    /// be busy, some waiting for what only the loop reads); false if
+    /// stopped. For a loop taken from a thread held by a handler.
+    fn rescue_io(&self, job: crate::pool::Work, on_thread: crate::pool::Work) -> bool;
     /// Moves the I/O loop `job` to an idle library thread, if one is idle
     /// now; otherwise gives `job` back.
     fn move_io(&self, job: crate::pool::Work) -> Result<(), crate::pool::Work>;

@@ -52,12 +52,18 @@ pub(super) const FIRST_CONN_TOKEN: u64 = 3;
 
 impl Shared {
     pub(super) fn io_loop_job(self: Arc<Self>) -> crate::pool::Work {
+        self.loop_job(false)
+    }
+
+    /// The loop as a job; `rescued`: on a thread started for it (see
+    /// `io_loop`).
+    fn loop_job(self: Arc<Self>, rescued: bool) -> crate::pool::Work {
         Box::new(move || {
             // A panic in the loop (a log sink's, say) must not leave the
             // agent with nobody reading its connections. The requests its
             // pass kept are moved out of the loop first.
             let mut pass = ReadPass::default();
-            if catch_unwind(AssertUnwindSafe(|| self.clone().io_loop(&mut pass))).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| self.clone().io_loop(&mut pass, rescued))).is_err() {
                 self.restart_after_panic(pass);
             }
         })
@@ -98,11 +104,9 @@ impl Shared {
                     self.drop_conn(&conn, Some(RpcError::Io(format!("epoll: {e}"))));
                 }
             }
-            if self
-                .executor
-                .upgrade()
-                .is_some_and(|ex| ex.run_io(self.clone().io_loop_job()))
-            {
+            // Every worker may be blocked in a handler waiting for what
+            // only the loop reads.
+            if self.rescue() {
                 return;
             }
         }
@@ -114,8 +118,11 @@ impl Shared {
     /// kept requests for the pool, this thread serves them: in place if
     /// they are quick, else once the loop moved to an idle thread.
     /// `pass`: what the current pass keeps (the caller's, so that a panic
-    /// does not lose it).
-    pub(super) fn io_loop(self: Arc<Self>, pass: &mut ReadPass) {
+    /// does not lose it). `rescued`: this thread was started for the loop
+    /// because no worker was idle (see `rescue`); it runs the loop only
+    /// (what passes keep is queued, it becomes no responder) and hands it
+    /// to the first worker it finds idle, then ends.
+    pub(super) fn io_loop(self: Arc<Self>, pass: &mut ReadPass, rescued: bool) {
         let role = crate::threads::enter(self.loop_role());
         let mut events = Vec::with_capacity(128);
         let mut last_sweep = Instant::now();
@@ -129,6 +136,12 @@ impl Shared {
             conns: std::mem::take(&mut *self.hot_handed_on.lock()),
         };
         while !self.stopping.load(Ordering::Acquire) {
+            if rescued
+                && let Some(ex) = self.executor.upgrade()
+                && self.move_loop(&ex, &mut hot).is_ok()
+            {
+                return;
+            }
             let handshakes = self.handshaking.load(Ordering::Acquire) > 0;
             // Corks met while spinning are written at the end of the pass.
             let mut flush_now = false;
@@ -226,9 +239,12 @@ impl Shared {
                 self.flush_batches();
             }
             match pass.take_kept() {
+                Some(kept) if rescued => kept.queue_all(),
                 Some(kept) if kept.quick() => {
                     if !self.serve_in_place(kept, &mut hot) {
                         // A handler stalled: the loop went on elsewhere.
+                        // What its handlers held back for company leaves.
+                        self.flush_batches();
                         return;
                     }
                     // Replies held back for company (the pool had work
@@ -256,6 +272,7 @@ impl Shared {
                 // ones on that connection likely are too.
                 None => {
                     if let Some(conn) = served
+                        && !rescued
                         && self.become_responder(&mut hot)
                     {
                         drop(role);
@@ -374,8 +391,7 @@ impl Shared {
             return;
         }
         // The loop first: nothing below may keep it from starting.
-        let job = self.clone().io_loop_job();
-        if !self.executor.upgrade().is_some_and(|ex| ex.rescue_io(job)) {
+        if !self.rescue() {
             // The pool has stopped: the agent is closing, and so is the loop.
             *self.io_loop.lock() = false;
             self.io_loop_done.notify_all();
@@ -385,20 +401,31 @@ impl Shared {
             log_at!(
                 Debug,
                 Some(me),
-                "requests served on the I/O loop's thread stalled; the loop moved to another thread"
+                "the I/O loop's thread is held by a handler; the loop moved to another thread"
             )
         });
+    }
+
+    /// Starts the loop at once on another thread: an idle worker, else one
+    /// started for it (every worker may be blocked in a handler waiting for
+    /// what only the loop reads); false if the pool has stopped.
+    fn rescue(self: &Arc<Self>) -> bool {
+        let Some(ex) = self.executor.upgrade() else {
+            return false;
+        };
+        ex.rescue_io(self.clone().io_loop_job(), self.clone().loop_job(true))
     }
 
     /// The calling thread is about to wait: if it serves requests in place
     /// for this transport's loop, the loop moves on first, rather than wait
     /// for the deadline thread to see the stall (the wait may be for a
     /// reply only the loop would read).
-    pub(super) fn leave_in_place(self: &Arc<Self>) {
+    pub(super) fn leave_in_place(&self) {
         if let Role::LoopServing { transport, generation } = crate::threads::role()
             && transport == self.transport_id()
+            && let Some(me) = self.this.upgrade()
         {
-            self.escape_in_place(generation);
+            me.escape_in_place(generation);
         }
     }
 

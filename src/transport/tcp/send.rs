@@ -287,6 +287,9 @@ impl Shared {
             None
         };
         let Some(mut reader) = lead else {
+            // The I/O loop reads the reply: a handler served in place on
+            // its thread moves it on first.
+            self.leave_in_place();
             if let Err(e) = conn.ensure_read() {
                 self.drop_conn(&conn, Some(RpcError::Io(format!("epoll: {e}"))));
                 return;
@@ -359,7 +362,9 @@ impl Shared {
                 incoming.set_how(How::NoWait);
                 continue;
             }
-            // Then sleep on the stream, a slice at a time.
+            // Then sleep on the stream, a slice at a time (a handler served
+            // in place on the loop's thread moves the loop on first).
+            self.leave_in_place();
             let slice = match deadline {
                 Some(d) if d <= now => break Ok(()),
                 Some(d) => (d - now).min(LEAD_SLICE),
