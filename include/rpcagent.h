@@ -475,12 +475,13 @@ void rpcagent_free(struct rpcagent_t *agent);
 /**
  * Registers the C handler `fn` under `name` (1 to 255 bytes of UTF-8).
  * `flags`: 0 runs it on the worker pool (it may block and make nested
- * calls; the pool thread that read its request may run it, in turn with
- * other quick ones (under 10 us of late) that came with it: the I/O
- * loop's own thread, which reads other connections again after them;
- * should one of those block, the rest are queued for other pool threads
- * and the loop moves to another thread, typically within half a
- * millisecond, at once if it waits for a reply), `RPCAGENT_HANDLER_INLINE` on the
+ * calls; the thread that read its request (the I/O loop's, or a busy
+ * connection's responder) may run it, in turn with other quick ones
+ * (under 10 us of late) that came with it; the I/O loop reads other
+ * connections again after them; should one of those block, the rest are
+ * queued for other pool threads and the loop moves to another thread,
+ * typically within half a millisecond, at once if it waits for replies
+ * from one rank), `RPCAGENT_HANDLER_INLINE` on the
  * I/O thread (tiny, non-blocking; a call it makes into a full send window
  * fails with `RPCAGENT_ERR_BUSY`).
  * A rank's call to its own inline function runs it on the calling thread,

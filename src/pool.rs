@@ -311,13 +311,16 @@ impl<J: Job> Pool<J> {
     }
 
     /// Like [`Pool::submit_first`], but only if a worker is idle to take it
-    /// at once (sleeping and not being woken, or looking for work) and,
-    /// unless `over_queued`, no job is queued (an idle worker is about to
-    /// take it); otherwise `run` comes back. One decision under the lock,
-    /// so no other job can take that worker in between.
+    /// at once (sleeping and not being woken, or looking for work) and no
+    /// job is queued (an idle worker is about to take it); otherwise `run`
+    /// comes back. `over_queued`: queued jobs do not matter, and a worker
+    /// being woken for them counts as idle (it takes `run` first). One
+    /// decision under the lock, so no other job can take that worker in
+    /// between.
     pub(crate) fn submit_first_if_idle(&self, label: Arc<str>, run: J, over_queued: bool) -> Result<(), J> {
         let mut q = self.shared.queue.lock();
-        let idle = q.sleeping > q.waking as usize || self.shared.spinning.load(Ordering::Acquire) > 0;
+        let waking = if over_queued { 0 } else { q.waking as usize };
+        let idle = q.sleeping > waking || self.shared.spinning.load(Ordering::Acquire) > 0;
         if q.stopped || !idle || (!over_queued && !q.jobs.is_empty()) {
             return Err(run);
         }

@@ -91,7 +91,8 @@ pub(crate) struct Core {
     deadline_thread: Mutex<Option<JoinHandle<()>>>,
     /// Threads started to run an I/O loop when no worker was idle
     /// (`Executor::rescue_io`); finished ones are dropped as others start.
-    rescuers: Mutex<Vec<JoinHandle<()>>>,
+    /// `None` once `close_and_join` took them: none starts after.
+    rescuers: Mutex<Option<Vec<JoinHandle<()>>>>,
     transports: OnceLock<Transports>,
     pub(crate) stats: Arc<Stats>,
     /// Pool requests by caller and call id, for cancels.
@@ -132,7 +133,7 @@ impl Core {
             early: Mutex::new(Some(Vec::new())),
             pool,
             deadline_thread: Mutex::new(None),
-            rescuers: Mutex::new(Vec::new()),
+            rescuers: Mutex::new(Some(Vec::new())),
             transports: OnceLock::new(),
             stats: Arc::new(Stats::default()),
             in_service: Arc::default(),
@@ -882,7 +883,8 @@ impl Core {
         self.pool.stop(None);
         // A loop's own thread ends as soon as its loop sees the close.
         let me = std::thread::current().id();
-        for thread in std::mem::take(&mut *self.rescuers.lock()) {
+        let rescuers = self.rescuers.lock().take().unwrap_or_default();
+        for thread in rescuers {
             if thread.thread().id() != me {
                 let _ = thread.join();
             }
@@ -900,38 +902,37 @@ impl Executor for Core {
     fn rescue_io(&self, job: Work, on_thread: Work) -> bool {
         // Ahead of the requests just taken back from the held thread: the
         // loop reads what they, and everyone else, wait for.
-        if self
+        let job = match self
             .pool
             .submit_first_if_idle(self.io_label.clone(), AgentJob::Work(job), true)
-            .is_ok()
         {
-            return true;
-        }
+            Ok(()) => return true,
+            Err(job) => job.into_work(),
+        };
         // No worker idle: a thread of its own, which runs the loop only
-        // and hands it to the first worker it finds idle (see
-        // `event_loop::io_loop`), so at most one lives at a time; joined by
-        // `close_and_join`. If it cannot start, the loop waits for a worker.
-        let slot = Arc::new(Mutex::new(Some(on_thread)));
-        let take = slot.clone();
+        // and hands it to a worker once one is idle with nothing queued
+        // (see `event_loop::io_loop`); joined by `close_and_join`, after
+        // which none starts. Started under the list's lock for that; if it
+        // cannot start, the loop waits for a worker.
+        let mut rescuers = self.rescuers.lock();
+        let Some(rescuers) = rescuers.as_mut() else {
+            return false;
+        };
         let spawned = std::thread::Builder::new()
             .name(format!("rpcagent-io{}", self.rank))
             .spawn(move || {
                 let _role = crate::threads::enter(crate::threads::Role::Worker);
-                if let Some(job) = take.lock().take() {
-                    job();
-                }
+                on_thread();
             });
         match spawned {
             Ok(thread) => {
-                let mut rescuers = self.rescuers.lock();
                 rescuers.retain(|t| !t.is_finished());
                 rescuers.push(thread);
                 true
             }
             Err(e) => {
-                let queued = slot.lock().take().is_none_or(|job| self.run_io(job));
-                let rank = self.rank;
-                let e = e.to_string();
+                let queued = self.run_io(job);
+                let (rank, e) = (self.rank, e.to_string());
                 let _ = catch_unwind(|| {
                     log_at!(
                         Warn,

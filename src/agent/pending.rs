@@ -392,11 +392,13 @@ mod tests {
         until("never watched", &|| looks.load(Ordering::SeqCst) >= 5);
         busy.store(false, Ordering::SeqCst);
         until("never stopped watching", &|| !pending.watching.load(Ordering::SeqCst));
-        // Its last look comes just after it stops.
-        std::thread::sleep(Duration::from_millis(50));
+        // Its last look comes just after it stops (maybe after this read).
         let stopped_at = looks.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(looks.load(Ordering::SeqCst), stopped_at, "watched after it stopped");
+        assert!(
+            looks.load(Ordering::SeqCst) <= stopped_at + 1,
+            "watched after it stopped"
+        );
         busy.store(true, Ordering::SeqCst);
         pending.watch();
         until("never watched again", &|| {

@@ -562,18 +562,21 @@ pub fn kept_requests_behind_a_blocked_handler(agent: &RpcAgent) {
 /// Rank 1 has two pool threads (`RPCAGENT_WORKER_THREADS=1`). A call to
 /// `occupy` holds one until `release`; a call to `hold`, quick so far,
 /// holds the other, the I/O loop's, while it serves `hold` in place. The
-/// loop must go on on a thread started for it, or nobody reads `open`,
-/// which ends `hold`. `open` says which thread read it: the rescue thread
-/// in every round where `hold` was served in place (a round where a slow
-/// spell made `hold` look slow, so that it waited in the pool's queue
-/// instead, still passes; most rounds must be rescued).
+/// loop must go on on a thread started for it: only then is `holding`
+/// (which says `hold` blocks) read, and `open`, which ends `hold`; both
+/// say which thread read them. Once both calls are answered, the loop must
+/// be back on a pool thread. (A round where a slow spell made `hold` look
+/// slow, so that it waits in the pool's queue instead, is not counted;
+/// most rounds must be served in place.)
 pub fn loop_rescued_from_a_blocked_handler(agent: &RpcAgent) {
     // Per gate: whether it was opened, and its condition variable.
     type Gate = Arc<(Mutex<bool>, parking_lot::Condvar)>;
-    let wait_for = |gate: &Gate| {
+    let wait_for = |gate: &Gate, running: &AtomicBool| {
+        running.store(true, Ordering::SeqCst);
         let mut open = gate.0.lock();
         let until = Instant::now() + Duration::from_secs(20);
         while !*open && !gate.1.wait_until(&mut open, until).timed_out() {}
+        running.store(false, Ordering::SeqCst);
         std::mem::replace(&mut *open, false)
     };
     let open_gate = |gate: &Gate| {
@@ -581,12 +584,12 @@ pub fn loop_rescued_from_a_blocked_handler(agent: &RpcAgent) {
         gate.1.notify_all();
     };
     let (held, occupied): (Gate, Gate) = Default::default();
-    let occupying = Arc::new(AtomicBool::new(false));
-    let g = held.clone();
+    let (holding, occupying) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let (g, running) = (held.clone(), holding.clone());
     agent
         .register("hold", move |args: &[u8]| {
             Ok(if args == b"wait" {
-                vec![wait_for(&g) as u8]
+                vec![wait_for(&g, &running) as u8]
             } else {
                 vec![]
             })
@@ -594,26 +597,25 @@ pub fn loop_rescued_from_a_blocked_handler(agent: &RpcAgent) {
         .unwrap();
     let (g, running) = (occupied.clone(), occupying.clone());
     agent
-        .register("occupy", move |_: &[u8]| {
-            running.store(true, Ordering::SeqCst);
-            let opened = wait_for(&g);
-            running.store(false, Ordering::SeqCst);
-            Ok(vec![opened as u8])
-        })
+        .register("occupy", move |_: &[u8]| Ok(vec![wait_for(&g, &running) as u8]))
         .unwrap();
-    let running = occupying.clone();
-    agent
-        .register_with("occupied", HandlerOptions { inline: true }, move |_, reply| {
-            reply.set(vec![running.load(Ordering::SeqCst) as u8]);
-            Ok(())
-        })
-        .unwrap();
+    // Inline probes: whether a call runs, and the thread that read it.
+    let reader = || std::thread::current().name().unwrap_or_default().as_bytes().to_vec();
+    for (name, flag) in [("holding", holding), ("occupied", occupying)] {
+        agent
+            .register_with(name, HandlerOptions { inline: true }, move |_, reply| {
+                let mut answer = vec![flag.load(Ordering::SeqCst) as u8];
+                answer.extend(reader());
+                reply.set(answer);
+                Ok(())
+            })
+            .unwrap();
+    }
     let g = held.clone();
     agent
         .register_with("open", HandlerOptions { inline: true }, move |_, reply| {
             open_gate(&g);
-            let name = std::thread::current().name().unwrap_or_default().to_string();
-            reply.set(name.into_bytes());
+            reply.set(reader());
             Ok(())
         })
         .unwrap();
@@ -628,35 +630,64 @@ pub fn loop_rescued_from_a_blocked_handler(agent: &RpcAgent) {
     agent.barrier(LONG).unwrap();
     if agent.rank() == 0 {
         let short = Some(Duration::from_secs(5));
-        let mut rescued = 0;
+        // Polls probe `name` until its flag is set; the reading thread's
+        // name then, `None` if it stayed clear for `bound`.
+        let poll = |name: &str, bound: Duration| {
+            let start = Instant::now();
+            loop {
+                let answer = agent
+                    .rpc_sync_timeout(1, name, b"", short)
+                    .unwrap_or_else(|e| panic!("nobody read `{name}`: {e}"));
+                if answer[0] == 1 {
+                    return Some(String::from_utf8_lossy(&answer[1..]).into_owned());
+                }
+                if start.elapsed() > bound {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let mut in_place = 0;
         for round in 0..5 {
             for _ in 0..200 {
                 agent.rpc_sync(1, "hold", b"").unwrap();
             }
             let occupy = agent.rpc_async(1, "occupy", b"");
-            let start = Instant::now();
-            while agent.rpc_sync(1, "occupied", b"").unwrap() != [1] {
-                assert!(start.elapsed() < LONG, "round {round}: `occupy` never ran");
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            assert!(poll("occupied", LONG).is_some(), "round {round}: `occupy` never ran");
             let hold = agent.rpc_async(1, "hold", b"wait");
-            // Long enough for `hold` to be read and to block.
-            std::thread::sleep(Duration::from_millis(20));
-            let reader = agent
+            let blocked = poll("holding", Duration::from_secs(2));
+            let opener = agent
                 .rpc_sync_timeout(1, "open", b"", short)
                 .unwrap_or_else(|e| panic!("round {round}: nobody read `open`: {e}"));
-            rescued += reader.starts_with(b"rpcagent-io") as usize;
             agent.rpc_sync_timeout(1, "release", b"", short).unwrap();
             let got = hold.wait_timeout(Duration::from_secs(30)).expect("`hold` answered");
             assert_eq!(got.unwrap(), [1], "round {round}: `hold`");
             let got = occupy.wait_timeout(Duration::from_secs(30)).expect("`occupy` answered");
             assert_eq!(got.unwrap(), [1], "round {round}: `occupy`");
+            if let Some(prober) = blocked {
+                // Served in place, and blocked: read by the loop's own thread.
+                in_place += 1;
+                let opener = String::from_utf8_lossy(&opener).into_owned();
+                for (what, by) in [("holding", &prober), ("open", &opener)] {
+                    assert!(by.starts_with("rpcagent-io1"), "round {round}: `{what}` read by {by}");
+                }
+            }
+            // Handed back: a pool thread reads again (probes are inline).
+            let start = Instant::now();
+            loop {
+                let answer = agent.rpc_sync_timeout(1, "occupied", b"", short).unwrap();
+                if answer[1..].starts_with(b"rpcagent-w1") {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < LONG,
+                    "round {round}: the loop stayed on its own thread"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
-        assert!(
-            rescued >= 3,
-            "the loop went on on its own thread in {rescued} of 5 rounds"
-        );
-        eprintln!("figure: the I/O loop was rescued onto its own thread in {rescued} of 5 rounds");
+        assert!(in_place >= 3, "`hold` was served in place in {in_place} of 5 rounds");
+        eprintln!("figure: `hold` served in place and the loop rescued in {in_place} of 5 rounds");
     }
     agent.barrier(LONG).unwrap();
     leave(agent);

@@ -242,9 +242,11 @@ impl Shared {
                 Some(kept) if rescued => kept.queue_all(),
                 Some(kept) if kept.quick() => {
                     if !self.serve_in_place(kept, &mut hot) {
-                        // A handler stalled: the loop went on elsewhere.
-                        // What its handlers held back for company leaves.
-                        self.flush_batches();
+                        // A handler stalled: the loop went on elsewhere
+                        // (a panic here must not start another). What its
+                        // handlers held back for company leaves.
+                        drop(role);
+                        run_contained(|| self.flush_batches());
                         return;
                     }
                     // Replies held back for company (the pool had work

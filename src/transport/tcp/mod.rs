@@ -416,6 +416,12 @@ impl Transport for TcpTransport {
 
     fn drive(&self, dst: usize, waiting: Waiting, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
         self.shared.drive(dst, waiting, done, deadline);
+        // The caller sleeps next, maybe until the loop reads or connects
+        // for it: a handler served in place on the loop's thread moves the
+        // loop on first (`drive` itself does before it waits).
+        if !done() {
+            self.shared.leave_in_place();
+        }
     }
 
     fn resume_reading(&self) {
