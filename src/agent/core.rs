@@ -914,8 +914,8 @@ impl Executor for Core {
         // (see `event_loop::io_loop`); joined by `close_and_join`, after
         // which none starts. Started under the list's lock for that; if it
         // cannot start, the loop waits for a worker.
-        let mut rescuers = self.rescuers.lock();
-        let Some(rescuers) = rescuers.as_mut() else {
+        let mut guard = self.rescuers.lock();
+        let Some(rescuers) = guard.as_mut() else {
             return false;
         };
         let spawned = std::thread::Builder::new()
@@ -931,6 +931,7 @@ impl Executor for Core {
                 true
             }
             Err(e) => {
+                drop(guard);
                 let queued = self.run_io(job);
                 let (rank, e) = (self.rank, e.to_string());
                 let _ = catch_unwind(|| {
@@ -945,9 +946,9 @@ impl Executor for Core {
         }
     }
 
-    fn move_io(&self, job: Work) -> std::result::Result<(), Work> {
+    fn move_io(&self, job: Work, over_queued: bool) -> std::result::Result<(), Work> {
         self.pool
-            .submit_first_if_idle(self.io_label.clone(), AgentJob::Work(job), false)
+            .submit_first_if_idle(self.io_label.clone(), AgentJob::Work(job), over_queued)
             .map_err(AgentJob::into_work)
     }
 

@@ -281,7 +281,7 @@ pub unsafe extern "C" fn rpcagent_free(agent: *mut rpcagent_t) {
 /// connections again after them; should one of those block, the rest are
 /// queued for other pool threads and the loop moves to another thread,
 /// typically within half a millisecond, at once if it waits for replies
-/// from one rank), `RPCAGENT_HANDLER_INLINE` on the
+/// from another rank), `RPCAGENT_HANDLER_INLINE` on the
 /// I/O thread (tiny, non-blocking; a call it makes into a full send window
 /// fails with `RPCAGENT_ERR_BUSY`).
 /// A rank's call to its own inline function runs it on the calling thread,

@@ -284,8 +284,9 @@ pub(crate) trait Executor: Send + Sync {
     /// stopped. For a loop taken from a thread held by a handler.
     fn rescue_io(&self, job: crate::pool::Work, on_thread: crate::pool::Work) -> bool;
     /// Moves the I/O loop `job` to an idle library thread, if one is idle
-    /// now; otherwise gives `job` back.
-    fn move_io(&self, job: crate::pool::Work) -> Result<(), crate::pool::Work>;
+    /// now (`over_queued`: even if jobs are queued, see
+    /// `Pool::submit_first_if_idle`); otherwise gives `job` back.
+    fn move_io(&self, job: crate::pool::Work, over_queued: bool) -> Result<(), crate::pool::Work>;
     /// Work is queued that no idle thread is there to take: a thread the
     /// transport borrowed should give itself back.
     fn starved(&self) -> bool;

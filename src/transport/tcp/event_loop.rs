@@ -120,8 +120,8 @@ impl Shared {
     /// `pass`: what the current pass keeps (the caller's, so that a panic
     /// does not lose it). `rescued`: this thread was started for the loop
     /// because no worker was idle (see `rescue`); it runs the loop only
-    /// (what passes keep is queued, it becomes no responder) and hands it
-    /// to the first worker it finds idle, then ends.
+    /// (what passes keep is queued, it becomes no responder) and, at the
+    /// top of a turn, hands it to a worker if one is idle, then ends.
     pub(super) fn io_loop(self: Arc<Self>, pass: &mut ReadPass, rescued: bool) {
         let role = crate::threads::enter(self.loop_role());
         let mut events = Vec::with_capacity(128);
@@ -136,9 +136,12 @@ impl Shared {
             conns: std::mem::take(&mut *self.hot_handed_on.lock()),
         };
         while !self.stopping.load(Ordering::Acquire) {
+            // Over the requests its last pass queued: a worker woken for
+            // them takes the loop first (else a stream of pool requests
+            // would keep the loop here for good).
             if rescued
                 && let Some(ex) = self.executor.upgrade()
-                && self.move_loop(&ex, &mut hot).is_ok()
+                && self.move_loop(&ex, &mut hot, true).is_ok()
             {
                 return;
             }
@@ -255,7 +258,7 @@ impl Shared {
                     served_in_place = true;
                 }
                 Some(kept) => match self.executor.upgrade() {
-                    Some(ex) => match self.move_loop(&ex, &mut hot) {
+                    Some(ex) => match self.move_loop(&ex, &mut hot, false) {
                         Ok(()) => {
                             drop(role);
                             // The loop runs elsewhere now: a panic here must
@@ -434,13 +437,15 @@ impl Shared {
     /// Moves the I/O loop to an idle library thread, handing it the hot
     /// connections (it looks at them first); if none is idle, gives the
     /// job back and keeps them.
+    /// `over_queued`: see `Executor::move_io`.
     fn move_loop(
         self: &Arc<Self>,
         ex: &Arc<dyn crate::transport::Executor>,
         hot: &mut Hot,
+        over_queued: bool,
     ) -> Result<(), crate::pool::Work> {
         *self.hot_handed_on.lock() = std::mem::take(&mut hot.conns);
-        let moved = ex.move_io(self.clone().io_loop_job());
+        let moved = ex.move_io(self.clone().io_loop_job(), over_queued);
         if moved.is_err() {
             hot.conns = std::mem::take(&mut *self.hot_handed_on.lock());
         }
@@ -457,7 +462,7 @@ impl Shared {
         let moved = self
             .executor
             .upgrade()
-            .is_some_and(|ex| self.move_loop(&ex, hot).is_ok());
+            .is_some_and(|ex| self.move_loop(&ex, hot, false).is_ok());
         if !moved {
             self.responder.store(false, Ordering::Release);
         }
@@ -766,7 +771,7 @@ impl Hot {
 /// thread; a panic in it is logged and goes no further.
 fn run_contained(work: impl FnOnce()) {
     if catch_unwind(AssertUnwindSafe(work)).is_err() {
-        let _ = catch_unwind(|| log_at!(Error, None, "serving requests an I/O thread kept panicked"));
+        let _ = catch_unwind(|| log_at!(Error, None, "work an I/O thread did beside its reading panicked"));
     }
 }
 
