@@ -385,7 +385,10 @@ impl EventFd {
 
     /// Makes it not readable.
     pub(crate) fn clear(&self) {
-        read_counter(&self.fd);
+        let mut value: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64; EAGAIN (already clear) is
+        // harmless.
+        let _ = unsafe { libc::read(self.fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
     }
 }
 
@@ -406,12 +409,4 @@ pub(crate) fn monotonic_ns() -> u64 {
     (t.tv_sec as u64)
         .wrapping_mul(1_000_000_000)
         .wrapping_add(t.tv_nsec as u64)
-}
-
-/// Reads (and so resets) the 8-byte counter of an eventfd.
-fn read_counter(fd: &OwnedFd) {
-    let mut value: u64 = 0;
-    // SAFETY: reads 8 bytes into a live u64 from a non-blocking descriptor;
-    // EAGAIN (nothing to read: already clear) is harmless.
-    let _ = unsafe { libc::read(fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
 }

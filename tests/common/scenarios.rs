@@ -611,21 +611,16 @@ pub fn loop_rescued_from_a_blocked_handler(agent: &RpcAgent) {
             })
             .unwrap();
     }
-    let g = held.clone();
-    agent
-        .register_with("open", HandlerOptions { inline: true }, move |_, reply| {
-            open_gate(&g);
-            reply.set(reader());
-            Ok(())
-        })
-        .unwrap();
-    let g = occupied.clone();
-    agent
-        .register_with("release", HandlerOptions { inline: true }, move |_, _| {
-            open_gate(&g);
-            Ok(())
-        })
-        .unwrap();
+    // Gate openers, answering with the thread that read them.
+    for (name, gate) in [("open", held), ("release", occupied)] {
+        agent
+            .register_with(name, HandlerOptions { inline: true }, move |_, reply| {
+                open_gate(&gate);
+                reply.set(reader());
+                Ok(())
+            })
+            .unwrap();
+    }
     agent.start().unwrap();
     agent.barrier(LONG).unwrap();
     if agent.rank() == 0 {
