@@ -4,7 +4,9 @@
  * PENDING on timeout; tags of futures freed before they completed; failed
  * calls; a second attach refused; two threads waiting on one queue; the
  * queue's fd readable exactly while tags wait (poll); one queue serving two
- * agents; and wait_any over 10,000 futures, every reply checked. */
+ * agents; wait_any over 10,000 futures, every reply checked; and replies
+ * that come after their caller stopped waiting (its wait answered, calls
+ * still in flight) still reach their completion callbacks. */
 #include "harness.h"
 
 #include <poll.h>
@@ -275,13 +277,109 @@ static void check_wait_any_reuse(rpcagent_t *agent) {
     printf("wait_any: replaced futures seen at once; two waiters on one array both woke\n");
 }
 
+/* Sleeps the number of microseconds in its argument, then answers. */
+static int32_t delay_us(void *u, const rpcagent_request_t *req, rpcagent_reply_t *reply) {
+    (void)u;
+    uint32_t us = 0;
+    if (req->args_len != sizeof us) return 1;
+    memcpy(&us, req->args, sizeof us);
+    usleep(us);
+    return rpcagent_reply_set(reply, req->args, req->args_len);
+}
+
+/* A caller's wait is answered while its other calls are in flight, and it
+ * stops waiting: their replies must still run their callbacks, answered
+ * (not timed out). The caller parks the connection when its wait is
+ * answered (it would come back for the rest); the I/O thread reads it once
+ * the caller has not come back for a millisecond, and says so at debug
+ * level, which this test counts: the parking and its way out were both
+ * exercised. `by_queue`: waits on a completion queue, else with wait_any. */
+enum { LEFT_CALLS = 64 };
+static atomic_int left_done;
+static atomic_int taken_over;
+
+static void count_done(void *u) {
+    (void)u;
+    atomic_fetch_add(&left_done, 1);
+}
+
+static void count_taken_over(void *u, int32_t level, const char *message) {
+    (void)u;
+    if (level == RPCAGENT_LOG_DEBUG && strstr(message, "did not wait on it again")) atomic_fetch_add(&taken_over, 1);
+}
+
+static rpcagent_future_t *call_us(rpcagent_t *agent, uint32_t us) {
+    rpcagent_future_t *f = NULL;
+    CHECK_OK(rpcagent_call_async(agent, 1, "delay_us", (const uint8_t *)&us, sizeof us, 60000, &f));
+    return f;
+}
+
+static void check_left_waiting(rpcagent_t *agent, int by_queue) {
+    rpcagent_future_t *futs[LEFT_CALLS];
+    rpcagent_queue_t *q = NULL;
+    CHECK_OK(rpcagent_queue_new(&q));
+    atomic_store(&left_done, 0);
+    atomic_store(&taken_over, 0);
+    CHECK_OK(rpcagent_set_log_callback(count_taken_over, NULL));
+    CHECK_OK(rpcagent_set_log_level(RPCAGENT_LOG_DEBUG));
+    enum { ROUNDS = 5 };
+    for (int round = 0; round < ROUNDS; round++) {
+        int base = atomic_load(&left_done);
+        /* The calls answered once the caller is gone, then the one its wait
+         * takes: served on the peer's I/O thread, so answered within tens of
+         * microseconds, while the caller reads. */
+        for (int i = 1; i < LEFT_CALLS; i++) futs[i] = call_us(agent, 30000);
+        uint32_t quick = 0;
+        CHECK_OK(rpcagent_call_async(agent, 1, "echo_inline", (const uint8_t *)&quick, sizeof quick, 60000, &futs[0]));
+        for (int i = 0; i < LEFT_CALLS; i++) {
+            if (by_queue) CHECK_OK(rpcagent_future_notify(futs[i], q, (uint64_t)i));
+            CHECK_OK(rpcagent_future_on_complete(futs[i], count_done, NULL));
+        }
+        if (by_queue) {
+            CHECK(take(q) == 0);
+        } else {
+            size_t idx = LEFT_CALLS;
+            CHECK_OK(rpcagent_future_wait_any(futs, LEFT_CALLS, 30000, &idx));
+            CHECK(idx == 0);
+        }
+        double start = now_ms();
+        while (atomic_load(&left_done) < base + LEFT_CALLS && now_ms() - start < 10000) usleep(1000);
+        double took = now_ms() - start;
+        if (atomic_load(&left_done) != base + LEFT_CALLS)
+            fprintf(stderr, "round %d: %d of %d callbacks ran in %.0f ms\n", round,
+                    atomic_load(&left_done) - base, LEFT_CALLS, took);
+        CHECK(atomic_load(&left_done) == base + LEFT_CALLS);
+        for (int i = 0; i < LEFT_CALLS; i++) {
+            rpcagent_buffer_t out;
+            CHECK_OK(rpcagent_future_wait(futs[i], 0, &out));
+            rpcagent_buffer_free(&out);
+            rpcagent_future_free(futs[i]);
+        }
+        /* The tags were posted: take them, so the next round starts empty. */
+        if (by_queue)
+            for (int i = 1; i < LEFT_CALLS; i++) (void)take(q);
+    }
+    CHECK_OK(rpcagent_set_log_level(RPCAGENT_LOG_WARN));
+    CHECK_OK(rpcagent_set_log_callback(NULL, NULL));
+    printf("left waiting (%s): every callback ran; the I/O thread took over a parked connection in %d of %d rounds\n",
+           by_queue ? "queue" : "wait_any", atomic_load(&taken_over), ROUNDS);
+    CHECK(atomic_load(&taken_over) > 0);
+    rpcagent_queue_free(q);
+}
+
 static void body(void) {
     rpcagent_t *agent = join_from_env();
     CHECK_OK(rpcagent_register(agent, "echo", echo, NULL, NULL, 0));
     CHECK_OK(rpcagent_register(agent, "delay", delay, NULL, NULL, 0));
+    CHECK_OK(rpcagent_register(agent, "delay_us", delay_us, NULL, NULL, 0));
+    CHECK_OK(rpcagent_register(agent, "echo_inline", echo, NULL, NULL, RPCAGENT_HANDLER_INLINE));
     CHECK_OK(rpcagent_register(agent, "fail", fail, NULL, NULL, 0));
     CHECK_OK(rpcagent_start(agent));
     if (rpcagent_rank(agent) == 0) {
+        /* First: no call of another check may be in flight (a caller parks
+         * only when all in flight to the rank are its own). */
+        check_left_waiting(agent, 0);
+        check_left_waiting(agent, 1);
         check_queue(agent);
         check_wait_any(agent);
         check_wait_any_reuse(agent);

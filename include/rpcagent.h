@@ -825,7 +825,11 @@ const char *rpcagent_future_error(const struct rpcagent_future_t *f);
  * answers completions it was told of, and reads every entry only before it
  * waits. A NULL entry is `RPCAGENT_ERR_INVALID_ARGUMENT`, reported when the
  * call reads that entry (on the first call over an array, and at the latest
- * before any call waits).
+ * before any call waits). While the pending entries all go to one rank it
+ * reads their replies itself; answered with more of them in flight, it may
+ * leave that connection for its next call to read (the replies coming
+ * meanwhile wake nobody): should it not be called again, the I/O thread
+ * reads them after about a millisecond.
  *
  * # Safety
  * `futures` is NULL or valid for `n` pointers, each a live future handle;
@@ -1086,7 +1090,11 @@ rpcagent_status_t rpcagent_future_notify(struct rpcagent_future_t *f,
  * Takes one posted tag, in completion order: `RPCAGENT_OK` with
  * `*out_tag` set, or `RPCAGENT_PENDING` when none came within `timeout_ms`
  * (0: do not block; < 0: wait forever). Any number of threads may wait on
- * one queue; each tag goes to exactly one of them.
+ * one queue; each tag goes to exactly one of them. A waiter reads replies
+ * itself while its calls all go to one rank; answered with more of them in
+ * flight, it may leave that connection for its next wait to read (the
+ * replies coming meanwhile wake nobody): should it not wait again, the
+ * I/O thread reads them after about a millisecond.
  *
  * # Safety
  * `q` is NULL or a live queue; `out_tag` is NULL or writable.

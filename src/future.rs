@@ -75,7 +75,13 @@ pub(crate) type Spawner = Arc<dyn Fn(Callback) + Send + Sync>;
 /// Something that can make progress on calls to a rank while a caller waits
 /// (the TCP transport lets the caller read the connection itself).
 pub(crate) trait Progress: Send + Sync {
-    fn drive(&self, dst: usize, waiting: Waiting, done: &dyn Fn() -> bool, deadline: Option<Instant>);
+    /// Reads replies from `dst` on this thread until `done()` or
+    /// `deadline`, where the transport allows. Answered, it may leave the
+    /// connection parked for this thread's next wait.
+    fn drive(&self, dst: usize, waiting: Waiting<'_>, done: &dyn Fn() -> bool, deadline: Option<Instant>);
+    /// Ends the parkings this thread left (see `drive`): it is about to
+    /// sleep, and the I/O loop must read what comes on them.
+    fn unpark_mine(&self);
     /// Writes the requests held back to share a write (a caller is about
     /// to wait for replies).
     fn flush_batches(&self);
@@ -210,7 +216,7 @@ impl Slot {
         // Posted after the slot's lock is let go (lock order: a wait set,
         // then a slot; never the other way).
         if let Some((q, tag)) = queue {
-            q.post(tag);
+            q.post_attached(tag);
         }
         for (set, index) in watchers.into_iter() {
             set.post(index);
@@ -259,6 +265,7 @@ impl Slot {
         match &mut *self.state.lock() {
             State::Pending { queue, .. } => {
                 *queue = Some((q.clone(), tag));
+                q.attach();
                 true
             }
             State::Done(_) => {
@@ -382,6 +389,12 @@ impl RpcFuture {
                 (a, b) => a.or(b),
             };
             progress.drive(d.dst, Waiting::OwnReply, &|| self.slot.is_ready(), until);
+        }
+        if !self.slot.is_ready()
+            && let Some(progress) = self.driver.as_ref().and_then(|d| d.progress.upgrade())
+        {
+            // About to sleep: what this thread parked is the loop's to read.
+            progress.unpark_mine();
         }
         self.slot.wait_until(deadline)
     }
@@ -553,6 +566,8 @@ struct FullPass<'a> {
     /// when they go to several, or one cannot be driven (only reading that
     /// connection sees every completion: others arrive through the I/O thread).
     one_destination: Option<(&'a Driver, Option<Instant>)>,
+    /// Entries still pending (with `one_destination`, all to it).
+    pending: usize,
 }
 
 /// Looks at every entry once: watches those that changed since the set's
@@ -573,6 +588,7 @@ fn full_pass<'a>(
         some_agent: None,
         many_agents: false,
         one_destination: None,
+        pending: 0,
     };
     let mut drivable = true;
     let mut until = deadline;
@@ -594,6 +610,7 @@ fn full_pass<'a>(
             pass.ready.get_or_insert(i);
             continue;
         }
+        pass.pending += 1;
         match (&f.driver, pass.one_destination) {
             (None, _) => drivable = false,
             (Some(d), None) => pass.one_destination = Some((d, None)),
@@ -659,6 +676,9 @@ pub(crate) fn wait_any_slots<'a>(
     // index per set) means the look must be made again, or the call could
     // sleep past a completion. `None`: no look yet.
     let mut looked_at: Option<u64> = None;
+    // Connections this thread parked were handed to the I/O loop since
+    // the last drive (see below).
+    let mut unparked = false;
     loop {
         // A posted entry stays at the front while its future is the one
         // that completed (it is answered again until replaced).
@@ -674,6 +694,15 @@ pub(crate) fn wait_any_slots<'a>(
             looked_at = None;
         }
         if looked_at.is_some() {
+            // About to sleep: connections this thread parked (in this
+            // call, or an earlier one) are the I/O loop's to read from now
+            // on.
+            if !std::mem::replace(&mut unparked, true) {
+                drop(st);
+                each_agent(n, &future, |p| p.unpark_mine());
+                st = set.state.lock();
+                continue;
+            }
             // Every entry is watched and nothing posted since: sleep until
             // one posts.
             st.sleeping += 1;
@@ -710,18 +739,31 @@ pub(crate) fn wait_any_slots<'a>(
         drop(st);
         match pass.some_agent {
             Some(f) if !pass.many_agents => f.flush_batches(),
-            Some(_) => flush_each_agent(n, &future),
+            Some(_) => each_agent(n, &future, |p| p.flush_batches()),
             None => {}
         }
         if let Some((d, until)) = pass.one_destination
             && let Some(progress) = d.progress.upgrade()
         {
+            // The entries still pending: those pending at the look, less
+            // those posted since (a post may be another array's: fewer);
+            // none while another thread sleeps on the set (it may wait for
+            // a call this thread would not come back for).
+            let covers = || {
+                if set.state.lock().sleeping > 0 {
+                    return 0;
+                }
+                let posted = set.posts.load(Ordering::Acquire).wrapping_sub(seen);
+                pass.pending
+                    .saturating_sub(usize::try_from(posted).unwrap_or(usize::MAX))
+            };
             progress.drive(
                 d.dst,
-                Waiting::AnyReply,
+                Waiting::AnyReply { covers: &covers },
                 &|| set.posts.load(Ordering::Acquire) != seen,
                 until,
             );
+            unparked = false;
         }
         st = set.state.lock();
     }
@@ -749,15 +791,18 @@ fn take_posted<'a>(
     Ok(None)
 }
 
-/// Writes the requests every agent behind `n` futures holds back (once per
-/// run of neighbours on one agent).
-fn flush_each_agent<'a>(n: usize, future: &impl Fn(usize) -> Option<&'a RpcFuture>) {
+/// Runs `act` once for each agent behind `n` futures (once per run of
+/// neighbours on one agent): writing the requests each holds back, or
+/// ending the parkings this thread left on each.
+fn each_agent<'a>(n: usize, future: &impl Fn(usize) -> Option<&'a RpcFuture>, act: impl Fn(&dyn Progress)) {
     let mut last: Option<*const ()> = None;
     for f in (0..n).filter_map(future) {
         if let Some(d) = &f.driver {
             let agent = d.progress.as_ptr() as *const ();
             if last != Some(agent) {
-                f.flush_batches();
+                if let Some(progress) = d.progress.upgrade() {
+                    act(&*progress);
+                }
                 last = Some(agent);
             }
         }

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,9 @@ pub(crate) struct QueueInner {
     /// Whether tags wait, readable without the lock (by a waiter reading
     /// replies itself, see `wait`).
     has_tags: AtomicBool,
+    /// Calls attached while pending that have not completed: those a
+    /// waiter comes back for (see `Waiting::AnyReply`).
+    attached: AtomicUsize,
 }
 
 struct Tags {
@@ -80,6 +83,17 @@ impl QueueInner {
         if tags.sleepers > 0 {
             self.posted.notify_one();
         }
+    }
+
+    /// A pending call was attached (it will post through `post_attached`).
+    pub(crate) fn attach(&self) {
+        self.attached.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Posts the tag of an attached call that completed.
+    pub(crate) fn post_attached(&self, tag: u64) {
+        self.attached.fetch_sub(1, Ordering::Relaxed);
+        self.post(tag);
     }
 
     fn take(&self, tags: &mut Tags) -> Option<u64> {
@@ -141,6 +155,7 @@ impl Queue {
                     }),
                     posted: Condvar::new(),
                     has_tags: AtomicBool::new(false),
+                    attached: AtomicUsize::new(0),
                 }),
             }),
         }
@@ -162,6 +177,8 @@ impl Queue {
         }
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut drove = false;
+        // Connections this thread parked were handed to the I/O loop.
+        let mut unparked = false;
         loop {
             if let Some(tag) = inner.take(&mut tags) {
                 return Some(tag);
@@ -184,9 +201,21 @@ impl Queue {
                         // Bounded: a call that times out (completed by the
                         // deadline thread) is seen within this long.
                         let bound = Instant::now() + DRIVE_AT_MOST;
+                        // The calls attached and not complete; none while
+                        // another thread sleeps here (it may wait for a
+                        // call this one would not come back for) or the
+                        // queue has a descriptor (its user may sleep in
+                        // `poll`).
+                        let covers = || {
+                            let tags = inner.tags.lock();
+                            if tags.sleepers > 0 || tags.fd.is_some() {
+                                return 0;
+                            }
+                            inner.attached.load(Ordering::Relaxed)
+                        };
                         progress.drive(
                             dst,
-                            Waiting::AnyReply,
+                            Waiting::AnyReply { covers: &covers },
                             &|| inner.has_tags.load(Ordering::Acquire),
                             Some(deadline.map_or(bound, |d| d.min(bound))),
                         );
@@ -194,6 +223,17 @@ impl Queue {
                     tags = inner.tags.lock();
                     continue;
                 }
+            }
+            // About to sleep: connections this thread parked (another
+            // waiter took the tag its drive saw, or an earlier call parked
+            // them) are the I/O loop's to read from now on.
+            if !std::mem::replace(&mut unparked, true)
+                && let Some(progress) = tags.driver.as_ref().and_then(|(p, _)| p.upgrade())
+            {
+                drop(tags);
+                progress.unpark_mine();
+                tags = inner.tags.lock();
+                continue;
             }
             tags.sleepers += 1;
             match deadline {

@@ -1022,10 +1022,14 @@ impl Serve {
 }
 
 impl Progress for Core {
-    fn drive(&self, dst: usize, waiting: Waiting, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+    fn drive(&self, dst: usize, waiting: Waiting<'_>, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
         if self.transports.get().is_some() {
             self.transport_to(dst).drive(dst, waiting, done, deadline);
         }
+    }
+
+    fn unpark_mine(&self) {
+        self.transports().iter().for_each(|t| t.unpark_mine());
     }
 
     fn flush_batches(&self) {

@@ -117,7 +117,11 @@ pub unsafe extern "C" fn rpcagent_future_error(f: *const rpcagent_future_t) -> *
 /// answers completions it was told of, and reads every entry only before it
 /// waits. A NULL entry is `RPCAGENT_ERR_INVALID_ARGUMENT`, reported when the
 /// call reads that entry (on the first call over an array, and at the latest
-/// before any call waits).
+/// before any call waits). While the pending entries all go to one rank it
+/// reads their replies itself; answered with more of them in flight, it may
+/// leave that connection for its next call to read (the replies coming
+/// meanwhile wake nobody): should it not be called again, the I/O thread
+/// reads them after about a millisecond.
 ///
 /// # Safety
 /// `futures` is NULL or valid for `n` pointers, each a live future handle;

@@ -74,7 +74,11 @@ pub unsafe extern "C" fn rpcagent_future_notify(
 /// Takes one posted tag, in completion order: `RPCAGENT_OK` with
 /// `*out_tag` set, or `RPCAGENT_PENDING` when none came within `timeout_ms`
 /// (0: do not block; < 0: wait forever). Any number of threads may wait on
-/// one queue; each tag goes to exactly one of them.
+/// one queue; each tag goes to exactly one of them. A waiter reads replies
+/// itself while its calls all go to one rank; answered with more of them in
+/// flight, it may leave that connection for its next wait to read (the
+/// replies coming meanwhile wake nobody): should it not wait again, the
+/// I/O thread reads them after about a millisecond.
 ///
 /// # Safety
 /// `q` is NULL or a live queue; `out_tag` is NULL or writable.

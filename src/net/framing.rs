@@ -88,6 +88,11 @@ impl FrameReader {
         self.end > self.start
     }
 
+    /// A frame too large for the scratch buffer is being read into its own.
+    pub(crate) fn in_large_frame(&self) -> bool {
+        self.large.is_some()
+    }
+
     /// Reads what `src` has, handing every complete frame to `on_frame`
     /// (an error from it stops the pass), until the socket has nothing more
     /// or closes. Errors: bad bytes, a truncated frame, or an I/O error.

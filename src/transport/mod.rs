@@ -145,7 +145,11 @@ pub(crate) trait Transport: Send + Sync {
     /// Called by a caller about to wait for a reply from `dst`: the
     /// transport may use the caller's thread to read that reply itself until
     /// `done()` or `deadline`, instead of waking it from another thread.
-    fn drive(&self, _dst: usize, _waiting: Waiting, _done: &dyn Fn() -> bool, _deadline: Option<Instant>) {}
+    /// Answered, it may leave the connection parked for this thread.
+    fn drive(&self, _dst: usize, _waiting: Waiting<'_>, _done: &dyn Fn() -> bool, _deadline: Option<Instant>) {}
+
+    /// Ends the parkings `drive` left for this thread (it is about to sleep).
+    fn unpark_mine(&self) {}
 
     /// The pool's backlog fell below half full: connections whose reading
     /// stopped for it are read again.
@@ -162,16 +166,20 @@ pub(crate) trait Transport: Send + Sync {
 }
 
 /// What a caller driving a connection waits for.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Waiting {
+#[derive(Clone, Copy)]
+pub(crate) enum Waiting<'a> {
     /// Its own reply: it reads the connection only when that reply is the
     /// one expected (with more in flight the I/O thread reads them in
     /// batches, and reading here would only move that work).
     OwnReply,
     /// Whichever reply comes (`wait_any`, a completion queue): it reads
     /// whatever is in flight, so a busy pipeline's completions are taken
-    /// on the waiting thread with no wake-up from the I/O thread.
-    AnyReply,
+    /// on the waiting thread with no wake-up from the I/O thread. `covers()`:
+    /// how many of the calls still in flight the waiter will come back for
+    /// (its pending entries, or calls attached to its queue); when no others
+    /// are in flight to this destination, it may park the connection once
+    /// answered (see `Conn::end_lead_parked`).
+    AnyReply { covers: &'a dyn Fn() -> usize },
 }
 
 /// An agent's transports and the one that carries calls to each rank.

@@ -9,7 +9,10 @@
 //! waiting for its own reply, which then reads the socket itself instead of
 //! being woken by the I/O thread; or, on an accepted connection, a responder
 //! waiting for the next requests. The last two "lead": epoll stops watching
-//! the connection for data meanwhile.
+//! the connection for data meanwhile. A caller whose wait was answered
+//! while more of its calls are in flight may "park" the connection when it
+//! lets go (see [`Conn::end_lead_parked`]): nobody reads it until that
+//! caller waits again, or the I/O thread after [`PARK_FOR`].
 
 use std::collections::VecDeque;
 use std::io;
@@ -35,6 +38,11 @@ const NO_PEER: usize = usize::MAX;
 const WAIT_FOR_SOCKET: Duration = Duration::from_millis(200);
 /// A corked batch is written once it holds this many frames.
 const MAX_CORKED: usize = 64;
+/// How long a parked connection waits for its caller before the I/O
+/// thread reads it (it looks about this often while any is parked): the
+/// most a reply may wait when its caller stopped waiting with calls in
+/// flight (on completion callbacks, say), about two of these.
+pub(crate) const PARK_FOR: Duration = Duration::from_millis(1);
 /// Frames larger than this are never corked: corking copies a frame into
 /// the outbox, and one this large fills a write by itself.
 pub(crate) const MAX_CORKED_FRAME: u64 = 64 << 10;
@@ -160,8 +168,27 @@ struct Interest {
     /// Someone needed the I/O thread reading while another thread led: it takes
     /// over when the leader is done.
     wanted: bool,
+    /// Parked by this thread at this time (see [`Conn::end_lead_parked`]):
+    /// epoll does not report its bytes meanwhile (its end, or a pipe's own
+    /// wake bell, still reach the I/O thread, which then reads it, unless
+    /// it is a TCP connection out of the epoll set: then nothing is
+    /// reported before the I/O thread takes it over).
+    parked: Option<(Instant, std::thread::ThreadId)>,
+    /// On the list of parked pipes the I/O loop looks at (`Shared::parked`).
+    listed: bool,
     /// A pipe's bells are in the epoll set (see `Stream::watch`).
     bells: bool,
+}
+
+/// What the I/O thread's look at a parked connection found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Looked {
+    /// Still parked, recently: it stays on the list.
+    Parked,
+    /// No longer parked (led again, or read by the I/O thread): off the list.
+    Left,
+    /// Parked for [`PARK_FOR`]: the I/O thread reads it from now on.
+    TakenOver,
 }
 
 /// Where a connection is in its handshake (stepped by the I/O loop only).
@@ -302,6 +329,8 @@ impl Conn {
                 write: false,
                 leader: false,
                 wanted: false,
+                parked: None,
+                listed: false,
                 bells: false,
             }),
             epoll,
@@ -371,6 +400,22 @@ impl Conn {
         self.want_reads(false)
     }
 
+    /// Like [`Conn::ensure_read`] for a caller that just sent a request
+    /// and goes on: a connection this thread parked stays parked (it comes
+    /// back for the replies; should it not, the I/O thread reads it after
+    /// [`PARK_FOR`]).
+    pub(crate) fn ensure_read_unless_parked(&self) -> io::Result<()> {
+        let mut i = self.interest.lock();
+        if i.parked.is_some_and(|(_, by)| by == std::thread::current().id()) {
+            return Ok(());
+        }
+        if i.leader {
+            i.wanted = true;
+            return Ok(());
+        }
+        self.watch_reads(&mut i, false)
+    }
+
     /// The I/O thread had an event for this connection but another thread
     /// holds the reader. Events are edge-triggered (not repeated), so it
     /// must be reported again once that thread lets go: a leader re-arms it
@@ -396,6 +441,8 @@ impl Conn {
     /// Has the I/O thread read the connection; `again` re-polls it even if
     /// it already does. The flags stay as they were if epoll refuses.
     fn watch_reads(&self, i: &mut Interest, again: bool) -> io::Result<()> {
+        // Whoever parked it is no longer waited for.
+        i.parked = None;
         if i.read && !again {
             return Ok(());
         }
@@ -408,9 +455,11 @@ impl Conn {
         applied
     }
 
-    /// A caller or a responder is reading it.
+    /// A caller or a responder is reading it, or a caller parked it: the
+    /// I/O loop does not spin on it.
     pub(crate) fn is_led(&self) -> bool {
-        self.interest.lock().leader
+        let i = self.interest.lock();
+        i.leader || i.parked.is_some()
     }
 
     /// It was closed (no more traffic).
@@ -433,6 +482,8 @@ impl Conn {
     /// holds `reader`): the I/O thread stops watching it for data.
     pub(crate) fn begin_lead(&self) -> io::Result<()> {
         let mut i = self.interest.lock();
+        // A parked connection is taken as it is: no system call.
+        i.parked = None;
         if !i.read {
             i.leader = true;
             return Ok(());
@@ -473,6 +524,60 @@ impl Conn {
         // every descriptor is set anew, so that an event met is reported
         // again.
         self.watch_reads(&mut i, wanted)
+    }
+
+    /// Ends the lead of a caller whose wait was answered and who will wait
+    /// again for the calls it still has in flight here (`wait_any`, a
+    /// completion queue): the connection is parked. The I/O thread does not
+    /// read it (epoll does not report its bytes; a pipe's peer is not asked
+    /// again to ring), so the replies that come meanwhile wake nobody, and the
+    /// caller's next wait leads it as it is, with no system call (measured,
+    /// 128 calls of 32 B in flight: handing back woke the I/O thread, which
+    /// then read replies beside the caller, and cost a third of the
+    /// throughput over shared memory, half over TCP). The parking ends
+    /// when a thread asks for the I/O thread's reading (`ensure_read`,
+    /// `rearm`), or when the I/O thread finds it parked for [`PARK_FOR`]
+    /// (the caller went away). One the I/O thread wanted meanwhile is
+    /// handed back as by `end_lead(true)`. True if newly parked: the I/O
+    /// thread must be told (`Shared::note_parked`).
+    pub(crate) fn end_lead_parked(&self) -> io::Result<bool> {
+        let mut i = self.interest.lock();
+        if i.wanted {
+            drop(i);
+            return self.end_lead(true).map(|()| false);
+        }
+        i.leader = false;
+        i.parked = Some((Instant::now(), std::thread::current().id()));
+        Ok(!std::mem::replace(&mut i.listed, true))
+    }
+
+    /// Ends a parking by thread `by` (it sleeps instead of coming back):
+    /// the I/O thread reads the connection from now on.
+    pub(crate) fn unpark_if_parked_by(&self, by: std::thread::ThreadId) -> io::Result<()> {
+        let mut i = self.interest.lock();
+        if i.parked.is_none_or(|(_, parker)| parker != by) {
+            return Ok(());
+        }
+        self.watch_reads(&mut i, false)
+    }
+
+    /// The I/O thread's look at a connection on its list of parked ones:
+    /// parked for [`PARK_FOR`], it is read by the I/O thread from now on.
+    pub(crate) fn look_parked(&self, now: Instant) -> io::Result<Looked> {
+        let mut i = self.interest.lock();
+        match i.parked {
+            Some((at, _)) if now.saturating_duration_since(at) < PARK_FOR => Ok(Looked::Parked),
+            Some(_) => {
+                i.listed = false;
+                self.watch_reads(&mut i, false).map(|()| Looked::TakenOver)
+            }
+            // Led again, or read by the I/O thread: a new parking lists it
+            // anew (a long lead does not keep the loop looking).
+            None => {
+                i.listed = false;
+                Ok(Looked::Left)
+            }
+        }
     }
 
     /// Sends one frame (see the module docs for who writes when). A frame
@@ -1008,6 +1113,121 @@ mod tests {
             parts_reported(&epoll, 5000).contains(&Part::Wake),
             "the bytes waiting were not reported"
         );
+    }
+
+    /// When `conn` was parked.
+    fn parked_at(conn: &Conn) -> Instant {
+        conn.interest.lock().parked.expect("parked").0
+    }
+
+    /// A caller parks a pipe: bytes that come meanwhile are not reported
+    /// (its data bell is unwatched), a request this thread sends meanwhile
+    /// leaves it parked, the caller's next lead takes it as it is; parked
+    /// for `PARK_FOR`, the loop's look has the loop read it.
+    #[test]
+    fn a_parked_pipe_waits_for_its_caller_then_for_the_loop() {
+        let (conn, peer, epoll) = led_pipe();
+        assert!(conn.end_lead_parked().unwrap(), "not newly parked");
+        assert!(conn.is_led(), "the loop may spin on a parked pipe");
+        assert_eq!(peer.pipe().unwrap().write(&[b"a reply"], 0).unwrap(), 7);
+        conn.ensure_read_unless_parked().unwrap();
+        assert!(parts_reported(&epoll, 50).is_empty(), "a parked pipe was reported");
+        conn.begin_lead().unwrap();
+        assert!(!conn.end_lead_parked().unwrap(), "listed twice");
+        let at = parked_at(&conn);
+        assert_eq!(conn.look_parked(at).unwrap(), Looked::Parked);
+        assert!(parts_reported(&epoll, 50).is_empty(), "reported while fresh");
+        assert_eq!(conn.look_parked(at + PARK_FOR).unwrap(), Looked::TakenOver);
+        assert!(!conn.is_led());
+        assert!(
+            parts_reported(&epoll, 5000).contains(&Part::Wake),
+            "the bytes waiting were not reported"
+        );
+        // Led and parked again: listed anew. Led again: off the list.
+        conn.begin_lead().unwrap();
+        assert!(conn.end_lead_parked().unwrap(), "not listed anew");
+        conn.begin_lead().unwrap();
+        assert_eq!(conn.look_parked(Instant::now()).unwrap(), Looked::Left);
+    }
+
+    /// A TCP connection out of the epoll set (only callers read it) parks
+    /// too: the loop's look adds it, and the bytes and the end that came
+    /// meanwhile are reported.
+    #[test]
+    fn a_parked_tcp_connection_out_of_epoll_is_added_with_what_came() {
+        let (conn, mut server, epoll) = opened_connection();
+        conn.begin_lead().unwrap();
+        assert!(conn.end_lead_parked().unwrap());
+        server.write_all(b"a reply").unwrap();
+        drop(server);
+        let mut events = Vec::new();
+        epoll.wait(&mut events, 50).unwrap();
+        assert!(events.is_empty(), "a connection out of the set was reported");
+        assert_eq!(
+            conn.look_parked(parked_at(&conn) + PARK_FOR).unwrap(),
+            Looked::TakenOver
+        );
+        epoll.wait(&mut events, 5000).unwrap();
+        assert_eq!(events.len(), 1, "the bytes and the end were not reported");
+        assert!(events[0].readable() && events[0].closed(), "{:?}", events[0].events);
+    }
+
+    /// A TCP connection parks too: bytes that come meanwhile are not
+    /// reported; once the loop's look hands it back they are.
+    #[test]
+    fn a_parked_tcp_connection_is_reported_once_handed_back() {
+        let (conn, mut server, epoll) = opened_connection();
+        conn.ensure_read().unwrap();
+        conn.begin_lead().unwrap();
+        assert!(conn.end_lead_parked().unwrap());
+        server.write_all(b"a reply").unwrap();
+        let mut events = Vec::new();
+        epoll.wait(&mut events, 50).unwrap();
+        assert!(events.is_empty(), "a parked connection was reported");
+        assert_eq!(
+            conn.look_parked(parked_at(&conn) + PARK_FOR).unwrap(),
+            Looked::TakenOver
+        );
+        epoll.wait(&mut events, 5000).unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.token).collect::<Vec<_>>(),
+            [7],
+            "the bytes waiting were not reported"
+        );
+    }
+
+    /// Asking for the loop's reading ends a parking at once (`ensure_read`;
+    /// `unpark` from the thread that parked it; a send from another
+    /// thread); a lead during which the loop wanted the connection does
+    /// not end in one.
+    #[test]
+    fn asking_for_the_loop_ends_or_prevents_a_parking() {
+        let (conn, peer, epoll) = led_pipe();
+        assert!(conn.end_lead_parked().unwrap());
+        assert_eq!(peer.pipe().unwrap().write(&[b"a reply"], 0).unwrap(), 7);
+        conn.ensure_read().unwrap();
+        assert!(!conn.is_led());
+        assert!(parts_reported(&epoll, 5000).contains(&Part::Wake), "not reported");
+        assert_eq!(conn.look_parked(Instant::now()).unwrap(), Looked::Left);
+        let by_unpark = |c: &Conn| {
+            let another = std::thread::scope(|s| s.spawn(|| std::thread::current().id()).join().unwrap());
+            c.unpark_if_parked_by(another).unwrap();
+            assert!(c.is_led(), "another thread ended the parking");
+            c.unpark_if_parked_by(std::thread::current().id()).unwrap();
+        };
+        let by_another_sender =
+            |c: &Conn| std::thread::scope(|s| s.spawn(|| c.ensure_read_unless_parked().unwrap()).join().unwrap());
+        for end_parking in [&by_unpark as &dyn Fn(&Conn), &by_another_sender] {
+            conn.begin_lead().unwrap();
+            conn.end_lead_parked().unwrap();
+            assert!(conn.is_led());
+            end_parking(&conn);
+            assert!(!conn.is_led(), "still parked");
+        }
+        conn.begin_lead().unwrap();
+        conn.rearm().unwrap();
+        assert!(!conn.end_lead_parked().unwrap());
+        assert!(!conn.is_led(), "parked though the loop wanted it");
     }
 
     /// Small frames share queued buffers, a partly sent one included (it

@@ -163,15 +163,16 @@ impl Shared {
                 }
                 Spun::Nothing => {
                     hot.arm(&self);
-                    // Corked batches are written within about a millisecond.
-                    // Idle first, then look: a cork added after the look sees
-                    // the flag and nudges the loop.
+                    // Corked batches are written, and parked connections looked
+                    // at, within about a millisecond. Idle first, then look:
+                    // a cork added or a connection parked after the look sees the
+                    // flag and nudges the loop.
                     self.io_loop_idle.store(true, Ordering::SeqCst);
-                    let corks = self.has_corks.load(Ordering::SeqCst);
-                    if corks {
+                    let soon = self.has_corks.load(Ordering::SeqCst) || self.has_parked.load(Ordering::SeqCst);
+                    if soon {
                         self.io_loop_idle.store(false, Ordering::SeqCst);
                     }
-                    match (corks, handshakes) {
+                    match (soon, handshakes) {
                         (true, _) => 1,
                         (false, true) => HANDSHAKE_SWEEP.as_millis() as i32,
                         (false, false) => -1,
@@ -198,8 +199,8 @@ impl Shared {
                 log_at!(Error, Some(self.me), "epoll_wait failed: {e}; the I/O loop stops");
                 break;
             }
-            // Woken only to learn of a new cork: give the batch its
-            // millisecond to fill.
+            // Woken only to learn of a new cork (or parked connection):
+            // give the batch its millisecond to fill.
             let nudged_only = !events.is_empty() && events.iter().all(|e| e.token == WAKER);
             // A connection whose requests this round served.
             let mut served = None;
@@ -235,6 +236,7 @@ impl Shared {
                     }
                 }
             }
+            self.look_at_parked();
             if handshakes && last_sweep.elapsed() >= HANDSHAKE_SWEEP {
                 last_sweep = Instant::now();
                 self.close_stale_handshakes();

@@ -227,8 +227,15 @@ pub(crate) struct Shared {
     /// `corked` may hold some (the I/O loop looks here on every pass
     /// instead of taking the lock).
     has_corks: AtomicBool,
-    /// The I/O loop sleeps with its long timeout (a new cork must tell it).
+    /// The I/O loop sleeps with its long timeout (a new cork, or a newly
+    /// parked connection, must tell it).
     io_loop_idle: AtomicBool,
+    /// Connections their callers parked (see `Conn::end_lead_parked`),
+    /// which the I/O loop looks at about every `conn::PARK_FOR` (it reads
+    /// those parked that long); and whether there are any (looked at
+    /// without the lock, set under it).
+    parked: Mutex<Vec<Arc<Conn>>>,
+    has_parked: AtomicBool,
     /// A thread serves one connection as its responder (one at a time: each
     /// borrows a pool thread).
     responder: AtomicBool,
@@ -336,6 +343,8 @@ impl TcpTransport {
             corked: Mutex::new(Vec::new()),
             has_corks: AtomicBool::new(false),
             io_loop_idle: AtomicBool::new(false),
+            parked: Mutex::new(Vec::new()),
+            has_parked: AtomicBool::new(false),
             responder: AtomicBool::new(false),
             hot_handed_on: Mutex::new(Vec::new()),
             in_place: AtomicU64::new(0),
@@ -387,6 +396,7 @@ impl Transport for TcpTransport {
         for c in shared.conns.lock().drain().map(|(_, c)| c) {
             c.close();
         }
+        shared.parked.lock().clear();
         for p in &shared.peers {
             let mut st = p.state.lock();
             if !matches!(*st, PeerState::Lost(_)) {
@@ -414,7 +424,7 @@ impl Transport for TcpTransport {
         self.shared.flush_batches();
     }
 
-    fn drive(&self, dst: usize, waiting: Waiting, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+    fn drive(&self, dst: usize, waiting: Waiting<'_>, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
         self.shared.drive(dst, waiting, done, deadline);
         // The caller sleeps next, maybe until the loop reads or connects
         // for it: a handler served in place on the loop's thread moves the
@@ -422,6 +432,10 @@ impl Transport for TcpTransport {
         if !done() {
             self.shared.leave_in_place();
         }
+    }
+
+    fn unpark_mine(&self) {
+        self.shared.unpark_mine();
     }
 
     fn resume_reading(&self) {

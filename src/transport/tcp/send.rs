@@ -8,11 +8,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, RpcError};
+use crate::log::log_at;
 use crate::net::framing::ReadEnd;
 use crate::transport::{OutRequest, Waiting};
 use crate::wire::{FLAG_INTERNAL, Header, Kind};
 
-use super::conn::{self, Conn};
+use super::conn::{self, Conn, Looked};
 use super::conn::{Window, WindowFull};
 use super::event_loop::PassLookups;
 use super::open::{Queued, WaitingCalls};
@@ -185,8 +186,9 @@ impl Shared {
         })?;
         // A caller about to wait reads the reply itself (see `drive`);
         // otherwise the I/O thread must be watching for it.
+        // A connection its caller parked stays so: that caller comes back.
         if !request.will_wait {
-            conn.ensure_read()
+            conn.ensure_read_unless_parked()
                 .map_err(|e| self.conn_failed(&conn, format!("epoll: {e}")))?;
         }
         Ok(())
@@ -248,6 +250,61 @@ impl Shared {
         }
     }
 
+    /// Lists a newly parked connection for the I/O loop (see
+    /// `Conn::end_lead_parked`), waking it if it sleeps without a timeout.
+    fn note_parked(&self, conn: &Arc<Conn>) {
+        {
+            let mut parked = self.parked.lock();
+            parked.push(conn.clone());
+            self.has_parked.store(true, Ordering::SeqCst);
+        }
+        if self.io_loop_idle.load(Ordering::SeqCst) {
+            let _ = io::Write::write(&mut &self.waker_tx, &[1]);
+        }
+    }
+
+    /// The I/O loop's look at the parked connections (see `Conn::look_parked`).
+    pub(super) fn look_at_parked(&self) {
+        if !self.has_parked.load(Ordering::Acquire) {
+            return;
+        }
+        let now = Instant::now();
+        let (mut failed, mut taken_over) = (Vec::new(), Vec::new());
+        {
+            let mut parked = self.parked.lock();
+            parked.retain(|c| {
+                if c.is_closed() {
+                    return false;
+                }
+                match c.look_parked(now) {
+                    Ok(Looked::Parked) => true,
+                    Ok(Looked::Left) => false,
+                    Ok(Looked::TakenOver) => {
+                        taken_over.push(c.peer());
+                        false
+                    }
+                    Err(e) => {
+                        failed.push((c.clone(), e));
+                        false
+                    }
+                }
+            });
+            self.has_parked.store(!parked.is_empty(), Ordering::SeqCst);
+        }
+        for rank in taken_over.into_iter().flatten() {
+            log_at!(
+                Debug,
+                Some(self.me),
+                "the caller that parked the connection to rank {rank} did not wait on it again within {} ms; \
+                 the I/O thread reads it",
+                conn::PARK_FOR.as_millis()
+            );
+        }
+        for (c, e) in failed {
+            self.drop_conn(&c, Some(RpcError::Io(format!("epoll: {e}"))));
+        }
+    }
+
     /// Writes every corked batch now.
     pub(super) fn flush_batches(&self) {
         if !self.has_corks.load(Ordering::SeqCst) || !self.has_corks.swap(false, Ordering::SeqCst) {
@@ -264,8 +321,9 @@ impl Shared {
     /// A caller waiting for a reply from `dst` reads that connection itself
     /// (if nobody else is): the reply completes its call on its own thread,
     /// with no wake-up from the I/O thread. Other frames it meets are
-    /// dispatched as the I/O thread would.
-    pub(super) fn drive(&self, dst: usize, waiting: Waiting, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+    /// dispatched as the I/O thread would. Answered, it may leave the
+    /// connection parked for this thread (see `Conn::end_lead_parked`).
+    pub(super) fn drive(&self, dst: usize, waiting: Waiting<'_>, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
         self.flush_batches();
         let conn = match &*self.peers[dst].state.lock() {
             PeerState::Ready(c) => c.clone(),
@@ -281,7 +339,7 @@ impl Shared {
         };
         // With several calls in flight the I/O thread reads their replies in
         // batches; reading them here would only move that work.
-        let lead = if in_flight() <= 1 || waiting == Waiting::AnyReply {
+        let lead = if in_flight() <= 1 || matches!(waiting, Waiting::AnyReply { .. }) {
             conn.reader.try_lock()
         } else {
             None
@@ -309,6 +367,13 @@ impl Shared {
         if conn.begin_lead().is_err() {
             return;
         }
+        // Should reading below panic (a log sink, say), the loop reads the
+        // connection again: a lead left set would have nobody read it.
+        let mut on_panic = HandBackOnPanic {
+            shared: self,
+            conn: &conn,
+            armed: true,
+        };
         // Spinning, a look at an empty pipe costs no system call and asks
         // the peer for no wake-up; the last look before sleeping asks.
         let mut incoming = conn.stream.incoming(How::Spinning);
@@ -375,13 +440,74 @@ impl Shared {
             }
         };
         // Hand reading back before letting go of the reader, so a caller
-        // that leads next cannot have its flag cleared by this one.
-        let handed_back = conn.end_lead(in_flight() > 0);
+        // that leads next cannot have its flag cleared by this one. A
+        // caller whose wait was answered, and whose own calls are all that
+        // is in flight here (counted now: some completed while it read),
+        // parks the connection: it comes back for the rest. Not in the
+        // middle of a large reply: its writer would wait for room meanwhile.
+        let left = in_flight();
+        let park = match waiting {
+            Waiting::AnyReply { covers } => {
+                outcome.is_ok() && left > 0 && !reader.in_large_frame() && done() && left <= covers()
+            }
+            Waiting::OwnReply => false,
+        };
+        on_panic.armed = false;
+        let handed_back = if park {
+            conn.end_lead_parked().map(|newly| {
+                if newly {
+                    self.note_parked(&conn);
+                }
+            })
+        } else {
+            conn.end_lead(left > 0)
+        };
         drop(reader);
         // A connection epoll will not watch cannot serve the calls left on it.
         let outcome = outcome.and(handed_back.map_err(|e| Some(RpcError::Io(format!("epoll: {e}")))));
         if let Err(why) = outcome {
             self.drop_conn(&conn, why);
+        }
+    }
+
+    /// The connections this thread parked are the I/O loop's to read from
+    /// now on (it is about to sleep instead of reading them).
+    pub(super) fn unpark_mine(&self) {
+        if !self.has_parked.load(Ordering::Acquire) {
+            return;
+        }
+        let me = std::thread::current().id();
+        let mut failed = Vec::new();
+        for c in self.parked.lock().iter() {
+            if let Err(e) = c.unpark_if_parked_by(me) {
+                failed.push((c.clone(), e));
+            }
+        }
+        for (c, e) in failed {
+            self.drop_conn(&c, Some(RpcError::Io(format!("epoll: {e}"))));
+        }
+    }
+}
+
+/// Hands a led connection back to the I/O loop if the leader unwinds
+/// before it hands back itself (dropped before the reader is let go:
+/// declared after it).
+struct HandBackOnPanic<'a> {
+    shared: &'a Shared,
+    conn: &'a Arc<Conn>,
+    armed: bool,
+}
+
+impl Drop for HandBackOnPanic<'_> {
+    fn drop(&mut self) {
+        if self.armed
+            && let Err(e) = self.conn.end_lead(true)
+        {
+            // Unwinding already: a second panic (the log sink) would abort.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.shared
+                    .drop_conn(self.conn, Some(RpcError::Io(format!("epoll: {e}"))))
+            }));
         }
     }
 }
