@@ -829,7 +829,8 @@ const char *rpcagent_future_error(const struct rpcagent_future_t *f);
  * reads their replies itself; answered with more of them in flight, it may
  * leave that connection for its next call to read (the replies coming
  * meanwhile wake nobody): should it not be called again, the I/O thread
- * reads them after about a millisecond.
+ * reads them within about 2 ms (any sleeping wait of this thread hands
+ * them to it at once).
  *
  * # Safety
  * `futures` is NULL or valid for `n` pointers, each a live future handle;
@@ -1094,7 +1095,8 @@ rpcagent_status_t rpcagent_future_notify(struct rpcagent_future_t *f,
  * itself while its calls all go to one rank; answered with more of them in
  * flight, it may leave that connection for its next wait to read (the
  * replies coming meanwhile wake nobody): should it not wait again, the
- * I/O thread reads them after about a millisecond.
+ * I/O thread reads them within about 2 ms (a wait that times out, or any
+ * sleeping wait of this thread, hands them to it at once).
  *
  * # Safety
  * `q` is NULL or a live queue; `out_tag` is NULL or writable.

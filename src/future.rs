@@ -487,14 +487,6 @@ impl RpcFuture {
             ))
         }
     }
-
-    /// Writes requests held back for company (its caller is about to wait
-    /// other than through this future's own wait).
-    pub(crate) fn flush_batches(&self) {
-        if let Some(progress) = self.driver.as_ref().and_then(|d| d.progress.upgrade()) {
-            progress.flush_batches();
-        }
-    }
 }
 
 /// The waiting side of `wait_any`, kept between calls so that waiting again
@@ -631,6 +623,13 @@ fn full_pass<'a>(
     Ok(pass)
 }
 
+/// The agents behind a `wait_any`'s entries (see `to_unpark`).
+enum Agents {
+    One(Weak<dyn Progress>),
+    /// Each is found by a walk over the entries.
+    Many,
+}
+
 /// `wait_any` was given no future at this index (a NULL entry from C).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct MissingEntry(pub(crate) usize);
@@ -676,9 +675,9 @@ pub(crate) fn wait_any_slots<'a>(
     // index per set) means the look must be made again, or the call could
     // sleep past a completion. `None`: no look yet.
     let mut looked_at: Option<u64> = None;
-    // Connections this thread parked were handed to the I/O loop since
-    // the last drive (see below).
-    let mut unparked = false;
+    // The agents whose connections this thread may have parked, to hand
+    // to their I/O loops before it sleeps (taken once per look).
+    let mut to_unpark: Option<Agents> = None;
     loop {
         // A posted entry stays at the front while its future is the one
         // that completed (it is answered again until replaced).
@@ -697,9 +696,16 @@ pub(crate) fn wait_any_slots<'a>(
             // About to sleep: connections this thread parked (in this
             // call, or an earlier one) are the I/O loop's to read from now
             // on.
-            if !std::mem::replace(&mut unparked, true) {
+            if let Some(agents) = to_unpark.take() {
                 drop(st);
-                each_agent(n, &future, |p| p.unpark_mine());
+                match agents {
+                    Agents::One(agent) => {
+                        if let Some(progress) = agent.upgrade() {
+                            progress.unpark_mine();
+                        }
+                    }
+                    Agents::Many => each_agent(n, &future, |p| p.unpark_mine()),
+                }
                 st = set.state.lock();
                 continue;
             }
@@ -737,11 +743,19 @@ pub(crate) fn wait_any_slots<'a>(
         // single wait does (no wake-up from the I/O thread per reply).
         let seen = set.posts.load(Ordering::Acquire);
         drop(st);
-        match pass.some_agent {
-            Some(f) if !pass.many_agents => f.flush_batches(),
-            Some(_) => each_agent(n, &future, |p| p.flush_batches()),
-            None => {}
-        }
+        to_unpark = match pass.some_agent.and_then(|f| f.driver.as_ref()) {
+            Some(d) if !pass.many_agents => {
+                if let Some(progress) = d.progress.upgrade() {
+                    progress.flush_batches();
+                }
+                Some(Agents::One(d.progress.clone()))
+            }
+            Some(_) => {
+                each_agent(n, &future, |p| p.flush_batches());
+                Some(Agents::Many)
+            }
+            None => None,
+        };
         if let Some((d, until)) = pass.one_destination
             && let Some(progress) = d.progress.upgrade()
         {
@@ -763,7 +777,6 @@ pub(crate) fn wait_any_slots<'a>(
                 &|| set.posts.load(Ordering::Acquire) != seen,
                 until,
             );
-            unparked = false;
         }
         st = set.state.lock();
     }

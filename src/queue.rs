@@ -184,6 +184,13 @@ impl Queue {
                 return Some(tag);
             }
             if deadline.is_some_and(|d| d <= Instant::now()) {
+                // A look that read nothing (a drain with no timeout, say)
+                // leaves nothing parked for this thread: the loop reads
+                // its connections, and the tags come while it goes on.
+                if !drove && let Some(progress) = tags.driver.as_ref().and_then(|(p, _)| p.upgrade()) {
+                    drop(tags);
+                    progress.unpark_mine();
+                }
                 return None;
             }
             // Before sleeping, once: requests held back for company leave,

@@ -121,7 +121,8 @@ pub unsafe extern "C" fn rpcagent_future_error(f: *const rpcagent_future_t) -> *
 /// reads their replies itself; answered with more of them in flight, it may
 /// leave that connection for its next call to read (the replies coming
 /// meanwhile wake nobody): should it not be called again, the I/O thread
-/// reads them after about a millisecond.
+/// reads them within about 2 ms (any sleeping wait of this thread hands
+/// them to it at once).
 ///
 /// # Safety
 /// `futures` is NULL or valid for `n` pointers, each a live future handle;

@@ -78,7 +78,8 @@ pub unsafe extern "C" fn rpcagent_future_notify(
 /// itself while its calls all go to one rank; answered with more of them in
 /// flight, it may leave that connection for its next wait to read (the
 /// replies coming meanwhile wake nobody): should it not wait again, the
-/// I/O thread reads them after about a millisecond.
+/// I/O thread reads them within about 2 ms (a wait that times out, or any
+/// sleeping wait of this thread, hands them to it at once).
 ///
 /// # Safety
 /// `q` is NULL or a live queue; `out_tag` is NULL or writable.

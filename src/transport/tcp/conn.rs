@@ -174,7 +174,8 @@ struct Interest {
     /// it is a TCP connection out of the epoll set: then nothing is
     /// reported before the I/O thread takes it over).
     parked: Option<(Instant, std::thread::ThreadId)>,
-    /// On the list of parked pipes the I/O loop looks at (`Shared::parked`).
+    /// On the list of parked connections the I/O loop looks at
+    /// (`Shared::parked`).
     listed: bool,
     /// A pipe's bells are in the epoll set (see `Stream::watch`).
     bells: bool,
@@ -535,9 +536,14 @@ impl Conn {
     /// 128 calls of 32 B in flight: handing back woke the I/O thread, which
     /// then read replies beside the caller, and cost a third of the
     /// throughput over shared memory, half over TCP). The parking ends
-    /// when a thread asks for the I/O thread's reading (`ensure_read`,
-    /// `rearm`), or when the I/O thread finds it parked for [`PARK_FOR`]
-    /// (the caller went away). One the I/O thread wanted meanwhile is
+    /// when a thread leads it again (`begin_lead`), when the parking
+    /// thread is about to sleep instead (`unpark_if_parked_by`), when
+    /// another thread asks for the I/O thread's reading (`ensure_read`,
+    /// `rearm`, a send from another thread), or when the I/O thread finds
+    /// it parked for [`PARK_FOR`] (the caller went away). Whether to park
+    /// is the caller's guess that nobody else waits on the connection
+    /// (`Waiting::AnyReply`'s `covers`); a wrong one costs a reply at most
+    /// about two [`PARK_FOR`]. One the I/O thread wanted meanwhile is
     /// handed back as by `end_lead(true)`. True if newly parked: the I/O
     /// thread must be told (`Shared::note_parked`).
     pub(crate) fn end_lead_parked(&self) -> io::Result<bool> {

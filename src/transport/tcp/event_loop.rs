@@ -359,8 +359,8 @@ impl Shared {
     fn serve_in_place(self: &Arc<Self>, kept: Box<dyn Kept>, hot: &mut Hot) -> bool {
         let generation = (self.in_place.load(Ordering::Acquire) >> 1).wrapping_add(1);
         // Where a loop moved on finds them (taken back below otherwise).
-        let parked_hot = !hot.conns.is_empty();
-        if parked_hot {
+        let handed_hot = !hot.conns.is_empty();
+        if handed_hot {
             self.hot_handed_on.lock().append(&mut hot.conns);
         }
         self.in_place.store(generation << 1 | 1, Ordering::Release);
@@ -376,7 +376,7 @@ impl Shared {
             run_contained(|| kept.serve_here(Some(escape)));
         }
         let still_loop = self.end_turn(generation);
-        if still_loop && parked_hot {
+        if still_loop && handed_hot {
             hot.conns = std::mem::take(&mut *self.hot_handed_on.lock());
         }
         still_loop
