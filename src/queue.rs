@@ -183,20 +183,11 @@ impl Queue {
             if let Some(tag) = inner.take(&mut tags) {
                 return Some(tag);
             }
-            if deadline.is_some_and(|d| d <= Instant::now()) {
-                // A look that read nothing (a drain with no timeout, say)
-                // leaves nothing parked for this thread: the loop reads
-                // its connections, and the tags come while it goes on.
-                if !drove && let Some(progress) = tags.driver.as_ref().and_then(|(p, _)| p.upgrade()) {
-                    drop(tags);
-                    progress.unpark_mine();
-                }
-                return None;
-            }
+            let timed_out = deadline.is_some_and(|d| d <= Instant::now());
             // Before sleeping, once: requests held back for company leave,
             // and this thread may read the next reply itself (no wake-up
             // from the I/O thread when one call is in flight).
-            if !drove {
+            if !drove && !timed_out {
                 drove = true;
                 let (driver, mixed) = (tags.driver.clone(), tags.mixed);
                 if let Some((progress, dst)) = driver
@@ -231,9 +222,11 @@ impl Queue {
                     continue;
                 }
             }
-            // About to sleep: connections this thread parked (another
-            // waiter took the tag its drive saw, or an earlier call parked
-            // them) are the I/O loop's to read from now on.
+            // About to sleep, or to go with no tag (a drain with no
+            // timeout, say): connections this thread parked (an earlier
+            // call, or its drive when another waiter took the tag it saw)
+            // are the I/O loop's to read from now on, and the tags come
+            // while it goes on.
             if !std::mem::replace(&mut unparked, true)
                 && let Some(progress) = tags.driver.as_ref().and_then(|(p, _)| p.upgrade())
             {
@@ -241,6 +234,9 @@ impl Queue {
                 progress.unpark_mine();
                 tags = inner.tags.lock();
                 continue;
+            }
+            if timed_out {
+                return None;
             }
             tags.sleepers += 1;
             match deadline {

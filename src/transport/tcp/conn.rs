@@ -181,6 +181,13 @@ struct Interest {
     bells: bool,
 }
 
+impl Interest {
+    /// Parked by thread `by`.
+    fn parked_by(&self, by: std::thread::ThreadId) -> bool {
+        self.parked.is_some_and(|(_, parker)| parker == by)
+    }
+}
+
 /// What the I/O thread's look at a parked connection found.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Looked {
@@ -407,14 +414,10 @@ impl Conn {
     /// [`PARK_FOR`]).
     pub(crate) fn ensure_read_unless_parked(&self) -> io::Result<()> {
         let mut i = self.interest.lock();
-        if i.parked.is_some_and(|(_, by)| by == std::thread::current().id()) {
+        if i.parked_by(std::thread::current().id()) {
             return Ok(());
         }
-        if i.leader {
-            i.wanted = true;
-            return Ok(());
-        }
-        self.watch_reads(&mut i, false)
+        self.want_reads_in(&mut i, false)
     }
 
     /// The I/O thread had an event for this connection but another thread
@@ -431,12 +434,16 @@ impl Conn {
     /// the I/O thread reads from now on (`again`: re-polled even if it
     /// already did).
     fn want_reads(&self, again: bool) -> io::Result<()> {
-        let mut i = self.interest.lock();
+        self.want_reads_in(&mut self.interest.lock(), again)
+    }
+
+    /// [`Conn::want_reads`] with the interest held.
+    fn want_reads_in(&self, i: &mut Interest, again: bool) -> io::Result<()> {
         if i.leader {
             i.wanted = true;
             return Ok(());
         }
-        self.watch_reads(&mut i, again)
+        self.watch_reads(i, again)
     }
 
     /// Has the I/O thread read the connection; `again` re-polls it even if
@@ -561,7 +568,7 @@ impl Conn {
     /// the I/O thread reads the connection from now on.
     pub(crate) fn unpark_if_parked_by(&self, by: std::thread::ThreadId) -> io::Result<()> {
         let mut i = self.interest.lock();
-        if i.parked.is_none_or(|(_, parker)| parker != by) {
+        if !i.parked_by(by) {
             return Ok(());
         }
         self.watch_reads(&mut i, false)

@@ -1,9 +1,9 @@
 //! The I/O loop: one epoll set (edge-triggered for connections) over the
 //! listeners, its waker and every connection, run as a job on one pool
 //! thread at a time (or on a thread of its own while a handler holds the
-//! loop's thread and no worker is idle: see `io_loop`). It reads frames and hands them to the agent, writes
-//! what a full socket made a sender hand over, flushes corked batches, and
-//! times out handshakes. When a read pass kept requests for the pool (the
+//! loop's thread and no worker is idle: see `io_loop`). It reads frames
+//! and hands them to the agent, writes what a full socket made a sender
+//! hand over, flushes corked batches, and times out handshakes. When a read pass kept requests for the pool (the
 //! agent decides which, `agent/kept.rs`), the loop's thread serves them:
 //! quick ones in place, staying the loop (should one stall, the agent's
 //! deadline thread moves the loop to another thread), others after moving

@@ -245,6 +245,14 @@ impl Shared {
             corked.push(conn.clone());
             self.has_corks.store(true, Ordering::SeqCst);
         }
+        self.nudge_idle_loop();
+    }
+
+    /// Wakes the I/O loop if it sleeps with its long timeout, to learn of
+    /// a cork or a parked connection published just before (sequentially
+    /// consistent: the loop sets `io_loop_idle`, then looks at them, so one
+    /// of the two sees the other).
+    fn nudge_idle_loop(&self) {
         if self.io_loop_idle.load(Ordering::SeqCst) {
             let _ = io::Write::write(&mut &self.waker_tx, &[1]);
         }
@@ -258,9 +266,7 @@ impl Shared {
             parked.push(conn.clone());
             self.has_parked.store(true, Ordering::SeqCst);
         }
-        if self.io_loop_idle.load(Ordering::SeqCst) {
-            let _ = io::Write::write(&mut &self.waker_tx, &[1]);
-        }
+        self.nudge_idle_loop();
     }
 
     /// The I/O loop's look at the parked connections (see `Conn::look_parked`).
